@@ -1,0 +1,61 @@
+"""Config keys of disalign-det (``add_disalign_config``).
+
+Every key names the symbol of the DisAlign paper (Zhang et al., CVPR 2021) it controls. The defaults
+are neutral: adding these keys to any detectron2 config changes nothing until the config also selects
+``DisAlignROIHeads`` / ``DisAlignMaskRCNNConvUpsampleHead`` or sets ``MODEL.DISALIGN.FREEZE``.
+"""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_disalign_config"]
+
+
+def add_disalign_config(cfg):
+    """Add the ``MODEL.DISALIGN`` node and the few extra keys of this project to ``cfg`` (in place)."""
+    _C = cfg
+
+    _C.MODEL.DISALIGN = CN()
+    # Adaptive calibration of the box classifier: z'_j = s(x)(beta_j z_j + gamma_j) + (1 - s(x)) z_j
+    # with beta = `logit_scale`, gamma = `logit_bias`, s(x) = sigmoid(`confidence_layer`(x)).
+    _C.MODEL.DISALIGN.BOX_CALIBRATION = True
+    # The same calibration on the per-class mask logits m_k(p) (the mask head must be
+    # `DisAlignMaskRCNNConvUpsampleHead`).
+    _C.MODEL.DISALIGN.MASK_CALIBRATION = True
+    # Std of the normal init of the confidence layer's weight (its bias starts at 0), so that
+    # s(x) = sigmoid(~0) and, with beta = 1 and gamma = 0, z' = z exactly at the start of stage two.
+    _C.MODEL.DISALIGN.CONFIDENCE_INIT_STD = 0.01
+    # Box classification loss: "ce" (plain softmax cross-entropy) or "grw" (generalized
+    # re-weighting: softmax cross-entropy weighted by w_j = (1 / r_j) ** rho, see RHO).
+    _C.MODEL.DISALIGN.CLS_LOSS = "grw"
+    # Mask loss: "bce" (stock Mask R-CNN loss) or "grw" (per-RoI BCE weighted by w of the RoI's
+    # ground-truth class, weighted mean).
+    _C.MODEL.DISALIGN.MASK_LOSS = "grw"
+    # rho, the exponent of the generalized re-weighting (paper: 0.8 on LVIS). rho = 0 gives plain CE.
+    _C.MODEL.DISALIGN.RHO = 0.8
+    # n_j, the per-class training frequency behind r_j = n_j / sum_k n_k: "instance_count" (number
+    # of training instances) or "image_count" (number of training images containing the class).
+    # Read from the training json's categories or counted from its annotations.
+    _C.MODEL.DISALIGN.FREQUENCY_SOURCE = "instance_count"
+    # What trains in this run: "none" (stage one, everything trains), "all_but_calibration"
+    # (DisAlign stage two: only beta, gamma and the confidence layers train; every other parameter
+    # is frozen and every BatchNorm stays in eval mode) or "all_but_classifier" (calibration plus
+    # the box classifier `cls_score`, the classifier re-training ablation).
+    _C.MODEL.DISALIGN.FREEZE = "none"
+
+    # Cosine classifier for `cls_score` (normalised features and weights, no bias): z_j = tau cos.
+    _C.MODEL.ROI_BOX_HEAD.COSINE_CLASSIFIER = False
+    # tau, the learnable temperature of the cosine classifier (initial value).
+    _C.MODEL.ROI_BOX_HEAD.COSINE_SCALE = 20.0
+
+    # Training-free test-time alternatives to DisAlign (applied to the box classifier's softmax):
+    # "none", "norcal" (foreground probabilities divided by n_j ** gamma, renormalised) or
+    # "tau_norm" (classifier weight rows divided by ||w_j|| ** tau).
+    _C.MODEL.DISALIGN.POSTHOC = "none"
+    # gamma of "norcal" / tau of "tau_norm".
+    _C.MODEL.DISALIGN.POSTHOC_POWER = 1.0
+
+    # Extra LVIS-format datasets, registered by name without writing Python: a list of
+    # (name, json_file, image_root) triples. Metadata (classes, r/c/f frequency, image_count,
+    # instance_count) is read from the json. Example on the command line:
+    #   DATASETS.LVIS_FORMAT "(('my_train', 'a/train.json', 'a/images/'),)"
+    _C.DATASETS.LVIS_FORMAT = ()
+    return cfg

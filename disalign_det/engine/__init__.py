@@ -1,0 +1,5 @@
+from .checkpoint import DisAlignCheckpointer
+from .launch import launch
+from .trainer import ResumableSampler, Trainer
+
+__all__ = ["DisAlignCheckpointer", "ResumableSampler", "Trainer", "launch"]

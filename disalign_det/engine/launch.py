@@ -1,0 +1,93 @@
+"""``launch`` that also trains with several processes on CPU-only machines (gloo).
+
+On machines with CUDA it is detectron2's own ``launch`` (NCCL), unchanged. Detectron2 v0.6 asserts
+CUDA in every spawned worker; on CPU this module spawns the workers itself, joins them with the
+gloo backend and sets up detectron2's local process group (feature-detected: current detectron2
+has ``comm.create_local_process_group``, v0.6 keeps the group in ``comm._LOCAL_PROCESS_GROUP``).
+"""
+import logging
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from detectron2.engine import launch as d2_launch
+from detectron2.utils import comm
+
+__all__ = ["launch", "DEFAULT_TIMEOUT"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = timedelta(minutes=30)
+
+
+def _find_free_port():
+    import socket
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+def launch(
+    main_func,
+    num_gpus_per_machine,
+    num_machines=1,
+    machine_rank=0,
+    dist_url=None,
+    args=(),
+    timeout=DEFAULT_TIMEOUT,
+):
+    """Same signature as ``detectron2.engine.launch``; ``num_gpus_per_machine`` counts processes
+    per machine on CPU-only machines."""
+    world_size = num_machines * num_gpus_per_machine
+    if world_size <= 1 or torch.cuda.is_available():
+        return d2_launch(
+            main_func,
+            num_gpus_per_machine,
+            num_machines=num_machines,
+            machine_rank=machine_rank,
+            dist_url=dist_url,
+            args=args,
+            timeout=timeout,
+        )
+    if dist_url is None or dist_url == "auto":
+        if num_machines != 1:
+            raise ValueError("--dist-url auto works on one machine only; give tcp://HOST:PORT")
+        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
+    logger.info("Launching %d CPU processes (gloo) at %s", world_size, dist_url)
+    mp.spawn(
+        _cpu_worker,
+        nprocs=num_gpus_per_machine,
+        args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout),
+        daemon=False,
+    )
+
+
+def _cpu_worker(
+    local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args, timeout
+):
+    global_rank = machine_rank * num_per_machine + local_rank
+    dist.init_process_group(
+        backend="gloo",
+        init_method=dist_url,
+        world_size=world_size,
+        rank=global_rank,
+        timeout=timeout,
+    )
+    if hasattr(comm, "create_local_process_group"):
+        comm.create_local_process_group(num_per_machine)
+    else:
+        assert comm._LOCAL_PROCESS_GROUP is None
+        for i in range(world_size // num_per_machine):
+            ranks = list(range(i * num_per_machine, (i + 1) * num_per_machine))
+            group = dist.new_group(ranks)
+            if i == machine_rank:
+                comm._LOCAL_PROCESS_GROUP = group
+    comm.synchronize()
+    try:
+        main_func(*args)
+    finally:
+        dist.destroy_process_group()

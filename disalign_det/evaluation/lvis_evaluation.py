@@ -1,0 +1,571 @@
+"""LVIS evaluation whose memory does not grow with the whole prediction set held in Python objects.
+
+detectron2's :class:`~detectron2.evaluation.LVISEvaluator` keeps every detection of the dataset as a
+Python dict (box, score and RLE mask) on every process, pickles the lot to rank 0, dumps it again
+with ``torch.save`` and ``json.dumps``, deep-copies it for the mask pass and then lets the LVIS API
+build its own structures on top. On LVIS v1 val (19.8k images x 300 detections) that is several
+copies of ~6M detections at once (see ``tools/benchmark_lvis_eval.py`` for measured numbers).
+
+:class:`StreamingLVISEvaluator` computes the *same* metrics with a much lower peak:
+
+* ``process()`` converts each image's ``Instances`` exactly as the stock evaluator does
+  (``instances_to_coco_json``) and appends them to a per-process *shard file* (compact numpy arrays
+  and RLE strings, one pickled frame per image) instead of keeping them.
+* ``evaluate()`` gathers the shard *paths* (a few hundred bytes per rank), not the predictions.
+* The box pass loads only image id, class, score and box; it is evaluated and dropped before the
+  mask pass loads image id, class, score and RLE. Only one pass's results are alive at a time.
+* The LVIS API itself is used unchanged, except that :class:`LeanLVISEval` skips the (image,
+  category) pairs that have neither ground truth nor detection. The stock ``LVISEval.evaluate``
+  creates three dict entries (in ``_gts``, ``_dts`` and ``ious``) for each of the
+  ``images x 1203`` pairs (24M on LVIS val) although all but a few are empty; skipping them changes
+  no number because ``evaluate_img`` returns ``None`` for an empty pair before reading anything.
+
+Multi-process and multi-machine use: every rank writes its shard under ``shard_dir`` (default:
+``<output_dir>/lvis_eval_shards`` when ``output_dir`` is a local path, else a fresh temporary
+directory) and rank 0 reads the shards directly when it can see them, which is the case for all
+ranks of a single machine. For several machines, put ``output_dir`` (or ``shard_dir``) on a
+filesystem shared by all of them. When rank 0 cannot see a shard (other host, different path),
+that rank sends its shard's bytes through the usual ``comm.gather`` instead: correct, but as
+memory-hungry on rank 0 as the stock evaluator for that rank's share.
+
+Differences from the stock evaluator, all deliberate:
+
+* No ``instances_predictions.pth``: it is a ``torch.save`` of every prediction, i.e. another full
+  in-memory copy; ``lvis_instances_results.json`` (byte-identical to the stock file) holds the same
+  detections. Box proposals (``"proposals"`` outputs) are still kept in memory and evaluated and
+  saved exactly as by the stock evaluator.
+* A model that predicts nothing: the stock evaluator reports only ``bbox`` (it infers the tasks from
+  detections, and there are none). This evaluator reports every task the model's outputs carry
+  (``segm`` too when its ``Instances`` have a ``pred_masks`` field, even if empty), each with every
+  metric key set to ``float("nan")`` -- NaN as in detectron2's ``_evaluate_predictions_on_lvis``
+  for "no predictions", and unlike the LVIS API's ``-1`` (reported ``-100``) which means "no
+  ground truth in this group" and must stay distinguishable.
+* Keypoints (absent from LVIS) are not stored.
+"""
+import copy
+import ctypes
+import ctypes.util
+import gc
+import inspect
+import itertools
+import json
+import logging
+import os
+import pickle
+import socket
+import struct
+import tempfile
+import uuid
+from collections import OrderedDict
+
+import numpy as np
+from detectron2.evaluation import LVISEvaluator
+from detectron2.evaluation.coco_evaluation import instances_to_coco_json
+from detectron2.utils import comm
+from detectron2.utils.file_io import PathManager
+from detectron2.utils.logger import create_small_table
+from lvis import LVISEval, LVISResults
+
+__all__ = [
+    "LVIS_METRICS",
+    "DEFAULT_MAX_DETS_PER_IMAGE",
+    "LeanLVISEval",
+    "StreamingLVISEvaluator",
+    "evaluate_results_on_lvis",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The metrics detectron2's LVISEvaluator reports for each of "bbox" and "segm", in its order.
+LVIS_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+
+#: Official LVIS limit on detections per image (also the lvis API's default).
+DEFAULT_MAX_DETS_PER_IMAGE = 300
+
+_SHARD_SUFFIX = ".lvisdet"
+# Each frame of a shard: an 8-byte little-endian length, then that many bytes of pickle.
+_FRAME_HEADER = struct.Struct("<Q")
+
+
+def _accepts_kwarg(fn, name):
+    """True if ``fn`` takes a parameter called ``name`` (feature test; versions are unreliable:
+    detectron2 v0.6 and current main both report ``__version__ == "0.6"``)."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+_STOCK_TAKES_MAX_DETS = _accepts_kwarg(LVISEvaluator.__init__, "max_dets_per_image")
+
+
+def _release_freed_memory():
+    """Collect garbage and hand freed heap pages back to the OS, so the next pass starts low.
+
+    Between passes millions of small objects die; without ``malloc_trim`` glibc tends to keep the
+    pages, and the RSS peak of the next pass would sit on top of the previous one.
+    """
+    gc.collect()
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return
+    try:
+        trim = ctypes.CDLL(libc_name).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return
+    trim(0)
+
+
+class LeanLVISEval(LVISEval):
+    """``lvis.LVISEval`` that skips (image, category) pairs with neither ground truth nor detection.
+
+    The stock ``evaluate()`` calls ``compute_iou`` and ``evaluate_img`` for every pair of
+    ``params.img_ids x params.cat_ids``; each call indexes the ``_gts``/``_dts`` defaultdicts (which
+    inserts an empty list) and stores an empty ``ious`` entry. For an empty pair ``evaluate_img``
+    returns ``None`` right after that lookup, so visiting only the non-empty pairs and storing
+    ``None`` for the rest gives the same ``eval_imgs`` list, in the same order, hence the same
+    ``accumulate()`` and ``summarize()`` output, without ~3 dict entries per pair.
+    """
+
+    def evaluate(self):
+        """Per-image evaluation, as ``LVISEval.evaluate`` but over non-empty pairs only."""
+        if not self.params.use_cats:
+            # Pairs are per image only here; nothing to skip, and keep the stock semantics.
+            return super().evaluate()
+
+        self.logger.info("Running per image evaluation.")
+        self.logger.info("Evaluate annotation type *{}*".format(self.params.iou_type))
+        # Same normalisation as the stock method (numpy scalars hash and compare like ints).
+        self.params.img_ids = list(np.unique(self.params.img_ids))
+        cat_ids = self.params.cat_ids
+
+        self._prepare()
+        active = set(self._gts.keys())
+        active.update(self._dts.keys())
+
+        self.ious = {key: self.compute_iou(*key) for key in active}
+        # Same loop order as the stock method: accumulate() indexes eval_imgs by position, and
+        # evaluate_img() mutates the ground-truth dicts ("_ignore") call by call.
+        self.eval_imgs = [
+            self.evaluate_img(img_id, cat_id, area_rng) if (img_id, cat_id) in active else None
+            for cat_id in cat_ids
+            for area_rng in self.params.area_rng
+            for img_id in self.params.img_ids
+        ]
+
+
+def _nan_metrics():
+    return {metric: float("nan") for metric in LVIS_METRICS}
+
+
+def evaluate_results_on_lvis(lvis_gt, lvis_results, iou_type, max_dets_per_image=None):
+    """Evaluate a list of LVIS-format results with the LVIS API, as detectron2 does.
+
+    Same numbers as ``detectron2.evaluation.lvis_evaluation._evaluate_predictions_on_lvis``, but
+    without its deep copy of the results for the mask pass: the caller passes, for ``"segm"``,
+    results that already lack ``"bbox"`` (so that the LVIS API takes areas from the masks).
+
+    Args:
+        lvis_gt (lvis.LVIS): the ground truth.
+        lvis_results (list[dict]): results; consumed (the LVIS API adds fields in place).
+        iou_type (str): "bbox" or "segm".
+        max_dets_per_image (int or None): per-image limit, None for the LVIS default (300).
+
+    Returns:
+        dict: {metric: score * 100} for :data:`LVIS_METRICS`; NaN for all when there is no result.
+    """
+    if len(lvis_results) == 0:
+        logger.warning("No predictions from the model! Reporting NaN for every %s metric.", iou_type)
+        return _nan_metrics()
+    if max_dets_per_image is None:
+        max_dets_per_image = DEFAULT_MAX_DETS_PER_IMAGE
+
+    logger.info("Evaluating with max detections per image = %d", max_dets_per_image)
+    results = LVISResults(lvis_gt, lvis_results, max_dets=max_dets_per_image)
+    lvis_eval = LeanLVISEval(lvis_gt, results, iou_type)
+    lvis_eval.run()
+    lvis_eval.print_results()
+    summary = lvis_eval.get_results()
+    metrics = {metric: float(summary[metric] * 100) for metric in LVIS_METRICS}
+    logger.info("Evaluation results for %s: \n%s", iou_type, create_small_table(metrics))
+    return metrics
+
+
+class _ShardWriter:
+    """Appends one image's detections at a time to a shard file.
+
+    Two frames per image: ``(image_id, category_ids, scores, boxes_xywh)`` then ``(mask_size,
+    rle_counts)`` (``(None, None)`` without masks). Keeping masks in their own frame lets the box
+    pass skip them with a seek instead of unpickling them.
+    """
+
+    def __init__(self, path, own_dir):
+        self.path = path
+        # Directory this evaluator created for the shard (removed once empty), or None.
+        self.own_dir = own_dir
+        self._file = open(path, "wb")
+        self.num_images = 0
+        self.num_dets = 0
+        self.has_mask = False
+
+    def write(self, image_id, coco_results, has_mask_field):
+        """Append the ``instances_to_coco_json`` output of one image (category ids final)."""
+        self.num_images += 1
+        self.has_mask = self.has_mask or has_mask_field
+        if not coco_results:
+            return
+        # float64 holds the float32-derived Python floats of instances_to_coco_json exactly, so
+        # tolist() on load gives back the very same floats (and the same JSON text).
+        box_frame = (
+            coco_results[0]["image_id"],
+            np.array([r["category_id"] for r in coco_results], dtype=np.int64),
+            np.array([r["score"] for r in coco_results], dtype=np.float64),
+            np.array([r["bbox"] for r in coco_results], dtype=np.float64).reshape(-1, 4),
+        )
+        if "segmentation" in coco_results[0]:
+            # One image's masks share their size (one pred_masks tensor per image).
+            mask_frame = (
+                list(coco_results[0]["segmentation"]["size"]),
+                [r["segmentation"]["counts"] for r in coco_results],
+            )
+        else:
+            mask_frame = (None, None)
+        for frame in (box_frame, mask_frame):
+            data = pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL)
+            self._file.write(_FRAME_HEADER.pack(len(data)))
+            self._file.write(data)
+        self.num_dets += len(coco_results)
+
+    def close(self):
+        """Flush and close; returns the shard's description (see ``StreamingLVISEvaluator``)."""
+        if not self._file.closed:
+            self._file.close()
+        return {
+            "path": self.path,
+            "own_dir": self.own_dir,
+            "size": os.path.getsize(self.path),
+            "host": socket.gethostname(),
+            "rank": comm.get_rank(),
+            "num_images": self.num_images,
+            "num_dets": self.num_dets,
+            "has_mask": self.has_mask,
+        }
+
+
+def _read_frame(f, skip=False):
+    header = f.read(_FRAME_HEADER.size)
+    if not header:
+        return None
+    if len(header) != _FRAME_HEADER.size:
+        raise IOError(f"Truncated LVIS evaluation shard {f.name}")
+    (length,) = _FRAME_HEADER.unpack(header)
+    if skip:
+        f.seek(length, os.SEEK_CUR)
+        return ()
+    return pickle.loads(f.read(length))
+
+
+def iter_shard(path, with_masks):
+    """Yield ``(image_id, category_ids, scores, boxes_xywh, mask_size, rle_counts)`` per image.
+
+    With ``with_masks=False`` the mask frames are skipped unread and the last two items are None.
+    """
+    with open(path, "rb") as f:
+        while True:
+            box_frame = _read_frame(f)
+            if box_frame is None:
+                return
+            if with_masks:
+                mask_size, counts = _read_frame(f)
+            else:
+                _read_frame(f, skip=True)
+                mask_size, counts = None, None
+            yield box_frame + (mask_size, counts)
+
+
+class StreamingLVISEvaluator(LVISEvaluator):
+    """Drop-in :class:`~detectron2.evaluation.LVISEvaluator` that streams predictions to disk.
+
+    Same constructor, same metrics dict (``{"bbox": {...}, "segm": {...}}`` with the keys of
+    :data:`LVIS_METRICS`), same ``lvis_instances_results.json``; see the module docstring for how
+    and for the few deliberate differences.
+
+    Extra public methods, for callers that move shards themselves (and for tests):
+    :meth:`close_shard` returns this process's shard description, and :meth:`evaluate_shards`
+    evaluates a list of such descriptions in this process.
+    """
+
+    def __init__(
+        self,
+        dataset_name,
+        tasks=None,
+        distributed=True,
+        output_dir=None,
+        *,
+        max_dets_per_image=None,
+        shard_dir=None,
+    ):
+        """
+        Args:
+            dataset_name, tasks, distributed, output_dir: as for detectron2's LVISEvaluator.
+            max_dets_per_image (int or None): detections kept per image when computing AP (the
+                highest-scoring ones); None means the LVIS default, 300. Works whether or not the
+                installed detectron2's LVISEvaluator knows this argument.
+            shard_dir (str or None): where to write the per-process shard files. Default:
+                ``<output_dir>/lvis_eval_shards`` if ``output_dir`` is a local path, else a
+                temporary directory. Must be visible to rank 0 for the low-memory gather.
+        """
+        kwargs = {"max_dets_per_image": max_dets_per_image} if _STOCK_TAKES_MAX_DETS else {}
+        super().__init__(dataset_name, tasks, distributed, output_dir, **kwargs)
+        # Set in every case: older LVISEvaluators neither store nor honour it; we use it ourselves.
+        self._max_dets_per_image = max_dets_per_image
+        self._logger = logger
+        self._shard_dir = shard_dir
+        self._writer = None
+        self._proposals = []
+
+        if hasattr(self._metadata, "thing_dataset_id_to_contiguous_id"):
+            # LVIS evaluator used on COCO-style categories: map back to the dataset's ids.
+            reverse = {v: k for k, v in self._metadata.thing_dataset_id_to_contiguous_id.items()}
+            self._to_dataset_category = reverse.__getitem__
+        else:
+            # LVIS category ids are 1-based, the model's classes 0-based.
+            self._to_dataset_category = lambda c: c + 1
+
+    # ------------------------------------------------------------------ collection
+    def _new_shard_writer(self):
+        directory, own_dir = self._shard_dir, None
+        # Shards are written with plain open(): only a local output_dir can hold them.
+        if directory is None and self._output_dir and "://" not in self._output_dir:
+            directory = own_dir = os.path.join(self._output_dir, "lvis_eval_shards")
+        if directory is None:
+            directory = own_dir = tempfile.mkdtemp(prefix="lvis_eval_")
+        os.makedirs(directory, exist_ok=True)
+        name = f"rank{comm.get_rank():03d}-{os.getpid()}-{uuid.uuid4().hex[:8]}{_SHARD_SUFFIX}"
+        return _ShardWriter(os.path.join(directory, name), own_dir)
+
+    def reset(self):
+        """Start a new evaluation: drop any unconsumed shard of a previous one."""
+        if self._writer is not None:
+            info = self._writer.close()
+            _remove_shard(info)
+        self._writer = None
+        self._proposals = []
+
+    def process(self, inputs, outputs):
+        """Convert each image's outputs as the stock evaluator does and append them to the shard.
+
+        Args:
+            inputs: list of dicts with at least "image_id".
+            outputs: list of dicts with "instances" (:class:`Instances`) and/or "proposals".
+        """
+        if self._writer is None:
+            self._writer = self._new_shard_writer()
+        for input, output in zip(inputs, outputs):
+            image_id = input["image_id"]
+            if "instances" in output:
+                instances = output["instances"].to(self._cpu_device)
+                results = instances_to_coco_json(instances, image_id)
+                for result in results:
+                    result["category_id"] = self._to_dataset_category(result["category_id"])
+                self._writer.write(image_id, results, instances.has("pred_masks"))
+            if "proposals" in output:
+                # Small (boxes + logits), and the stock proposal evaluation wants them in memory.
+                self._proposals.append(
+                    {"image_id": image_id, "proposals": output["proposals"].to(self._cpu_device)}
+                )
+
+    def close_shard(self):
+        """Finish this process's shard and return its description (a small picklable dict)."""
+        if self._writer is None:
+            self._writer = self._new_shard_writer()
+        return self._writer.close()
+
+    # ------------------------------------------------------------------ gathering
+    def evaluate(self):
+        """Gather shard paths to rank 0 and evaluate there; other ranks return None."""
+        info = self.close_shard()
+        self._writer = None  # the shard now belongs to whoever evaluates it
+        if not self._distributed:
+            return self.evaluate_shards([info], self._proposals)
+
+        comm.synchronize()
+        infos = comm.all_gather(info)
+        proposals = list(itertools.chain(*comm.gather(self._proposals, dst=0)))
+        # Rank 0 decides which shards it cannot open; everyone learns the decision.
+        unreadable = [i["rank"] for i in infos if not _shard_is_readable(i)]
+        unreadable = comm.all_gather(unreadable if comm.is_main_process() else None)[0]
+        payload = None
+        if info["rank"] in unreadable and not comm.is_main_process():
+            with open(info["path"], "rb") as f:
+                payload = f.read()
+            _remove_shard(info)
+        payloads = comm.gather(payload, dst=0)
+        if not comm.is_main_process():
+            return None
+
+        for i, (shard, data) in enumerate(zip(infos, payloads)):
+            if shard["rank"] in unreadable:
+                self._logger.warning(
+                    "Rank 0 cannot read the LVIS shard of rank %d (%s on %s); it was sent in "
+                    "memory instead. Put output_dir/shard_dir on a shared filesystem to avoid this.",
+                    shard["rank"],
+                    shard["path"],
+                    shard["host"],
+                )
+                local = self._new_shard_writer()
+                local.close()
+                with open(local.path, "wb") as f:
+                    f.write(data)
+                infos[i] = dict(
+                    shard, path=local.path, own_dir=local.own_dir, host=socket.gethostname()
+                )
+        del payloads
+        return self.evaluate_shards(infos, proposals)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate_shards(self, shard_infos, proposals=None):
+        """Evaluate the given shards (and proposals) in this process; the shards are deleted.
+
+        Args:
+            shard_infos (list[dict]): descriptions from :meth:`close_shard`, in rank order (the
+                order of the results file and of detections with tied scores, as in the stock
+                gather).
+            proposals (list[dict] or None): ``{"image_id", "proposals"}`` dicts, if any.
+
+        Returns:
+            dict: {task: {metric: value}} like LVISEvaluator.evaluate().
+        """
+        try:
+            return self._evaluate_shards(list(shard_infos), proposals or [])
+        finally:
+            for shard in shard_infos:
+                _remove_shard(shard)
+
+    def _evaluate_shards(self, shard_infos, proposals):
+        num_images = sum(s["num_images"] for s in shard_infos)
+        if num_images == 0 and not proposals:
+            self._logger.warning("[StreamingLVISEvaluator] Did not receive valid predictions.")
+            return {}
+
+        self._results = OrderedDict()
+        if proposals:
+            self._eval_box_proposals(proposals)
+        if num_images > 0:
+            self._eval_shard_predictions(shard_infos)
+        return copy.deepcopy(self._results)
+
+    def _eval_shard_predictions(self, shard_infos):
+        paths = [s["path"] for s in shard_infos]
+        has_mask = any(s["has_mask"] for s in shard_infos)
+        num_dets = sum(s["num_dets"] for s in shard_infos)
+        tasks = self._tasks or (("bbox", "segm") if has_mask else ("bbox",))
+
+        if self._output_dir:
+            PathManager.mkdirs(self._output_dir)
+            file_path = os.path.join(self._output_dir, "lvis_instances_results.json")
+            self._logger.info("Saving results to %s", file_path)
+            with PathManager.open(file_path, "w") as f:
+                write_results_json(paths, f)
+
+        if not self._do_evaluation:
+            self._logger.info("Annotations are not available for evaluation.")
+            return
+
+        self._logger.info("Evaluating %d predictions on %d images ...", num_dets, sum(
+            s["num_images"] for s in shard_infos
+        ))
+        for task in sorted(tasks):
+            if num_dets == 0:
+                self._logger.warning("No predictions from the model! %s metrics are NaN.", task)
+                self._results[task] = _nan_metrics()
+                continue
+            if task == "segm" and not has_mask:
+                self._logger.warning("Task 'segm' requested but the model predicted no masks.")
+                continue
+            self._results[task] = self._evaluate_task(task, paths)
+            _release_freed_memory()
+
+    def _evaluate_task(self, task, paths):
+        """Load only the fields ``task`` needs from the shards and evaluate them."""
+        results = load_lvis_results(paths, task)
+        return evaluate_results_on_lvis(
+            self._lvis_api, results, task, max_dets_per_image=self._max_dets_per_image
+        )
+
+
+def load_lvis_results(paths, task):
+    """Build the LVIS API's result list for one task from shard files.
+
+    For "bbox": image_id, category_id, bbox, score. The LVIS API would attach a box-shaped polygon
+    as "segmentation" to every result lacking one (~0.4 KB each, never read by a box evaluation),
+    so a ``None`` placeholder is set instead. For "segm": image_id, category_id, score and the RLE,
+    without "bbox" so that areas come from the masks, as in detectron2's mask pass.
+    """
+    results = []
+    with_masks = task == "segm"
+    for path in paths:
+        for image_id, cats, scores, boxes, size, counts in iter_shard(path, with_masks):
+            if with_masks:
+                if counts is None:
+                    continue
+                for c, s, rle in zip(cats.tolist(), scores.tolist(), counts):
+                    seg = {"size": size, "counts": rle}
+                    results.append(
+                        {"image_id": image_id, "category_id": c, "segmentation": seg, "score": s}
+                    )
+            else:
+                for c, s, b in zip(cats.tolist(), scores.tolist(), boxes.tolist()):
+                    results.append(
+                        {
+                            "image_id": image_id,
+                            "category_id": c,
+                            "bbox": b,
+                            "score": s,
+                            "segmentation": None,
+                        }
+                    )
+    return results
+
+
+def write_results_json(paths, f):
+    """Write the shards as detectron2's ``lvis_instances_results.json``, one record at a time.
+
+    Byte-identical to ``json.dumps(list_of_results)``: same record and key order, same separators.
+    """
+    f.write("[")
+    first = True
+    for path in paths:
+        for image_id, cats, scores, boxes, size, counts in iter_shard(path, with_masks=True):
+            rows = zip(cats.tolist(), boxes.tolist(), scores.tolist())
+            for k, (c, b, s) in enumerate(rows):
+                record = {"image_id": image_id, "category_id": c, "bbox": b, "score": s}
+                if counts is not None:
+                    record["segmentation"] = {"size": list(size), "counts": counts[k]}
+                if not first:
+                    f.write(", ")
+                f.write(json.dumps(record))
+                first = False
+    f.write("]")
+
+
+def _shard_is_readable(info):
+    """Can this process open the shard described by ``info``, with the size its writer saw?"""
+    try:
+        return os.path.getsize(info["path"]) == info["size"]
+    except OSError:
+        return False
+
+
+def _remove_shard(info):
+    """Delete a shard, and the directory the evaluator created for it once that is empty."""
+    try:
+        os.remove(info["path"])
+    except FileNotFoundError:
+        return
+    if info.get("own_dir"):
+        try:
+            os.rmdir(info["own_dir"])  # fails while other ranks' shards are still there: fine
+        except OSError:
+            pass
+

@@ -1,0 +1,27 @@
+"""DisAlign modeling components; importing this module registers them in detectron2's registries
+(``ROI_HEADS_REGISTRY``: DisAlignROIHeads, DisAlignCascadeROIHeads; ``ROI_MASK_HEAD_REGISTRY``:
+DisAlignMaskRCNNConvUpsampleHead; ``PROPOSAL_GENERATOR_REGISTRY``: DisAlignRPN)."""
+from . import losses  # noqa: F401
+from .box_predictor import DisAlignFastRCNNOutputLayers
+from .calibration import CosineLinear, calibrate_logits
+from .freeze import CALIBRATION_PARAMETER_NAMES, apply_freeze, is_calibration_parameter
+from .losses import grw_class_weights, weighted_cross_entropy, weighted_mask_bce
+from .mask_head import DisAlignMaskRCNNConvUpsampleHead
+from .roi_heads import DisAlignCascadeROIHeads, DisAlignROIHeads
+from .rpn import DisAlignRPN
+
+__all__ = [
+    "CALIBRATION_PARAMETER_NAMES",
+    "CosineLinear",
+    "DisAlignCascadeROIHeads",
+    "DisAlignFastRCNNOutputLayers",
+    "DisAlignMaskRCNNConvUpsampleHead",
+    "DisAlignROIHeads",
+    "DisAlignRPN",
+    "apply_freeze",
+    "calibrate_logits",
+    "grw_class_weights",
+    "is_calibration_parameter",
+    "weighted_cross_entropy",
+    "weighted_mask_bce",
+]

@@ -1,0 +1,216 @@
+"""DisAlign box predictor: detectron2's ``FastRCNNOutputLayers`` plus adaptive calibration and GRW.
+
+Logit layout follows detectron2: (R, K + 1) scores, background LAST. Parameter names of the stock
+predictor (``cls_score``, ``bbox_pred``) are kept so stage-one checkpoints load unchanged; the
+calibration adds ``logit_scale`` (K,), ``logit_bias`` (K,) and ``confidence_layer`` Linear(D, 1).
+"""
+import logging
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.layers import cat
+from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, _log_classification_stats
+from torch import nn
+
+from .calibration import CosineLinear, calibrate_logits
+from .frequency import class_counts_from_cfg
+from .losses import grw_class_weights, weighted_cross_entropy
+
+__all__ = ["DisAlignFastRCNNOutputLayers"]
+
+logger = logging.getLogger(__name__)
+
+_CLS_LOSSES = ("ce", "grw")
+_POSTHOC = ("none", "norcal", "tau_norm")
+
+
+class DisAlignFastRCNNOutputLayers(FastRCNNOutputLayers):
+    """``FastRCNNOutputLayers`` with DisAlign's adaptive calibration of the class logits,
+    generalized re-weighting in the classification loss, an optional cosine classifier and the
+    training-free test-time alternatives (NorCal-style logit adjustment, tau-normalisation).
+
+    With ``calibrate=False``, ``cls_loss="ce"``, ``cosine=False`` and ``posthoc="none"`` it computes
+    exactly what the stock predictor computes.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        input_shape,
+        *,
+        calibrate: bool = True,
+        confidence_init_std: float = 0.01,
+        cls_loss: str = "ce",
+        class_weights=None,
+        cosine: bool = False,
+        cosine_scale: float = 20.0,
+        posthoc: str = "none",
+        posthoc_power: float = 1.0,
+        class_counts=None,
+        **kwargs,
+    ):
+        """
+        Args:
+            input_shape, **kwargs: as for ``FastRCNNOutputLayers``.
+            calibrate: add the calibration parameters beta (``logit_scale``), gamma
+                (``logit_bias``) and the confidence layer s(x) = sigmoid(w.x + b).
+            confidence_init_std: std of the normal init of the confidence layer's weight.
+            cls_loss: "ce" or "grw" (weighted cross-entropy with ``class_weights``).
+            class_weights: (K + 1,) GRW weights (background last); required for "grw".
+            cosine: replace ``cls_score`` by a cosine classifier with temperature ``cosine_scale``.
+            posthoc: test-time adjustment "none", "norcal" or "tau_norm".
+            posthoc_power: gamma of "norcal" / tau of "tau_norm".
+            class_counts: (K,) training frequencies n_j; required for "norcal".
+        """
+        super().__init__(input_shape, **kwargs)
+        num_classes = self.num_classes
+        in_features = self.cls_score.in_features
+        if cosine:
+            self.cls_score = CosineLinear(in_features, num_classes + 1, scale=cosine_scale)
+
+        self.calibrate = calibrate
+        if calibrate:
+            # beta = 1, gamma = 0: the calibrated logits equal the stage-one logits at the start.
+            self.logit_scale = nn.Parameter(torch.ones(num_classes))
+            self.logit_bias = nn.Parameter(torch.zeros(num_classes))
+            self.confidence_layer = nn.Linear(in_features, 1)
+            nn.init.normal_(self.confidence_layer.weight, std=confidence_init_std)
+            nn.init.constant_(self.confidence_layer.bias, 0.0)
+
+        if cls_loss not in _CLS_LOSSES:
+            raise ValueError(f"MODEL.DISALIGN.CLS_LOSS must be one of {_CLS_LOSSES}, got {cls_loss!r}")
+        self.cls_loss = cls_loss
+        if cls_loss == "grw":
+            if class_weights is None or len(class_weights) != num_classes + 1:
+                raise ValueError(
+                    f"GRW needs (K + 1) = {num_classes + 1} class weights, got "
+                    f"{None if class_weights is None else len(class_weights)}"
+                )
+            class_weights = torch.as_tensor(class_weights, dtype=torch.float32)
+        else:
+            class_weights = torch.ones(num_classes + 1)
+        # Computed once at build time; not persistent: it is a function of the training data and
+        # rho, not a learned state, so checkpoints stay loadable across datasets.
+        self.register_buffer("class_weights", class_weights, persistent=False)
+
+        if posthoc not in _POSTHOC:
+            raise ValueError(f"MODEL.DISALIGN.POSTHOC must be one of {_POSTHOC}, got {posthoc!r}")
+        if posthoc == "tau_norm" and cosine:
+            raise ValueError(
+                "MODEL.DISALIGN.POSTHOC='tau_norm' re-normalises the rows of a linear classifier; "
+                "the cosine classifier (MODEL.ROI_BOX_HEAD.COSINE_CLASSIFIER) is already normalised."
+            )
+        if posthoc == "norcal":
+            if class_counts is None or len(class_counts) != num_classes:
+                raise ValueError("MODEL.DISALIGN.POSTHOC='norcal' needs the K training class counts")
+            counts = torch.as_tensor(class_counts, dtype=torch.float32).clamp(min=1.0)
+            # Relative frequencies n_j / mean(n): dividing by them only re-balances the classes;
+            # the foreground as a whole keeps its mass against the background for gamma = 1.
+            counts = counts / counts.mean()
+        else:
+            counts = torch.ones(num_classes)
+        self.posthoc = posthoc
+        self.posthoc_power = float(posthoc_power)
+        self.register_buffer("class_counts", counts, persistent=False)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        d = cfg.MODEL.DISALIGN
+        ret.update(
+            calibrate=d.BOX_CALIBRATION,
+            confidence_init_std=d.CONFIDENCE_INIT_STD,
+            cls_loss=d.CLS_LOSS,
+            cosine=cfg.MODEL.ROI_BOX_HEAD.COSINE_CLASSIFIER,
+            cosine_scale=cfg.MODEL.ROI_BOX_HEAD.COSINE_SCALE,
+            posthoc=d.POSTHOC,
+            posthoc_power=d.POSTHOC_POWER,
+        )
+        if d.CLS_LOSS == "grw" or d.POSTHOC == "norcal":
+            counts = class_counts_from_cfg(cfg)
+            if d.CLS_LOSS == "grw":
+                ret["class_weights"] = grw_class_weights(counts, d.RHO)
+            ret["class_counts"] = counts
+        return ret
+
+    def _class_logits(self, x):
+        """x: (R, D) -> (R, K + 1) uncalibrated logits (tau-normalised at inference if asked)."""
+        if self.posthoc == "tau_norm" and not self.training:
+            # Rows of the foreground classes divided by ||w_j|| ** tau, rescaled so their mean
+            # factor is 1 (keeps the foreground/background balance); background row untouched.
+            w = self.cls_score.weight
+            norms = w[:-1].norm(dim=1, keepdim=True).clamp(min=1e-12).pow(self.posthoc_power)
+            w = torch.cat([w[:-1] * (norms.mean() / norms), w[-1:]], dim=0)
+            return F.linear(x, w, self.cls_score.bias)
+        return self.cls_score(x)
+
+    def forward(self, x):
+        """
+        Args:
+            x: (R, D) or (R, C, H, W) per-RoI features.
+
+        Returns:
+            scores: (R, K + 1) calibrated logits, background last.
+            proposal_deltas: (R, K * 4) or (R, 4).
+        """
+        if x.dim() > 2:
+            x = torch.flatten(x, start_dim=1)
+        scores = self._class_logits(x)
+        proposal_deltas = self.bbox_pred(x)
+        if self.calibrate:
+            fg = calibrate_logits(
+                scores[:, :-1], self.confidence_layer(x), self.logit_scale, self.logit_bias
+            )
+            scores = torch.cat([fg, scores[:, -1:]], dim=1)
+        return scores, proposal_deltas
+
+    def losses(self, predictions, proposals):
+        """
+        Args:
+            predictions: (scores (R, K + 1), proposal_deltas) from :meth:`forward`.
+            proposals (list[Instances]): with ``proposal_boxes``, ``gt_boxes``, ``gt_classes``.
+
+        Returns:
+            dict with ``loss_cls`` and ``loss_box_reg``. A loss with no trainable parameter behind
+            it (its prediction does not require grad, e.g. the frozen ``bbox_pred`` of stage two)
+            is not computed at all.
+        """
+        scores, proposal_deltas = predictions
+        gt_classes = (
+            cat([p.gt_classes for p in proposals], dim=0)
+            if len(proposals)
+            else torch.empty(0, dtype=torch.long, device=scores.device)
+        )
+        _log_classification_stats(scores, gt_classes)
+
+        losses = {}
+        if scores.requires_grad:
+            weights = self.class_weights if self.cls_loss == "grw" else None
+            losses["loss_cls"] = weighted_cross_entropy(scores, gt_classes, weights)
+        if proposal_deltas.requires_grad:
+            if len(proposals):
+                proposal_boxes = cat([p.proposal_boxes.tensor for p in proposals], dim=0)
+                gt_boxes = cat(
+                    [(p.gt_boxes if p.has("gt_boxes") else p.proposal_boxes).tensor for p in proposals],
+                    dim=0,
+                )
+            else:
+                proposal_boxes = gt_boxes = torch.empty((0, 4), device=proposal_deltas.device)
+            losses["loss_box_reg"] = self.box_reg_loss(
+                proposal_boxes, gt_boxes, proposal_deltas, gt_classes
+            )
+        return {k: v * self.loss_weight.get(k, 1.0) for k, v in losses.items()}
+
+    def predict_probs(self, predictions, proposals):
+        """Softmax over K + 1 (NorCal-adjusted if asked): list of (Ri, K + 1) tensors."""
+        scores, _ = predictions
+        num_inst_per_image = [len(p) for p in proposals]
+        probs = F.softmax(scores, dim=-1)
+        if self.posthoc == "norcal":
+            # p'_j ∝ p_j / n_j ** gamma for the foreground (n_j relative to its mean), background
+            # untouched, renormalised.
+            fg = probs[:, :-1] / self.class_counts.pow(self.posthoc_power)
+            probs = torch.cat([fg, probs[:, -1:]], dim=1)
+            probs = probs / probs.sum(dim=1, keepdim=True)
+        return probs.split(num_inst_per_image, dim=0)

@@ -1,0 +1,51 @@
+"""Adaptive calibration (Sec. 3.2 of the paper) as a pure function plus a tiny module."""
+import torch
+from torch import nn
+
+__all__ = ["calibrate_logits", "CosineLinear"]
+
+
+def calibrate_logits(logits, confidence_logit, logit_scale, logit_bias):
+    """Adaptive calibration z' = s (beta z + gamma) + (1 - s) z, with s = sigmoid(confidence_logit).
+
+    Written as z + s ((beta - 1) z + gamma), which is the same function and exactly z when beta = 1
+    and gamma = 0 (whatever s is), so stage two starts from the stage-one predictions bit for bit.
+
+    Args:
+        logits: (R, C, ...) logits z of the classes being calibrated (foreground only; the
+            caller keeps the background logit out).
+        confidence_logit: (R, 1, ...) w.x + b, broadcast over the classes.
+        logit_scale: beta, broadcastable to ``logits`` (e.g. (C,) or (R, 1, 1)).
+        logit_bias: gamma, same shape as ``logit_scale``.
+
+    Returns:
+        Tensor with the shape of ``logits``.
+    """
+    s = torch.sigmoid(confidence_logit)
+    return logits + s * ((logit_scale - 1.0) * logits + logit_bias)
+
+
+class CosineLinear(nn.Module):
+    """Cosine classifier: z_j = tau * <x / |x|, w_j / |w_j|>, no bias, learnable tau.
+
+    Attributes:
+        weight: (C, D) class weight vectors.
+        scale: () the temperature tau.
+    """
+
+    def __init__(self, in_features: int, out_features: int, scale: float = 20.0):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.normal_(self.weight, std=0.01)
+        self.scale = nn.Parameter(torch.tensor(float(scale)))
+
+    def forward(self, x):
+        """x: (R, D) -> (R, C)."""
+        x = nn.functional.normalize(x, dim=1)
+        w = nn.functional.normalize(self.weight, dim=1)
+        return self.scale * nn.functional.linear(x, w)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, cosine"

@@ -1,0 +1,102 @@
+"""Loss maths of DisAlign as pure functions (no module state, no config).
+
+Generalized re-weighting (GRW, Sec. 3.3 of the paper): for K foreground classes with training
+frequencies n_j,
+
+    r_j = n_j / sum_k n_k,     w_j ∝ (1 / r_j) ** rho,   scaled so that sum_{j<K} w_j = K,
+
+and the background (the LAST logit, as in detectron2) gets weight 1. The classification loss is the
+softmax cross-entropy weighted by w of each sample's label, normalised by the sum of the sample
+weights (PyTorch's weighted-mean semantics).
+"""
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["grw_class_weights", "weighted_cross_entropy", "weighted_mask_bce"]
+
+logger = logging.getLogger(__name__)
+
+
+def grw_class_weights(counts, rho: float) -> torch.Tensor:
+    """Generalized re-weighting class weights.
+
+    Args:
+        counts: (K,) per-class training frequencies n_j (sequence or tensor, non-negative).
+        rho (float): the exponent rho >= 0. rho = 0 gives all-ones weights (plain cross-entropy).
+
+    Returns:
+        Tensor: (K + 1,) float32 weights; the first K (foreground) sum to K, the last (background)
+        is 1.
+
+    A class with zero samples would get an infinite weight; its count is clamped to the smallest
+    positive count (or 1) with a warning instead.
+    """
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho):
+        raise ValueError(f"MODEL.DISALIGN.RHO must be a finite number >= 0, got {rho!r}")
+    if rho < 0:
+        raise ValueError(f"MODEL.DISALIGN.RHO must be >= 0, got {rho}")
+    n = torch.as_tensor(counts, dtype=torch.float64).flatten()
+    if n.numel() == 0:
+        raise ValueError("grw_class_weights needs at least one class count")
+    if not torch.isfinite(n).all() or (n < 0).any():
+        raise ValueError(f"class counts must be finite and >= 0, got {n.tolist()}")
+    zero = n == 0
+    if zero.any():
+        floor = n[~zero].min().item() if (~zero).any() else 1.0
+        logger.warning(
+            "GRW: %d class(es) have zero training samples (contiguous ids %s); their count is "
+            "clamped to %g so that their weight stays finite.",
+            int(zero.sum()),
+            zero.nonzero().flatten().tolist()[:20],
+            floor,
+        )
+        n = torch.where(zero, torch.full_like(n, floor), n)
+    r = n / n.sum()
+    w = r.pow(-float(rho))
+    w = w * (w.numel() / w.sum())
+    return torch.cat([w, w.new_ones(1)]).to(torch.float32)
+
+
+def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights=None):
+    """Softmax cross-entropy weighted per class, weighted-mean reduction.
+
+    Args:
+        logits: (R, K + 1) class logits.
+        labels: (R,) int64 labels in [0, K] (K = background).
+        weights: (K + 1,) class weights, or None for plain cross-entropy.
+
+    Returns:
+        Scalar tensor: sum_i w[y_i] CE_i / sum_i w[y_i]; 0 (connected to ``logits``) when R == 0.
+    """
+    if labels.numel() == 0:
+        # F.cross_entropy gives NaN (0 / 0) for an empty batch; keep the graph alive instead.
+        return logits.sum() * 0.0
+    if weights is not None:
+        weights = weights.to(dtype=logits.dtype, device=logits.device)
+    return F.cross_entropy(logits, labels, weight=weights, reduction="mean")
+
+
+def weighted_mask_bce(mask_logits: torch.Tensor, gt_masks: torch.Tensor, roi_weights=None):
+    """Per-pixel binary cross-entropy of mask logits, averaged per RoI, then a weighted mean.
+
+    Args:
+        mask_logits: (R, M, M) logits of each RoI's ground-truth class channel.
+        gt_masks: (R, M, M) targets in [0, 1].
+        roi_weights: (R,) weight of each RoI (GRW weight of its ground-truth class), or None for
+            the stock Mask R-CNN loss (mean over all pixels of all RoIs).
+
+    Returns:
+        Scalar tensor; 0 (connected to ``mask_logits``) when R == 0.
+    """
+    if mask_logits.shape[0] == 0:
+        return mask_logits.sum() * 0.0
+    gt_masks = gt_masks.to(dtype=mask_logits.dtype)
+    if roi_weights is None:
+        return F.binary_cross_entropy_with_logits(mask_logits, gt_masks, reduction="mean")
+    per_roi = F.binary_cross_entropy_with_logits(mask_logits, gt_masks, reduction="none")
+    per_roi = per_roi.flatten(1).mean(dim=1)
+    roi_weights = roi_weights.to(dtype=mask_logits.dtype, device=mask_logits.device)
+    return (per_roi * roi_weights).sum() / roi_weights.sum().clamp(min=1e-12)

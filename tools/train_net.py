@@ -1,0 +1,80 @@
+#!/usr/bin/env python
+"""Train and evaluate Mask R-CNN (stage one) and DisAlign (stage two) on LVIS-format data.
+
+Stage one:
+    python tools/train_net.py --config-file configs/LVIS/mask_rcnn_R_50_FPN_2x.yaml --num-gpus 8
+Stage two (DisAlign), from a stage-one checkpoint:
+    python tools/train_net.py --config-file configs/LVIS/disalign_mask_rcnn.yaml --num-gpus 8 \
+        MODEL.WEIGHTS output/lvis/mask_rcnn_R_50_FPN_2x/model_final.pth
+Evaluation only:
+    python tools/train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS model_final.pth
+
+On machines without CUDA, --num-gpus N starts N CPU processes (gloo).
+"""
+import logging
+import os
+import sys
+
+import disalign_det  # noqa: F401  (shims and registrations first)
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.engine import default_argument_parser, default_setup
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+from disalign_det import add_disalign_config
+from disalign_det.data import check_num_classes, register_datasets_from_cfg
+from disalign_det.engine import Trainer, launch
+
+logger = logging.getLogger("disalign_det.train_net")
+
+
+def setup(args):
+    cfg = get_cfg()
+    add_disalign_config(cfg)
+    if not os.path.isfile(args.config_file):
+        raise FileNotFoundError(f"--config-file {args.config_file!r} does not exist")
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    register_datasets_from_cfg(cfg)
+    check_num_classes(cfg)
+    if cfg.MODEL.DISALIGN.FREEZE != "none" and not cfg.MODEL.WEIGHTS and not args.resume:
+        raise ValueError(
+            f"MODEL.DISALIGN.FREEZE={cfg.MODEL.DISALIGN.FREEZE!r} (stage two) needs the stage-one "
+            "checkpoint: add MODEL.WEIGHTS path/to/stage_one/model_final.pth"
+        )
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def cli(argv=None):
+    args = default_argument_parser().parse_args(argv)
+    print("Command Line Args:", args)
+    return launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    cli()
