@@ -14,6 +14,7 @@ everything checked is in place, 1 with a list naming exactly what is missing oth
 
 Only the standard library is used, so this runs before detectron2 is installed.
 """
+
 import argparse
 import json
 import os

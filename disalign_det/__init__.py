@@ -5,6 +5,7 @@ Detectron2.
 DisAlign ROI heads, mask head and RPN in detectron2's registries and the built-in datasets
 (``lvis_synth_train``/``lvis_synth_val``) in the DatasetCatalog.
 """
+
 from . import compat  # noqa: F401  (must run before detectron2 modules that need the shims)
 from . import data  # noqa: F401  (registers the built-in datasets)
 from . import modeling  # noqa: F401  (registers the modeling components)

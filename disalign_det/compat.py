@@ -1,4 +1,4 @@
-"""Compatibility shims that let detectron2 v0.6 (pure Python) run on today's numpy, Pillow and torch.
+"""Compatibility shims: detectron2 v0.6 (pure Python) on today's numpy, Pillow and torch.
 
 Every shim here is *feature-detected*: it applies only when the thing it patches is missing, so on
 an official detectron2 build with a matching numpy/Pillow this module changes nothing. Each shim is
@@ -20,6 +20,7 @@ Shims:
 * ``PIL.Image.LINEAR`` (and friends) removed in Pillow 10 but used as a default argument in
   ``detectron2/data/transforms/transform.py``.
 """
+
 import importlib
 import importlib.util
 import logging

@@ -1,16 +1,18 @@
 """Config keys of disalign-det (``add_disalign_config``).
 
 Every key names the symbol of the DisAlign paper (Zhang et al., CVPR 2021) it controls. The defaults
-are neutral: adding these keys to any detectron2 config changes nothing until the config also selects
-``DisAlignROIHeads`` / ``DisAlignMaskRCNNConvUpsampleHead`` or sets ``MODEL.DISALIGN.FREEZE``.
+are neutral: adding these keys to any detectron2 config changes nothing until the config also
+selects ``DisAlignROIHeads`` / ``DisAlignMaskRCNNConvUpsampleHead`` or sets
+``MODEL.DISALIGN.FREEZE``.
 """
+
 from detectron2.config import CfgNode as CN
 
 __all__ = ["add_disalign_config"]
 
 
 def add_disalign_config(cfg):
-    """Add the ``MODEL.DISALIGN`` node and the few extra keys of this project to ``cfg`` (in place)."""
+    """Add the ``MODEL.DISALIGN`` node and this project's few other keys to ``cfg`` (in place)."""
     _C = cfg
 
     _C.MODEL.DISALIGN = CN()
@@ -29,7 +31,7 @@ def add_disalign_config(cfg):
     # Mask loss: "bce" (stock Mask R-CNN loss) or "grw" (per-RoI BCE weighted by w of the RoI's
     # ground-truth class, weighted mean).
     _C.MODEL.DISALIGN.MASK_LOSS = "grw"
-    # rho, the exponent of the generalized re-weighting (paper: 0.8 on LVIS). rho = 0 gives plain CE.
+    # rho, the exponent of the generalized re-weighting (paper: 0.8 on LVIS); 0 gives plain CE.
     _C.MODEL.DISALIGN.RHO = 0.8
     # n_j, the per-class training frequency behind r_j = n_j / sum_k n_k: "instance_count" (number
     # of training instances) or "image_count" (number of training images containing the class).

@@ -11,6 +11,7 @@ missing, so its setup.py cannot build as shipped. This script downloads it from 
 
 Usage: ``python scripts/fetch_detectron2.py DEST_DIR`` prints the path of the patched source tree.
 """
+
 import hashlib
 import os
 import re

@@ -3,6 +3,7 @@
 ``disalign_det`` is imported first: its compatibility shims must be in place before any detectron2
 module that needs them is imported by a test module.
 """
+
 import disalign_det  # noqa: F401  isort:skip
 
 import os
@@ -34,27 +35,42 @@ def tiny_dataset(tmp_path_factory):
 
 
 def tiny_cfg(config="synthetic/mask_rcnn_synth.yaml", output_dir="", opts=()):
-    """A CPU-sized config of ``configs/LVIS/<config>`` shrunk further for tests (64 px, 6 classes)."""
+    """``configs/LVIS/<config>`` shrunk further for tests (64 px, 6 classes)."""
     cfg = get_cfg()
     add_disalign_config(cfg)
     cfg.merge_from_file(os.path.join(CONFIGS, config))
     cfg.merge_from_list(
         [
-            "DATASETS.TRAIN", "('tiny_train',)",
-            "DATASETS.TEST", "()",
-            "MODEL.ROI_HEADS.NUM_CLASSES", str(TINY_CLASSES),
-            "INPUT.MIN_SIZE_TRAIN", "(64,)",
-            "INPUT.MAX_SIZE_TRAIN", "64",
-            "INPUT.MIN_SIZE_TEST", "64",
-            "INPUT.MAX_SIZE_TEST", "64",
-            "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64",
-            "MODEL.RPN.POST_NMS_TOPK_TEST", "64",
-            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
-            "SOLVER.IMS_PER_BATCH", "2",
-            "SOLVER.MAX_ITER", "3",
-            "SOLVER.WARMUP_ITERS", "0",
-            "SOLVER.CHECKPOINT_PERIOD", "100000",
-            "OUTPUT_DIR", output_dir,
+            "DATASETS.TRAIN",
+            "('tiny_train',)",
+            "DATASETS.TEST",
+            "()",
+            "MODEL.ROI_HEADS.NUM_CLASSES",
+            str(TINY_CLASSES),
+            "INPUT.MIN_SIZE_TRAIN",
+            "(64,)",
+            "INPUT.MAX_SIZE_TRAIN",
+            "64",
+            "INPUT.MIN_SIZE_TEST",
+            "64",
+            "INPUT.MAX_SIZE_TEST",
+            "64",
+            "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+            "64",
+            "MODEL.RPN.POST_NMS_TOPK_TEST",
+            "64",
+            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+            "32",
+            "SOLVER.IMS_PER_BATCH",
+            "2",
+            "SOLVER.MAX_ITER",
+            "3",
+            "SOLVER.WARMUP_ITERS",
+            "0",
+            "SOLVER.CHECKPOINT_PERIOD",
+            "100000",
+            "OUTPUT_DIR",
+            output_dir,
         ]
     )
     cfg.merge_from_list(list(opts))

@@ -1,4 +1,5 @@
 """DisAlignFastRCNNOutputLayers: calibration, GRW loss, frozen losses, post-hoc options."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -165,7 +166,9 @@ def test_tau_norm_logits():
     w = pred.cls_score.weight
     norms = w[:K].norm(dim=1, keepdim=True)
     w_fg = w[:K] / norms * norms.mean()
-    want = torch.cat([x @ w_fg.T + pred.cls_score.bias[:K], x @ w[K:].T + pred.cls_score.bias[K:]], 1)
+    want = torch.cat(
+        [x @ w_fg.T + pred.cls_score.bias[:K], x @ w[K:].T + pred.cls_score.bias[K:]], 1
+    )
     torch.testing.assert_close(scores, want, rtol=1e-5, atol=1e-5)
     # tau = 0 is the identity.
     pred0 = _make(calibrate=False, posthoc="tau_norm", posthoc_power=0.0).eval()

@@ -1,4 +1,5 @@
 """Adaptive calibration equals the paper's formula; the cosine classifier is what it says."""
+
 import pytest
 import torch
 

@@ -1,11 +1,13 @@
 """Registration of LVIS-format datasets: loading, metadata from the json, errors, built-ins."""
+
+import disalign_det  # noqa: F401  isort:skip  (compat shims before detectron2 / lvis)
+
 import copy
 import json
 import multiprocessing
 import os
 import uuid
 
-import disalign_det  # noqa: F401  (compat shims before detectron2 / lvis)
 import pytest
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -14,15 +16,17 @@ from disalign_det.config import add_disalign_config
 from disalign_det.data import (
     LVISFormatError,
     check_num_classes,
+)
+from disalign_det.data import datasets as ds
+from disalign_det.data import (
     ensure_synthetic_dataset,
     generate_synthetic_lvis,
     register_datasets_from_cfg,
     register_lvis_format,
     register_lvis_synth,
+    synthetic,
     synthetic_categories,
 )
-from disalign_det.data import datasets as ds
-from disalign_det.data import synthetic
 
 TINY = dict(num_classes=5, num_train_images=40, num_val_images=12, image_size=48)
 
@@ -74,7 +78,9 @@ def test_metadata_comes_from_the_json(synth):
     assert meta.class_frequency == [c["frequency"] for c in cats]
     assert meta.image_count == [c["image_count"] for c in cats]
     assert meta.instance_count == [c["instance_count"] for c in cats]
-    assert meta.class_image_count == [{"id": c["id"], "image_count": c["image_count"]} for c in cats]
+    assert meta.class_image_count == [
+        {"id": c["id"], "image_count": c["image_count"]} for c in cats
+    ]
     assert meta.evaluator_type == "lvis"
     assert os.path.samefile(meta.json_file, synth["train_json"])
     # A root given without the trailing separator still resolves (the loader concatenates).
@@ -94,7 +100,10 @@ def test_counts_and_frequency_computed_when_categories_lack_them(synth, tmp_path
     register_lvis_format(name, write_json(tmp_path / "x.json", data), synth["image_root"])
     meta = MetadataCatalog.get(name)
     inst = [sum(a["category_id"] == k for a in data["annotations"]) for k in range(1, 6)]
-    imgs = [len({a["image_id"] for a in data["annotations"] if a["category_id"] == k}) for k in range(1, 6)]
+    imgs = [
+        len({a["image_id"] for a in data["annotations"] if a["category_id"] == k})
+        for k in range(1, 6)
+    ]
     assert meta.instance_count == inst and meta.image_count == imgs
     assert meta.instance_count[0] == 2
     expected = ["r" if n <= 10 else "c" if n <= 100 else "f" for n in imgs]
@@ -173,7 +182,10 @@ def make_cfg(train=(), test=(), lvis_format=(), num_classes=5):
 
 def test_register_from_cfg_is_idempotent_and_checks_entries(synth):
     a, b = uniq(), uniq()
-    entries = ((a, synth["train_json"], synth["image_root"]), [b, synth["val_json"], synth["image_root"]])
+    entries = (
+        (a, synth["train_json"], synth["image_root"]),
+        [b, synth["val_json"], synth["image_root"]],
+    )
     cfg = make_cfg(lvis_format=entries)
     assert register_datasets_from_cfg(cfg) == [a, b]
     assert register_datasets_from_cfg(cfg) == [a, b]
@@ -206,7 +218,11 @@ def test_builtin_synthetic_metadata_needs_no_generation():
     assert meta.thing_classes == [c["name"] for c in cats]
     assert meta.class_frequency == [c["frequency"] for c in cats]
     assert meta.evaluator_type == "lvis"
-    assert meta.json_file.endswith(os.path.join("lvis_synth", "lvis_synth_train.json"))
+    assert meta.json_file == os.path.abspath(
+        os.path.join(
+            os.getenv("DETECTRON2_DATASETS", "datasets"), "lvis_synth", "lvis_synth_train.json"
+        )
+    )
     assert MetadataCatalog.get("lvis_synth_val").thing_classes == meta.thing_classes
     # The layout registration spells out must be the generator's.
     paths = ds._synth_paths("R", "S")
@@ -257,17 +273,29 @@ def test_synthetic_registration_generates_on_first_load(tmp_path):
     assert len(DatasetCatalog.get(train)) == 40
 
 
-def test_synthetic_json_from_other_parameters_is_detected(tmp_path):
+def test_stale_synthetic_data_is_regenerated(tmp_path):
     train, val = uniq(), uniq()
     register_lvis_synth(str(tmp_path), names=(train, val), seed=2, **TINY)
-    meta = MetadataCatalog.get(train)
-    assert meta.instance_count  # computed from the seed-2 plan: nothing on disk yet
-    # Someone generates other data at that place before the first load.
+    # Data of other parameters sits where the dataset lives: metadata must not be read from it.
     generate_synthetic_lvis(str(tmp_path / "lvis_synth"), seed=9, **TINY)
-    other = synthetic_categories(seed=9, num_classes=5, num_train_images=40)
-    assert [c["instance_count"] for c in other] != meta.instance_count
-    with pytest.raises(ValueError, match="other parameters.*delete"):
-        DatasetCatalog.get(train)
+    meta = MetadataCatalog.get(train)
+    seed2 = synthetic_categories(seed=2, num_classes=5, num_train_images=40)
+    seed9 = synthetic_categories(seed=9, num_classes=5, num_train_images=40)
+    assert [c["instance_count"] for c in seed2] != [c["instance_count"] for c in seed9]
+    assert meta.instance_count == [c["instance_count"] for c in seed2]
+    DatasetCatalog.get(train)  # regenerates with seed 2
+    with open(tmp_path / "lvis_synth" / "lvis_synth_train.json") as f:
+        data = json.load(f)
+    assert data["categories"] == seed2
+    assert data["info"]["synthetic_params"] == synthetic.generation_params(seed=2, **TINY)
+
+    # A json written by an older generator version is stale too.
+    data["info"]["synthetic_params"]["generator_version"] = synthetic.GENERATOR_VERSION - 1
+    data["images"] = data["images"][:3]
+    write_json(tmp_path / "lvis_synth" / "lvis_synth_train.json", data)
+    paths = ensure_synthetic_dataset(str(tmp_path), seed=2, **TINY)
+    with open(paths["train_json"]) as f:
+        assert len(json.load(f)["images"]) == 40
 
 
 def _ensure_in_child(root, queue):

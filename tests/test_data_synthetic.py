@@ -1,9 +1,11 @@
 """The synthetic LVIS-format generator: determinism, schema, long-tail buckets, exact masks."""
+
+import disalign_det  # noqa: F401  isort:skip  (compat shims before detectron2 / lvis)
+
 import filecmp
 import json
 import os
 
-import disalign_det  # noqa: F401  (compat shims before lvis / detectron2)
 import numpy as np
 import pytest
 from lvis import LVIS, LVISEval, LVISResults

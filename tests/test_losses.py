@@ -1,4 +1,5 @@
 """GRW weights and the weighted losses equal their formulas."""
+
 import logging
 import math
 

@@ -1,5 +1,6 @@
 """DisAlignMaskRCNNConvUpsampleHead: stock checkpoints load, identity at init, calibration maths on
 the used channel only, GRW-weighted loss, gradients."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,9 @@ def _pred_instances(n, seed=0):
 def _train_instances(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     inst = Instances((56, 56))
-    boxes = torch.tensor([[4.0, 4.0, 40.0, 40.0]] * n).reshape(n, 4) + torch.rand(n, 4, generator=g) * 4
+    boxes = (
+        torch.tensor([[4.0, 4.0, 40.0, 40.0]] * n).reshape(n, 4) + torch.rand(n, 4, generator=g) * 4
+    )
     inst.proposal_boxes = Boxes(boxes)
     inst.gt_classes = torch.randint(0, K, (n,), generator=g)
     inst.gt_masks = BitMasks(torch.rand(n, 56, 56, generator=g) > 0.5)
@@ -69,7 +72,9 @@ def test_used_channel_equals_full_computation_with_random_calibration():
     beta = ours.logit_scale[classes][:, None, None]
     gamma = ours.logit_bias[classes][:, None, None]
     want = s * (beta * m + gamma) + (1 - s) * m
-    torch.testing.assert_close(ours._used_channel_logits(feats, classes), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        ours._used_channel_logits(feats, classes), want, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_grw_mask_loss_and_gradients():

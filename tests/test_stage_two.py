@@ -1,10 +1,12 @@
 """DisAlign stage two end to end on a tiny generated dataset: a stage-two model built from a
 stage-one checkpoint predicts exactly what stage one predicts; after freezing only the calibration
 trains and every other tensor stays bit-identical; cascade heads; clear errors."""
+
 import os
 
 import pytest
 import torch
+from conftest import tiny_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.modeling import build_model
@@ -13,8 +15,6 @@ from detectron2.utils.events import EventStorage
 
 from disalign_det.engine import DisAlignCheckpointer, Trainer
 from disalign_det.modeling import is_calibration_parameter
-
-from conftest import tiny_cfg
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,9 @@ def test_stage_two_starts_from_stage_one_predictions(stage_one, tmp_path, config
 
 def test_stage_two_trains_only_calibration(stage_one, tmp_path):
     path, _ = stage_one
-    cfg = _stage_two_cfg(str(tmp_path), path, opts=["SOLVER.MAX_ITER", "4", "SOLVER.BASE_LR", "0.5"])
+    cfg = _stage_two_cfg(
+        str(tmp_path), path, opts=["SOLVER.MAX_ITER", "4", "SOLVER.BASE_LR", "0.5"]
+    )
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     model = trainer.model
@@ -103,7 +105,9 @@ def test_stage_two_trains_only_calibration(stage_one, tmp_path):
             continue
         # Every stage-one tensor, BatchNorm statistics included, is bit-identical.
         assert torch.equal(v, reference[k]), k
-    assert {"roi_heads.box_predictor.logit_scale", "roi_heads.mask_head.logit_scale"} <= set(changed)
+    assert {"roi_heads.box_predictor.logit_scale", "roi_heads.mask_head.logit_scale"} <= set(
+        changed
+    )
     # Only the calibration losses were computed: no RPN or box-regression loss.
     losses = trainer.storage.latest()
     assert "loss_cls" in losses and "loss_mask" in losses
@@ -131,18 +135,24 @@ def test_stage_two_losses_finite_without_foreground(stage_one, tmp_path):
 
 def test_cascade_heads_build_and_train(tiny_dataset, tmp_path):
     opts = [
-        "MODEL.ROI_HEADS.NAME", "DisAlignCascadeROIHeads",
-        "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", "True",
-        "MODEL.DISALIGN.CLS_LOSS", "ce",
+        "MODEL.ROI_HEADS.NAME",
+        "DisAlignCascadeROIHeads",
+        "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG",
+        "True",
+        "MODEL.DISALIGN.CLS_LOSS",
+        "ce",
     ]
-    cfg1 = tiny_cfg(output_dir=str(tmp_path / "s1"), opts=opts + ["MODEL.DISALIGN.BOX_CALIBRATION", "False"])
+    cfg1 = tiny_cfg(
+        output_dir=str(tmp_path / "s1"), opts=opts + ["MODEL.DISALIGN.BOX_CALIBRATION", "False"]
+    )
     trainer = Trainer(cfg1)
     trainer.resume_or_load(resume=False)
     trainer.train()
     assert len(trainer.model.roi_heads.box_predictor) == 3
     DetectionCheckpointer(trainer.model, str(tmp_path)).save("cascade1")
     cfg2 = _stage_two_cfg(
-        str(tmp_path / "s2"), str(tmp_path / "cascade1.pth"),
+        str(tmp_path / "s2"),
+        str(tmp_path / "cascade1.pth"),
         opts=opts + ["MODEL.DISALIGN.CLS_LOSS", "grw", "SOLVER.BASE_LR", "0.5"],
     )
     trainer2 = Trainer(cfg2)

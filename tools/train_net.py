@@ -11,16 +11,17 @@ Evaluation only:
 
 On machines without CUDA, --num-gpus N starts N CPU processes (gloo).
 """
+
 import logging
 import os
-import sys
 
-import disalign_det  # noqa: F401  (shims and registrations first)
+import disalign_det  # noqa: F401  isort: skip  (shims and registrations first)
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+
 from disalign_det import add_disalign_config
 from disalign_det.data import check_num_classes, register_datasets_from_cfg
 from disalign_det.engine import Trainer, launch

@@ -6,6 +6,7 @@ Importing this package registers the built-in datasets ``lvis_v1_train`` / ``lvi
 ``lvis_synth_val`` (generated on first load) under ``$DETECTRON2_DATASETS`` (default ``datasets``).
 No json is read and nothing is generated at import.
 """
+
 from .. import compat  # noqa: F401  (shims before detectron2 / lvis are imported)
 from .datasets import (
     LVISCategoryInfo,
@@ -42,7 +43,6 @@ __all__ = [
     "synthetic_categories",
     "validate_lvis_dict",
 ]
-
 
 
 def __getattr__(name):

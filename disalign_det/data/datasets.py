@@ -19,6 +19,7 @@ default ``datasets``):
 
 See ``datasets/README.md`` for the expected layout.
 """
+
 import fcntl
 import functools
 import json
@@ -101,7 +102,9 @@ def validate_lvis_dict(data: dict, json_file: str = "<json>") -> None:
     categories, and polygons of at least 3 points.
     """
     if not isinstance(data, dict):
-        raise LVISFormatError(f"{json_file}: top level must be an object, got {type(data).__name__}")
+        raise LVISFormatError(
+            f"{json_file}: top level must be an object, got {type(data).__name__}"
+        )
     missing = [k for k in REQUIRED_TOP_LEVEL if k not in data]
     if missing:
         raise LVISFormatError(f"{json_file}: missing required top-level key(s) {missing}")
@@ -119,9 +122,9 @@ def validate_lvis_dict(data: dict, json_file: str = "<json>") -> None:
     if set(cat_ids) != expected:
         bad = sorted(set(cat_ids) - expected, key=str)[:10]
         raise LVISFormatError(
-            f"{json_file}: category ids must be contiguous 1..K (K={len(cat_ids)}), as detectron2's "
-            f"LVIS loader and evaluator assume; unexpected ids {bad} (min {min(cat_ids, key=str)}, "
-            f"max {max(cat_ids, key=str)}). Renumber the categories (and annotations) to 1..K."
+            f"{json_file}: category ids must be contiguous 1..K (K={len(cat_ids)}), as "
+            f"detectron2's LVIS loader and evaluator assume; unexpected ids {bad}. Renumber the "
+            "categories (and the annotations' category_id) to 1..K."
         )
 
     img_ids = set()
@@ -326,7 +329,7 @@ def _install_lazy_metadata(name: str, loader: Callable[[], dict], **eager) -> Me
 
 
 def _check_image_paths(dicts, json_file, image_root, max_checks=5):
-    """Fail early, with the path rule spelled out, when the images are not where the loader looks."""
+    """Fail early, with the path rule spelled out, when images are not where the loader looks."""
     if not dicts:
         return
     step = max(1, len(dicts) // max_checks)
@@ -364,8 +367,8 @@ def register_lvis_format(name: str, json_file: str, image_root: str) -> Metadata
 
     Metadata set: ``thing_classes`` (names by category id), ``json_file``, ``image_root``,
     ``evaluator_type="lvis"``, ``class_frequency`` ('r'/'c'/'f' per class), ``class_image_count``
-    (``[{"id", "image_count"}]``), ``image_count`` and ``instance_count`` (per contiguous class; from
-    the json's categories, counted from its annotations if absent).
+    (``[{"id", "image_count"}]``), ``image_count`` and ``instance_count`` (per contiguous class;
+    from the json's categories, counted from its annotations if absent).
 
     Registering the same name again with the same files is a no-op; with other files it raises.
     """
@@ -410,9 +413,9 @@ def register_lvis_format(name: str, json_file: str, image_root: str) -> Metadata
 
 
 def register_datasets_from_cfg(cfg) -> List[str]:
-    """Register every ``(name, json_file, image_root)`` of ``cfg.DATASETS.LVIS_FORMAT`` (idempotent).
+    """Register every ``(name, json_file, image_root)`` of ``cfg.DATASETS.LVIS_FORMAT``.
 
-    Returns the names.
+    Idempotent. Returns the names.
     """
     entries = cfg.DATASETS.get("LVIS_FORMAT", ())
     if isinstance(entries, str) or not isinstance(entries, (list, tuple)):
@@ -486,8 +489,8 @@ def _checked_loader(orig: Callable, json_file: str, image_root: str):
     return load
 
 
-def _register_lvis_v1(root: str) -> None:
-    for name, (rel_json, rel_root) in LVIS_V1_DATASETS.items():
+def _register_lvis_v1(root: str, datasets: Optional[Dict[str, Tuple[str, str]]] = None) -> None:
+    for name, (rel_json, rel_root) in (datasets or LVIS_V1_DATASETS).items():
         json_file = os.path.join(root, rel_json)
         image_root = os.path.join(root, rel_root)
         if name in DatasetCatalog.list():
@@ -528,23 +531,54 @@ def _synth_paths(root: str, subdir: str) -> Dict[str, str]:
     }
 
 
+def _params_on_disk(json_file: str) -> Optional[dict]:
+    try:
+        with open(json_file) as f:
+            info = json.load(f).get("info", {})
+    except (OSError, ValueError):
+        return None
+    return info.get("synthetic_params") if isinstance(info, dict) else None
+
+
+def _synth_is_current(paths: Dict[str, str], expected: dict) -> bool:
+    """Both jsons exist and were written by this generator version with these parameters."""
+    return all(
+        os.path.isfile(paths[k]) and _params_on_disk(paths[k]) == expected
+        for k in ("train_json", "val_json")
+    )
+
+
 def ensure_synthetic_dataset(
     root: Optional[str] = None, subdir: str = SYNTH_SUBDIR, **gen_kwargs
 ) -> Dict[str, str]:
-    """Generate the synthetic dataset under ``root/subdir`` unless both its jsons exist.
+    """Generate the synthetic dataset under ``root/subdir`` unless it is already there, generated
+    with the same parameters by the same generator version (``info["synthetic_params"]``).
 
-    Safe when several processes start at once: generation happens under an exclusive file lock,
-    and the jsons (written last, atomically) mark a complete dataset.
+    A stale copy (other parameters or an older generator) is regenerated in place. Safe when several
+    processes start at once: generation happens under an exclusive file lock, and the jsons (written
+    last, atomically) mark a complete dataset.
     """
     paths = _synth_paths(_datasets_root(root), subdir)
-    done = lambda: os.path.isfile(paths["train_json"]) and os.path.isfile(paths["val_json"])  # noqa
-    if done():
+    expected = _synthetic().generation_params(**gen_kwargs)
+    if _synth_is_current(paths, expected):
         return paths
     os.makedirs(paths["out_dir"], exist_ok=True)
     with open(os.path.join(paths["out_dir"], ".generate.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            if not done():  # another process may have finished while we waited
+            # Another process may have finished while we waited for the lock.
+            if not _synth_is_current(paths, expected):
+                stale = [paths[k] for k in ("train_json", "val_json") if os.path.isfile(paths[k])]
+                if stale:
+                    logger.warning(
+                        "%s was generated with other parameters or an older generator: "
+                        "regenerating it with %s",
+                        paths["out_dir"],
+                        expected,
+                    )
+                    # Jsons first: a reader must never pair an old json with new images.
+                    for f in stale:
+                        os.remove(f)
                 logger.info("Generating the synthetic LVIS dataset in %s", paths["out_dir"])
                 _synthetic().generate_synthetic_lvis(paths["out_dir"], **gen_kwargs)
         finally:
@@ -555,12 +589,14 @@ def ensure_synthetic_dataset(
 _PLAN_KEYS = ("seed", "num_classes", "num_train_images", "max_objects_per_image")
 
 
-def _synth_metadata(json_file: str, gen_kwargs: dict) -> dict:
-    if os.path.isfile(json_file):
-        return lvis_category_info(json_file).metadata()
-    # Not generated yet: the categories are an exact function of the generator's parameters.
-    cats = _synthetic().synthetic_categories(**{k: v for k, v in gen_kwargs.items() if k in _PLAN_KEYS})
-    return _info_from_dict({"categories": cats}, json_file).metadata()
+def _synth_metadata(paths: Dict[str, str], split: str, gen_kwargs: dict) -> dict:
+    if _synth_is_current(paths, _synthetic().generation_params(**gen_kwargs)):
+        return lvis_category_info(paths[f"{split}_json"]).metadata()
+    # Not generated (or stale, hence regenerated on load): the categories are an exact function
+    # of the generator's parameters, no rendering needed.
+    plan_kwargs = {k: v for k, v in gen_kwargs.items() if k in _PLAN_KEYS}
+    cats = _synthetic().synthetic_categories(**plan_kwargs)
+    return _info_from_dict({"categories": cats}, paths[f"{split}_json"]).metadata()
 
 
 def _load_synth(name, split, root, subdir, gen_kwargs):
@@ -568,11 +604,12 @@ def _load_synth(name, split, root, subdir, gen_kwargs):
     json_file = paths[f"{split}_json"]
     on_disk = lvis_category_info(json_file, name).metadata()
     meta = MetadataCatalog.get(name)
-    # Metadata computed from the generator's plan before the data existed must describe this data.
+    # Safety net: metadata computed earlier in this process must describe the data now on disk.
     if any(meta.get(k) != on_disk[k] for k in ("thing_classes", "image_count", "instance_count")):
         raise ValueError(
-            f"{json_file} was generated with other parameters than dataset '{name}' expects "
-            f"({gen_kwargs or 'the defaults'}); delete '{paths['out_dir']}' to regenerate it"
+            f"{json_file} does not match the metadata of dataset '{name}' (generated with other "
+            f"parameters than {gen_kwargs or 'the defaults'}?); delete '{paths['out_dir']}' to "
+            "regenerate it"
         )
     return _load_lvis_format(json_file, paths["image_root"])
 
@@ -588,9 +625,10 @@ def register_lvis_synth(
     The data is generated (``generate_synthetic_lvis(**gen_kwargs)``) on the first load; metadata
     needs no generation. Registering again with the same arguments is a no-op.
     """
-    root = _datasets_root(root)
+    # Absolute, so that a later chdir does not move the data away from the metadata.
+    root = os.path.abspath(_datasets_root(root))
     paths = _synth_paths(root, subdir)
-    json_abs_root = os.path.join(os.path.abspath(paths["image_root"]), "")
+    json_abs_root = paths["image_root"]
     for name, split in zip(names, ("train", "val")):
         json_file = paths[f"{split}_json"]
         key = (os.path.abspath(json_file), json_abs_root)
@@ -604,7 +642,7 @@ def register_lvis_synth(
         _REGISTERED[name] = key
         _install_lazy_metadata(
             name,
-            functools.partial(_synth_metadata, key[0], dict(gen_kwargs)),
+            functools.partial(_synth_metadata, paths, split, dict(gen_kwargs)),
             json_file=key[0],
             image_root=json_abs_root,
             evaluator_type="lvis",

@@ -11,6 +11,7 @@ DisAlign's generalized re-weighting needs n_j for every class. It is read, in th
 Each source is a pure function of the files on disk, so every process of a distributed run gets the
 same numbers without communicating.
 """
+
 import logging
 from typing import List, Sequence, Union
 

@@ -33,8 +33,10 @@ CLI::
 
     python -m disalign_det.data.synthetic --out datasets/lvis_synth --seed 0
 """
+
 import argparse
 import functools
+import inspect
 import json
 import logging
 import os
@@ -56,6 +58,8 @@ __all__ = [
     "class_styles",
     "synthetic_categories",
     "generate_synthetic_lvis",
+    "generation_params",
+    "GENERATOR_VERSION",
     "TRAIN_JSON",
     "VAL_JSON",
     "DEFAULT_NUM_CLASSES",
@@ -76,6 +80,9 @@ DEFAULT_NUM_TRAIN_IMAGES = 700
 DEFAULT_NUM_VAL_IMAGES = 160
 DEFAULT_IMAGE_SIZE = 128
 DEFAULT_MAX_OBJECTS = 6
+# Bump whenever the output for the same parameters changes: a dataset generated on first use by an
+# older version is then regenerated instead of silently reused.
+GENERATOR_VERSION = 2
 
 # Shapes chosen to stay recognisable at 14 px and to be simply connected (a polygon list cannot
 # carry holes, so the ring is an open "C" and there is no hollow square).
@@ -163,7 +170,9 @@ def _rng_streams(seed: int):
 
 def _image_rng(seed: int, split: str, image_id: int):
     # One stream per image: an image's pixels do not depend on how many images precede it.
-    return np.random.default_rng(np.random.SeedSequence([seed, 1, 0 if split == "train" else 1, image_id]))
+    return np.random.default_rng(
+        np.random.SeedSequence([seed, 1, 0 if split == "train" else 1, image_id])
+    )
 
 
 def _geom_counts(hi: float, lo: float, n: int) -> List[int]:
@@ -201,19 +210,22 @@ def _train_profile(num_classes: int, num_images: int, rng) -> np.ndarray:
     return counts
 
 
-def _assign(counts: np.ndarray, num_images: int, rng) -> List[List[int]]:
+def _assign(counts: np.ndarray, num_images: int, max_objects: int, rng) -> List[List[int]]:
     """Distinct classes of each image such that class ``c`` is in exactly ``counts[c]`` images."""
-    cap = _MAX_CLASSES_PER_IMAGE
+    cap = min(_MAX_CLASSES_PER_IMAGE, max_objects)
+    too_many = (
+        f"{int(counts.sum())} (image, class) pairs do not fit in {num_images} images of at most "
+        f"{cap} classes: use more images, fewer classes or a larger max_objects_per_image"
+    )
     if counts.sum() > cap * num_images:
-        raise ValueError(
-            f"{int(counts.sum())} (image, class) pairs do not fit in {num_images} images of at most "
-            f"{cap} classes: use more images or fewer classes"
-        )
+        raise ValueError(too_many)
     sets: List[List[int]] = [[] for _ in range(num_images)]
     fill = np.zeros(num_images, dtype=np.int64)
     # Most frequent first: they need the most room. Stable order makes ties deterministic.
     for c in np.argsort(-counts, kind="stable"):
         avail = np.flatnonzero(fill < cap)
+        if len(avail) < counts[c]:  # only close to full capacity
+            raise ValueError(too_many)
         # Favour emptier images, which spreads the classes and leaves few images empty.
         w = (cap - fill[avail]).astype(np.float64) ** 2
         chosen = rng.choice(avail, size=int(counts[c]), replace=False, p=w / w.sum())
@@ -263,7 +275,9 @@ def _plan_train(seed, num_classes, num_train_images, max_objects):
     train_rng, _ = _rng_streams(seed)
     target = _train_profile(num_classes, num_train_images, train_rng)
     buckets = [frequency_bucket(int(n)) for n in target]
-    train = _instances(_assign(target, num_train_images, train_rng), buckets, max_objects, train_rng)
+    train = _instances(
+        _assign(target, num_train_images, max_objects, train_rng), buckets, max_objects, train_rng
+    )
     image_count = np.zeros(num_classes, dtype=np.int64)
     instance_count = np.zeros(num_classes, dtype=np.int64)
     for objs in train:
@@ -272,7 +286,9 @@ def _plan_train(seed, num_classes, num_train_images, max_objects):
     return train, buckets, image_count, instance_count
 
 
-def _plan(seed, num_classes, num_train_images, num_val_images, max_objects, min_val_images) -> _Plan:
+def _plan(
+    seed, num_classes, num_train_images, num_val_images, max_objects, min_val_images
+) -> _Plan:
     train, buckets, image_count, instance_count = _plan_train(
         seed, num_classes, num_train_images, max_objects
     )
@@ -292,7 +308,9 @@ def _plan(seed, num_classes, num_train_images, num_val_images, max_objects, min_
             target[c] += add
             deficit -= add
             i += 1
-        val = _instances(_assign(target, num_val_images, val_rng), buckets, max_objects, val_rng)
+        val = _instances(
+            _assign(target, num_val_images, max_objects, val_rng), buckets, max_objects, val_rng
+        )
     return _Plan(train, val, image_count, instance_count)
 
 
@@ -365,7 +383,9 @@ def _shape_mask(shape, h, w, cx, cy, size, angle, rng) -> np.ndarray:
     m = np.zeros((h, w), dtype=np.uint8)
     r = size / 2.0
     if shape == "circle":
-        cv2.circle(m, (int(round(cx * 16)), int(round(cy * 16))), int(round(r * 16)), 1, -1, shift=4)
+        cv2.circle(
+            m, (int(round(cx * 16)), int(round(cy * 16))), int(round(r * 16)), 1, -1, shift=4
+        )
     elif shape == "square":
         _fill(m, _regular_polygon(cx, cy, r, 4, angle + np.pi / 4))
     elif shape == "triangle":
@@ -421,7 +441,7 @@ def _grid(h, w):
 
 
 def _background(h, w, rng) -> np.ndarray:
-    """Low-saturation grey gradient in a random direction: never mistaken for an object colour."""
+    """Near-grey gradient in a random direction, well apart from the saturated object colours."""
     a = rng.uniform(35, 120) + rng.uniform(-10, 10, size=3)
     b = rng.uniform(35, 120) + rng.uniform(-10, 10, size=3)
     theta = rng.uniform(0, 2 * np.pi)
@@ -631,15 +651,16 @@ def generate_synthetic_lvis(
     os.makedirs(paths["train_image_dir"], exist_ok=True)
     os.makedirs(paths["val_image_dir"], exist_ok=True)
 
-    params = {
-        "seed": seed,
-        "num_classes": num_classes,
-        "num_train_images": num_train_images,
-        "num_val_images": num_val_images,
-        "image_size": image_size,
-        "max_objects_per_image": max_objects_per_image,
-        "min_val_images": min_val_images,
-    }
+    params = generation_params(
+        seed=seed,
+        num_classes=num_classes,
+        num_train_images=num_train_images,
+        num_val_images=num_val_images,
+        image_size=image_size,
+        max_objects_per_image=max_objects_per_image,
+        min_val_images=min_val_images,
+        jpeg_quality=jpeg_quality,
+    )
     licenses = [{"id": 1, "name": "CC0 1.0 (synthetic images)", "url": ""}]
     train_imgs, train_anns = _split(
         "train", plan.train, 1, 1, styles, seed, image_size, paths["train_image_dir"], jpeg_quality
@@ -684,6 +705,20 @@ def generate_synthetic_lvis(
     return paths
 
 
+def generation_params(**overrides) -> dict:
+    """Every parameter of :func:`generate_synthetic_lvis` (defaults updated with ``overrides``)
+    plus ``generator_version``: what ``info["synthetic_params"]`` of the jsons records, so that a
+    dataset generated by other parameters or an older generator can be recognised."""
+    sig = inspect.signature(generate_synthetic_lvis)
+    params = {k: p.default for k, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY}
+    unknown = sorted(set(overrides) - set(params))
+    if unknown:
+        raise TypeError(f"unknown generator parameter(s) {unknown}; known: {sorted(params)}")
+    params.update(overrides)
+    params["generator_version"] = GENERATOR_VERSION
+    return params
+
+
 def _summary(paths: Dict[str, str]) -> str:
     lines = []
     for split in ("train", "val"):
@@ -697,9 +732,15 @@ def _summary(paths: Dict[str, str]) -> str:
             f"{len(per_cls)}/{len(data['categories'])} classes present"
         )
     cats = data["categories"]
-    for b, label in (("f", "frequent (>100 train images)"), ("c", "common (11-100)"), ("r", "rare (1-10)")):
+    for b, label in (
+        ("f", "frequent (>100 train images)"),
+        ("c", "common (11-100)"),
+        ("r", "rare (1-10)"),
+    ):
         members = [c for c in cats if c["frequency"] == b]
-        counts = ", ".join(str(c["image_count"]) for c in sorted(members, key=lambda c: -c["image_count"]))
+        counts = ", ".join(
+            str(c["image_count"]) for c in sorted(members, key=lambda c: -c["image_count"])
+        )
         lines.append(f"{label}: {len(members)} classes; train image counts: {counts}")
     return "\n".join(lines)
 

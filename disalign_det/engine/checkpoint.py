@@ -1,5 +1,6 @@
 """``DetectionCheckpointer`` with atomic saves, RNG state for exact resumes, clear load errors and
 a strict mode for loading a stage-one checkpoint into a frozen stage-two model."""
+
 import logging
 import os
 import random
@@ -44,8 +45,13 @@ def set_rng_state(state):
     random.setstate(_tuple(state["python"]))
     n = state["numpy"]
     np.random.set_state(
-        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-         n["cached_gaussian"])
+        (
+            n["kind"],
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
     )
     torch.set_rng_state(state["torch"])
 
@@ -115,12 +121,14 @@ class DisAlignCheckpointer(DetectionCheckpointer):
     def _check_stage_one(self, state):
         prefix = "module."
         if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
         model_state = self.model.state_dict()
         wrong = [
             (k, tuple(v.shape), tuple(model_state[k].shape))
             for k, v in state.items()
-            if k in model_state and hasattr(v, "shape") and tuple(v.shape) != tuple(model_state[k].shape)
+            if k in model_state
+            and hasattr(v, "shape")
+            and tuple(v.shape) != tuple(model_state[k].shape)
         ]
         if wrong:
             lines = "\n".join(f"  {k}: checkpoint {a}, model {b}" for k, a, b in wrong[:10])

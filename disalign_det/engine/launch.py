@@ -5,6 +5,7 @@ CUDA in every spawned worker; on CPU this module spawns the workers itself, join
 gloo backend and sets up detectron2's local process group (feature-detected: current detectron2
 has ``comm.create_local_process_group``, v0.6 keeps the group in ``comm._LOCAL_PROCESS_GROUP``).
 """
+
 import logging
 from datetime import timedelta
 

@@ -1,5 +1,6 @@
 """``Trainer``: detectron2's ``DefaultTrainer`` with DisAlign's freezing, LVIS evaluation, exact
 resumes and CPU multi-process support."""
+
 import itertools
 import json
 import logging

@@ -1,6 +1,7 @@
 """DisAlign modeling components; importing this module registers them in detectron2's registries
 (``ROI_HEADS_REGISTRY``: DisAlignROIHeads, DisAlignCascadeROIHeads; ``ROI_MASK_HEAD_REGISTRY``:
 DisAlignMaskRCNNConvUpsampleHead; ``PROPOSAL_GENERATOR_REGISTRY``: DisAlignRPN)."""
+
 from . import losses  # noqa: F401
 from .box_predictor import DisAlignFastRCNNOutputLayers
 from .calibration import CosineLinear, calibrate_logits

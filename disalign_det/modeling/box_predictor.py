@@ -4,6 +4,7 @@ Logit layout follows detectron2: (R, K + 1) scores, background LAST. Parameter n
 predictor (``cls_score``, ``bbox_pred``) are kept so stage-one checkpoints load unchanged; the
 calibration adds ``logit_scale`` (K,), ``logit_bias`` (K,) and ``confidence_layer`` Linear(D, 1).
 """
+
 import logging
 
 import torch
@@ -79,7 +80,9 @@ class DisAlignFastRCNNOutputLayers(FastRCNNOutputLayers):
             nn.init.constant_(self.confidence_layer.bias, 0.0)
 
         if cls_loss not in _CLS_LOSSES:
-            raise ValueError(f"MODEL.DISALIGN.CLS_LOSS must be one of {_CLS_LOSSES}, got {cls_loss!r}")
+            raise ValueError(
+                f"MODEL.DISALIGN.CLS_LOSS must be one of {_CLS_LOSSES}, got {cls_loss!r}"
+            )
         self.cls_loss = cls_loss
         if cls_loss == "grw":
             if class_weights is None or len(class_weights) != num_classes + 1:
@@ -99,11 +102,14 @@ class DisAlignFastRCNNOutputLayers(FastRCNNOutputLayers):
         if posthoc == "tau_norm" and cosine:
             raise ValueError(
                 "MODEL.DISALIGN.POSTHOC='tau_norm' re-normalises the rows of a linear classifier; "
-                "the cosine classifier (MODEL.ROI_BOX_HEAD.COSINE_CLASSIFIER) is already normalised."
+                "the cosine classifier (MODEL.ROI_BOX_HEAD.COSINE_CLASSIFIER) is normalised "
+                "already."
             )
         if posthoc == "norcal":
             if class_counts is None or len(class_counts) != num_classes:
-                raise ValueError("MODEL.DISALIGN.POSTHOC='norcal' needs the K training class counts")
+                raise ValueError(
+                    "MODEL.DISALIGN.POSTHOC='norcal' needs the K training class counts"
+                )
             counts = torch.as_tensor(class_counts, dtype=torch.float32).clamp(min=1.0)
             # Relative frequencies n_j / mean(n): dividing by them only re-balances the classes;
             # the foreground as a whole keeps its mass against the background for gamma = 1.
@@ -192,7 +198,10 @@ class DisAlignFastRCNNOutputLayers(FastRCNNOutputLayers):
             if len(proposals):
                 proposal_boxes = cat([p.proposal_boxes.tensor for p in proposals], dim=0)
                 gt_boxes = cat(
-                    [(p.gt_boxes if p.has("gt_boxes") else p.proposal_boxes).tensor for p in proposals],
+                    [
+                        (p.gt_boxes if p.has("gt_boxes") else p.proposal_boxes).tensor
+                        for p in proposals
+                    ],
                     dim=0,
                 )
             else:

@@ -1,4 +1,5 @@
 """Adaptive calibration (Sec. 3.2 of the paper) as a pure function plus a tiny module."""
+
 import torch
 from torch import nn
 

@@ -1,4 +1,5 @@
 """Stage-two freezing: only the calibration parameters (or also the classifier) train."""
+
 import logging
 
 from torch import nn
@@ -64,6 +65,11 @@ def apply_freeze(model: nn.Module, mode: str) -> nn.Module:
             module.eval()
             module.register_forward_pre_hook(_keep_eval)
     num = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info("MODEL.DISALIGN.FREEZE=%s: %d trainable tensors (%d values): %s", mode,
-                len(trainable), num, ", ".join(trainable))
+    logger.info(
+        "MODEL.DISALIGN.FREEZE=%s: %d trainable tensors (%d values): %s",
+        mode,
+        len(trainable),
+        num,
+        ", ".join(trainable),
+    )
     return model

@@ -1,4 +1,5 @@
 """Per-class training frequencies n_j for a config, computed once per (datasets, source)."""
+
 import logging
 import os
 

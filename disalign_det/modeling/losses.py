@@ -9,6 +9,7 @@ and the background (the LAST logit, as in detectron2) gets weight 1. The classif
 softmax cross-entropy weighted by w of each sample's label, normalised by the sum of the sample
 weights (PyTorch's weighted-mean semantics).
 """
+
 import logging
 import math
 

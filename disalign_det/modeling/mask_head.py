@@ -1,4 +1,5 @@
 """DisAlign mask head: calibrated per-class mask logits, computed only for the channels used."""
+
 import logging
 
 import torch
@@ -113,7 +114,7 @@ class DisAlignMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
         return x
 
     def _used_channel_logits(self, feats, classes):
-        """(R, C, M, M) features and (R,) classes -> (R, M, M) calibrated logits of those classes."""
+        """(R, C, M, M) features, (R,) classes -> (R, M, M) calibrated logits of those classes."""
         weight = self.predictor.weight
         if weight.shape[0] == 1:  # class-agnostic
             logits = self.predictor(feats)[:, 0]

@@ -1,4 +1,5 @@
 """ROI heads that swap in the DisAlign box predictor (standard and cascade)."""
+
 import logging
 
 from detectron2.modeling.roi_heads import (

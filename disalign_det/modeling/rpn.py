@@ -1,4 +1,5 @@
 """An RPN that skips its losses when nothing behind them trains (DisAlign stage two)."""
+
 from detectron2.modeling.proposal_generator import PROPOSAL_GENERATOR_REGISTRY, RPN
 
 __all__ = ["DisAlignRPN"]
