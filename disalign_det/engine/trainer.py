@@ -126,6 +126,12 @@ class Trainer(DefaultTrainer):
             logger.info("Evaluation results written to %s", path)
         return results
 
+    def train(self):
+        """Train; returns the last evaluation results (detectron2 returns them only when
+        TEST.EXPECTED_RESULTS is set)."""
+        results = super().train()
+        return results if results is not None else getattr(self, "_last_eval_results", None)
+
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
         if self.start_iter > 0:
