@@ -1,12 +1,13 @@
-"""StreamingLVISEvaluator reports exactly what detectron2's LVISEvaluator and the LVIS API report."""
+"""StreamingLVISEvaluator reports exactly what detectron2's LVISEvaluator and the LVIS API do."""
+
+import disalign_det  # noqa: F401  isort:skip  (compat shims before detectron2 / lvis)
+
 import copy
 import json
 import math
 import os
 import tempfile
 import uuid
-
-import disalign_det  # noqa: F401  (compat shims first)
 
 import numpy as np
 import pytest
@@ -189,7 +190,9 @@ def test_same_metrics_and_json_as_stock_and_lvis_api(dataset, tmp_path, max_dets
         inputs_outputs,
     )
     ours = _run(
-        StreamingLVISEvaluator(name, distributed=False, output_dir=str(tmp_path / "ours"), **kwargs),
+        StreamingLVISEvaluator(
+            name, distributed=False, output_dir=str(tmp_path / "ours"), **kwargs
+        ),
         inputs_outputs,
     )
     direct = _lvis_api_direct(json_file, inputs_outputs, max_dets or 300)
@@ -246,13 +249,11 @@ def test_two_simulated_ranks_equal_single_process(dataset):
 
 
 def _gloo_worker(rank, world_size, init_file, name, json_file, inputs_outputs, force_fallback, out):
-    import disalign_det  # noqa: F401
-
     import torch.distributed as dist
     from detectron2.data import MetadataCatalog
 
-    from disalign_det.evaluation import StreamingLVISEvaluator
-    from disalign_det.evaluation import lvis_evaluation
+    # (disalign_det's shims: already applied by this module's import in the spawned child)
+    from disalign_det.evaluation import StreamingLVISEvaluator, lvis_evaluation
 
     MetadataCatalog.get(name).set(json_file=json_file)
     dist.init_process_group(
@@ -306,7 +307,9 @@ def _empty_outputs(with_masks):
         }
         if with_masks:
             fields["pred_masks"] = torch.zeros(0, HEIGHT, WIDTH, dtype=torch.bool)
-        outputs.append(({"image_id": image_id}, {"instances": Instances((HEIGHT, WIDTH), **fields)}))
+        outputs.append(
+            ({"image_id": image_id}, {"instances": Instances((HEIGHT, WIDTH), **fields)})
+        )
     return outputs
 
 

@@ -20,10 +20,15 @@ sys.path.insert(0, ROOT)
 from disalign_det.report import load_metrics, metrics_table  # noqa: E402
 
 STAGE_ONE = "configs/LVIS/synthetic/mask_rcnn_synth.yaml"
+# LVIS keeps 300 detections per image for 1203 classes (0.25 per class); for the generated data's
+# 20 classes the same pressure is 5. With a budget of 100 (the configs' default) nothing competes
+# for the per-image slots, and a per-class recalibration barely moves AP; at 5 it decides which
+# classes make the cut, as on LVIS. The demo reports both.
+LVIS_LIKE_DETECTIONS = 5
 STAGE_TWO = "configs/LVIS/synthetic/disalign_synth.yaml"
 
 
-def run_stage(name, config, out_dir, opts):
+def run_stage(name, config, out_dir, opts, eval_only=False):
     metrics = os.path.join(out_dir, "metrics_final.json")
     if os.path.isfile(metrics):
         print(f"[demo] {name}: reusing {metrics}")
@@ -62,14 +67,33 @@ def main(argv=None):
     s1_dir = os.path.join(args.out, "stage1")
     s1 = run_stage("stage one (Mask R-CNN)", STAGE_ONE, s1_dir, one_opts)
     weights = os.path.join(s1_dir, "model_final.pth")
-    s2 = run_stage(
-        "stage two (DisAlign)",
-        STAGE_TWO,
-        os.path.join(args.out, "disalign"),
-        ["MODEL.WEIGHTS", weights, *two_opts],
+    s2_dir = os.path.join(args.out, "disalign")
+    s2 = run_stage("stage two (DisAlign)", STAGE_TWO, s2_dir, ["MODEL.WEIGHTS", weights, *two_opts])
+    budget = ["TEST.DETECTIONS_PER_IMAGE", str(LVIS_LIKE_DETECTIONS)]
+    s1_lvis = run_stage(
+        f"stage one, {LVIS_LIKE_DETECTIONS} detections/image",
+        STAGE_ONE,
+        os.path.join(args.out, "stage1_lvis_budget"),
+        ["MODEL.WEIGHTS", weights, *budget],
+        eval_only=True,
     )
-    print("\nLVIS metrics on lvis_synth_val (generated data, CPU schedule):\n")
-    print(metrics_table([("Mask R-CNN (stage one)", s1), ("+ DisAlign (stage two)", s2)]))
+    s2_lvis = run_stage(
+        f"DisAlign, {LVIS_LIKE_DETECTIONS} detections/image",
+        STAGE_TWO,
+        os.path.join(args.out, "disalign_lvis_budget"),
+        ["MODEL.WEIGHTS", os.path.join(s2_dir, "model_final.pth"), *budget],
+        eval_only=True,
+    )
+    rows = [("Mask R-CNN (stage one)", s1), ("+ DisAlign (stage two)", s2)]
+    print(
+        "\nLVIS metrics on lvis_synth_val (generated data, CPU schedule), 100 detections/image:\n"
+    )
+    print(metrics_table(rows))
+    print(
+        f"\nThe same models with LVIS's detection budget per class ({LVIS_LIKE_DETECTIONS} "
+        "detections/image for 20 classes, as 300 for LVIS's 1203):\n"
+    )
+    print(metrics_table([("Mask R-CNN (stage one)", s1_lvis), ("+ DisAlign (stage two)", s2_lvis)]))
     return 0
 
 

@@ -37,14 +37,22 @@ def setup(args):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
-    default_setup(cfg, args)
+    # Validate before default_setup: it writes OUTPUT_DIR/config.yaml, which must not replace the
+    # config of an earlier run in that folder with one that cannot run.
     register_datasets_from_cfg(cfg)
     check_num_classes(cfg)
-    if cfg.MODEL.DISALIGN.FREEZE != "none" and not cfg.MODEL.WEIGHTS and not args.resume:
+    resumable = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+    if cfg.MODEL.DISALIGN.FREEZE != "none" and not cfg.MODEL.WEIGHTS and not resumable:
         raise ValueError(
             f"MODEL.DISALIGN.FREEZE={cfg.MODEL.DISALIGN.FREEZE!r} (stage two) needs the stage-one "
             "checkpoint: add MODEL.WEIGHTS path/to/stage_one/model_final.pth"
+            + (
+                f" (--resume found no last_checkpoint in OUTPUT_DIR {cfg.OUTPUT_DIR!r})"
+                if args.resume
+                else ""
+            )
         )
+    default_setup(cfg, args)
     return cfg
 
 

@@ -8,6 +8,8 @@ import random
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
 
 from ..modeling.freeze import is_calibration_parameter
 
@@ -63,7 +65,9 @@ class DisAlignCheckpointer(DetectionCheckpointer):
       half-written checkpoint behind.
     * Every save stores the RNG states (``rng_state``); :meth:`load` restores them when the
       checkpoint is resumed (``checkpointables`` non-empty), so a resumed run draws the same random
-      numbers as an uninterrupted one.
+      numbers as an uninterrupted one. Only the main process saves: in multi-process training the
+      trainer gathers every rank's states into :attr:`rank_rng_states` first (``rng_states``,
+      one per rank), and each rank restores its own.
     * A file that cannot be read raises an error naming it.
     * ``strict_stage_one=True`` (DisAlign stage two): every model parameter except the calibration
       must come from the checkpoint with the same shape; otherwise loading fails and says which
@@ -73,6 +77,9 @@ class DisAlignCheckpointer(DetectionCheckpointer):
     def __init__(self, model, save_dir="", *, strict_stage_one=False, **checkpointables):
         super().__init__(model, save_dir, **checkpointables)
         self.strict_stage_one = strict_stage_one
+        # (iteration, [RNG state of rank 0, rank 1, ...]) gathered by the trainer for the save of
+        # that iteration.
+        self.rank_rng_states = None
 
     # ---- saving ---------------------------------------------------------------------------
     def save(self, name, **kwargs):
@@ -82,6 +89,8 @@ class DisAlignCheckpointer(DetectionCheckpointer):
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data["rng_state"] = get_rng_state()
+        if self.rank_rng_states is not None and self.rank_rng_states[0] == kwargs.get("iteration"):
+            data["rng_states"] = self.rank_rng_states[1]
         data.update(kwargs)
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
@@ -112,9 +121,9 @@ class DisAlignCheckpointer(DetectionCheckpointer):
             missing = [k for k in incompatible.missing_keys if not is_calibration_parameter(k)]
             if missing:
                 raise ValueError(
-                    f"The checkpoint lacks {len(missing)} parameter(s) of this model that stage two "
-                    f"freezes (e.g. {missing[:5]}): it is not a checkpoint of this architecture. "
-                    "Check MODEL.WEIGHTS and the stage-one config (_BASE_)."
+                    f"The checkpoint lacks {len(missing)} parameter(s) of this model that stage "
+                    f"two freezes (e.g. {missing[:5]}): it is not a checkpoint of this "
+                    "architecture. Check MODEL.WEIGHTS and the stage-one config (_BASE_)."
                 )
         return incompatible
 
@@ -133,23 +142,62 @@ class DisAlignCheckpointer(DetectionCheckpointer):
         if wrong:
             lines = "\n".join(f"  {k}: checkpoint {a}, model {b}" for k, a, b in wrong[:10])
             raise ValueError(
-                f"The checkpoint does not fit this model ({len(wrong)} shape mismatch(es)):\n{lines}\n"
-                "A different class count shows in cls_score/bbox_pred/predictor: set "
-                "MODEL.ROI_HEADS.NUM_CLASSES to the stage-one value, or load the right MODEL.WEIGHTS."
+                f"The checkpoint does not fit this model ({len(wrong)} shape mismatch(es)):\n"
+                f"{lines}\nA different class count shows in cls_score/bbox_pred/predictor: set "
+                "MODEL.ROI_HEADS.NUM_CLASSES to the stage-one value, or load the right "
+                "MODEL.WEIGHTS."
             )
 
     def load(self, path, checkpointables=None):
         checkpoint = super().load(path, checkpointables=checkpointables)
         resuming = checkpointables is None or len(checkpointables) > 0
-        if resuming and self.checkpointables and "rng_state" in checkpoint:
-            set_rng_state(checkpoint.pop("rng_state"))
+        states, state = checkpoint.pop("rng_states", None), checkpoint.pop("rng_state", None)
+        if resuming and self.checkpointables and state is not None:
+            rank, world_size = comm.get_rank(), comm.get_world_size()
+            if states is not None and len(states) == world_size:
+                set_rng_state(states[rank])
+            else:
+                set_rng_state(state)
+                if world_size > 1:
+                    # Another process count than the run that saved: the resumed run cannot be
+                    # exact, but the ranks must not share one random stream (the same flips on
+                    # every process). Each derives its own seed from the saved state and its rank.
+                    logger.warning(
+                        "%s holds the RNG states of %s process(es), this run has %d: resuming "
+                        "with per-rank seeds derived from them (not bit-identical to an "
+                        "uninterrupted run).",
+                        path,
+                        len(states) if states is not None else 1,
+                        world_size,
+                    )
+                    if rank > 0:
+                        seed_all_rng(int(torch.randint(0, 2**31 - 1, ())) + rank)
         return checkpoint
 
 
 def _atomic_write(path, write, binary):
+    """Write ``path`` via ``write(f)`` to a temporary file in the same folder, then rename it over
+    ``path``: readers see the old file or the complete new one, never a partial one. A failed write
+    removes the temporary file and leaves ``path`` as it was."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb" if binary else "w") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    # Persist the rename itself, so that a power loss cannot bring back the old directory entry.
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:  # e.g. a file system that does not open folders: the rename is done anyway
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

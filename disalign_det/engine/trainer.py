@@ -4,12 +4,24 @@ resumes and CPU multi-process support."""
 import itertools
 import json
 import logging
+import math
 import os
 import weakref
 
 import torch
-from detectron2.data import MetadataCatalog, build_detection_train_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.data import (
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
+from detectron2.engine import (
+    AMPTrainer,
+    DefaultTrainer,
+    HookBase,
+    SimpleTrainer,
+    TrainerBase,
+    hooks,
+)
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import build_model
@@ -19,7 +31,7 @@ from detectron2.utils.logger import setup_logger
 from ..data import check_num_classes, register_datasets_from_cfg
 from ..evaluation import build_lvis_evaluator
 from ..modeling.freeze import apply_freeze
-from .checkpoint import DisAlignCheckpointer
+from .checkpoint import DisAlignCheckpointer, get_rng_state
 
 __all__ = ["Trainer", "ResumableSampler"]
 
@@ -30,7 +42,12 @@ class ResumableSampler(torch.utils.data.Sampler):
     """Wraps an infinite training sampler (``TrainingSampler``, ``RepeatFactorTrainingSampler``)
     and skips the first ``start`` indices of this process's stream, so that a resumed run sees the
     same images at the same iterations as an uninterrupted one. ``start`` is set by
-    :meth:`Trainer.resume_or_load` before the first batch is drawn."""
+    :meth:`Trainer.resume_or_load` before the first batch is drawn.
+
+    ``start`` is iterations x images per process: exact when every batch takes the next images
+    of the stream, i.e. without aspect-ratio grouping or when all images fall in one group (as in
+    the generated datasets). With LVIS's mixed aspect ratios the resumed stream is approximate:
+    images waiting in the other group's bucket at the checkpoint are not replayed."""
 
     def __init__(self, sampler):
         self.sampler = sampler
@@ -40,6 +57,34 @@ class ResumableSampler(torch.utils.data.Sampler):
         return itertools.islice(iter(self.sampler), self.start, None)
 
 
+class _NamedNonFiniteLoss:
+    """Raises FloatingPointError naming the iteration and each non-finite loss, on the process
+    that computed it and before the optimizer step (so the model is not updated with it).
+    detectron2 checks only the sum of the losses averaged over processes, on the main process,
+    and prints numpy reprs (``np.float64(nan)``)."""
+
+    def _write_metrics(self, loss_dict, *args, **kwargs):
+        values = {k: float(v.detach().float().mean()) for k, v in loss_dict.items()}
+        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        if bad:
+            raise FloatingPointError(
+                f"Loss became infinite or NaN at iteration={self.iter}: "
+                + ", ".join(f"{k}={v}" for k, v in bad.items())
+                + f" (all losses: {values}). The optimizer step was skipped and the last "
+                "checkpoint is intact; lower SOLVER.BASE_LR, raise SOLVER.WARMUP_ITERS or check "
+                "the training data."
+            )
+        super()._write_metrics(loss_dict, *args, **kwargs)
+
+
+class _SimpleTrainer(_NamedNonFiniteLoss, SimpleTrainer):
+    pass
+
+
+class _AMPTrainer(_NamedNonFiniteLoss, AMPTrainer):
+    pass
+
+
 class Trainer(DefaultTrainer):
     """``DefaultTrainer`` for disalign-det.
 
@@ -47,7 +92,8 @@ class Trainer(DefaultTrainer):
     * The checkpointer saves atomically with RNG state; in stage two it loads the stage-one
       checkpoint strictly (only calibration parameters may be missing).
     * ``resume_or_load(resume=True)`` continues the data stream where it stopped.
-    * Multi-process training works on CPU (gloo) as well as GPUs (see ``disalign_det.engine.launch``).
+    * Multi-process training works on CPU (gloo) as well as GPUs (see
+      ``disalign_det.engine.launch``).
     * LVIS datasets are evaluated with ``build_lvis_evaluator`` (streaming LVIS evaluation, max
       detections tied to ``TEST.DETECTIONS_PER_IMAGE``); results are also written as JSON.
     """
@@ -73,7 +119,7 @@ class Trainer(DefaultTrainer):
             # parameters then get no gradient on that process.
             find_unused_parameters=cfg.MODEL.DISALIGN.FREEZE != "none",
         )
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
+        self._trainer = (_AMPTrainer if cfg.SOLVER.AMP.ENABLED else _SimpleTrainer)(
             model, data_loader, optimizer
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
@@ -97,11 +143,26 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
+        """detectron2's train loader with a :class:`ResumableSampler`, a mapper whose errors name
+        the image, and a private generator for the DataLoader's base seed (see
+        :func:`_use_private_generator`)."""
         from detectron2.data.build import _train_loader_from_config
 
         kwargs = _train_loader_from_config(cfg)
         kwargs["sampler"] = ResumableSampler(kwargs["sampler"])
-        return build_detection_train_loader(**kwargs)
+        kwargs["mapper"] = NamedErrorMapper(kwargs["mapper"])
+        loader = build_detection_train_loader(**kwargs)
+        _use_private_generator(loader)
+        return loader
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """detectron2's test loader with a mapper whose errors name the image."""
+        from detectron2.data.build import _test_loader_from_config
+
+        kwargs = _test_loader_from_config(cfg, dataset_name)
+        kwargs["mapper"] = NamedErrorMapper(kwargs["mapper"])
+        return build_detection_test_loader(**kwargs)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -132,6 +193,42 @@ class Trainer(DefaultTrainer):
         results = super().train()
         return results if results is not None else getattr(self, "_last_eval_results", None)
 
+    def build_hooks(self):
+        """detectron2's hooks, plus (with several processes) :class:`_GatherRNGStates` right
+        before the checkpointer, so that each checkpoint holds every rank's RNG state."""
+        ret = super().build_hooks()
+        if comm.get_world_size() > 1:
+            # The checkpointer exists on the main process only, followed by the EvalHook on all:
+            # the same position in the hook order on every rank.
+            at = next(
+                (
+                    i
+                    for i, h in enumerate(ret)
+                    if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook))
+                ),
+                len(ret),
+            )
+            ret.insert(at, _GatherRNGStates(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD))
+        return ret
+
+    def state_dict(self):
+        # detectron2 v0.6's DefaultTrainer checkpoints only the iteration and the hooks (LR
+        # scheduler), not the optimizer: a resumed run restarted SGD momentum from zero. Current
+        # detectron2 stores the inner trainer's state under "_trainer", as here.
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logger.warning(
+                "The checkpoint has no optimizer state (written by detectron2 v0.6's "
+                "DefaultTrainer?): the optimizer restarts from its initial state."
+            )
+
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
         if self.start_iter > 0:
@@ -143,13 +240,46 @@ class Trainer(DefaultTrainer):
                 logger.warning("Resuming without a ResumableSampler: the data order restarts.")
 
 
-def model_on_cuda(model):
-    p = next(model.parameters(), None)
-    return p is not None and p.is_cuda
+class _GatherRNGStates(HookBase):
+    """At each iteration the checkpointer saves at, gathers the RNG states of all ranks into
+    ``checkpointer.rank_rng_states`` (only the main process saves, and each rank draws its own
+    random numbers: flips, RoI sampling)."""
+
+    def __init__(self, checkpointer, period):
+        self.checkpointer = checkpointer
+        self.period = period
+
+    def after_step(self):
+        it = self.trainer.iter
+        # The condition of detectron2's PeriodicCheckpointer (periodic and final saves).
+        if (it + 1) % self.period == 0 or it >= self.trainer.max_iter - 1:
+            self.checkpointer.rank_rng_states = (it, comm.all_gather(get_rng_state()))
 
 
-def _find_resumable_sampler(loader):
-    # AspectRatioGroupedDataset(dataset=DataLoader(sampler=...)) or a DataLoader (current d2).
+class NamedErrorMapper:
+    """Calls a dataset mapper and re-raises any error with the image's path and id: PIL and
+    OpenCV often say only "Truncated File Read" or "cannot identify image file", and a data loader
+    worker's traceback does not show which dataset dict it was mapping."""
+
+    def __init__(self, mapper):
+        self.mapper = mapper
+
+    def __call__(self, dataset_dict):
+        try:
+            return self.mapper(dataset_dict)
+        except Exception as e:
+            raise RuntimeError(
+                f"Cannot load image {dataset_dict.get('file_name')!r} (image_id="
+                f"{dataset_dict.get('image_id')!r}): {type(e).__name__}: {e}. Re-download or "
+                "remove the file, or drop the image from the dataset json."
+            ) from e
+
+
+def _walk_loader(loader):
+    """Yield ``loader`` and every object reachable through its ``sampler`` / ``dataset`` /
+    ``batch_sampler`` attributes: the wrappers of detectron2's train loader differ between
+    versions (``AspectRatioGroupedDataset(DataLoader(ToIterableDataset(...)))`` or a bare
+    ``DataLoader``)."""
     seen = set()
     stack = [loader]
     while stack:
@@ -157,13 +287,33 @@ def _find_resumable_sampler(loader):
         if id(obj) in seen:
             continue
         seen.add(id(obj))
-        if isinstance(obj, ResumableSampler):
-            return obj
+        yield obj
         for attr in ("sampler", "dataset", "batch_sampler"):
             child = getattr(obj, attr, None)
             if child is not None:
                 stack.append(child)
-    return None
+
+
+def _use_private_generator(loader):
+    # Creating a DataLoader iterator draws its workers' base seed from the global torch RNG unless
+    # the DataLoader has a generator. That draw happens on the first batch: at iteration 0 in an
+    # uninterrupted run but right after the RNG state was restored in a resumed one, so it would
+    # shift every later torch draw (proposal sampling) and break exact resumes. The private
+    # generator is seeded from the global RNG now, at build time, which an uninterrupted and a
+    # resumed run reach in the same state (same SEED and rank: default_setup).
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    for obj in _walk_loader(loader):
+        if isinstance(obj, torch.utils.data.DataLoader) and obj.generator is None:
+            obj.generator = torch.Generator().manual_seed(seed)
+
+
+def model_on_cuda(model):
+    p = next(model.parameters(), None)
+    return p is not None and p.is_cuda
+
+
+def _find_resumable_sampler(loader):
+    return next((o for o in _walk_loader(loader) if isinstance(o, ResumableSampler)), None)
 
 
 def _jsonable(x):

@@ -1,4 +1,5 @@
 """Evaluation for disalign-det: memory-bounded LVIS evaluation with the stock metrics."""
+
 import logging
 
 from .lvis_evaluation import (

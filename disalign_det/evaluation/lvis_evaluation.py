@@ -42,9 +42,10 @@ Differences from the stock evaluator, all deliberate:
   ground truth in this group" and must stay distinguishable.
 * Keypoints (absent from LVIS) are not stored.
 """
+
 import copy
 import ctypes
-import ctypes.util
+import functools
 import gc
 import inspect
 import itertools
@@ -106,14 +107,18 @@ def _release_freed_memory():
     pages, and the RSS peak of the next pass would sit on top of the previous one.
     """
     gc.collect()
-    libc_name = ctypes.util.find_library("c")
-    if not libc_name:
-        return
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=None)
+def _malloc_trim():
     try:
-        trim = ctypes.CDLL(libc_name).malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
-        return
-    trim(0)
+        # The running process's own symbols include libc's; no library search needed.
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows): nothing to trim
+        return None
 
 
 class LeanLVISEval(LVISEval):
@@ -175,7 +180,9 @@ def evaluate_results_on_lvis(lvis_gt, lvis_results, iou_type, max_dets_per_image
         dict: {metric: score * 100} for :data:`LVIS_METRICS`; NaN for all when there is no result.
     """
     if len(lvis_results) == 0:
-        logger.warning("No predictions from the model! Reporting NaN for every %s metric.", iou_type)
+        logger.warning(
+            "No predictions from the model! Reporting NaN for every %s metric.", iou_type
+        )
         return _nan_metrics()
     if max_dets_per_image is None:
         max_dets_per_image = DEFAULT_MAX_DETS_PER_IMAGE
@@ -217,7 +224,7 @@ class _ShardWriter:
         # float64 holds the float32-derived Python floats of instances_to_coco_json exactly, so
         # tolist() on load gives back the very same floats (and the same JSON text).
         box_frame = (
-            coco_results[0]["image_id"],
+            image_id,
             np.array([r["category_id"] for r in coco_results], dtype=np.int64),
             np.array([r["score"] for r in coco_results], dtype=np.float64),
             np.array([r["bbox"] for r in coco_results], dtype=np.float64).reshape(-1, 4),
@@ -408,7 +415,8 @@ class StreamingLVISEvaluator(LVISEvaluator):
             if shard["rank"] in unreadable:
                 self._logger.warning(
                     "Rank 0 cannot read the LVIS shard of rank %d (%s on %s); it was sent in "
-                    "memory instead. Put output_dir/shard_dir on a shared filesystem to avoid this.",
+                    "memory instead. Put output_dir/shard_dir on a shared filesystem to avoid "
+                    "this.",
                     shard["rank"],
                     shard["path"],
                     shard["host"],
@@ -472,9 +480,11 @@ class StreamingLVISEvaluator(LVISEvaluator):
             self._logger.info("Annotations are not available for evaluation.")
             return
 
-        self._logger.info("Evaluating %d predictions on %d images ...", num_dets, sum(
-            s["num_images"] for s in shard_infos
-        ))
+        self._logger.info(
+            "Evaluating %d predictions on %d images ...",
+            num_dets,
+            sum(s["num_images"] for s in shard_infos),
+        )
         for task in sorted(tasks):
             if num_dets == 0:
                 self._logger.warning("No predictions from the model! %s metrics are NaN.", task)
@@ -537,15 +547,19 @@ def write_results_json(paths, f):
     first = True
     for path in paths:
         for image_id, cats, scores, boxes, size, counts in iter_shard(path, with_masks=True):
+            records = []
             rows = zip(cats.tolist(), boxes.tolist(), scores.tolist())
             for k, (c, b, s) in enumerate(rows):
                 record = {"image_id": image_id, "category_id": c, "bbox": b, "score": s}
                 if counts is not None:
                     record["segmentation"] = {"size": list(size), "counts": counts[k]}
-                if not first:
-                    f.write(", ")
-                f.write(json.dumps(record))
-                first = False
+                records.append(record)
+            # One encoder call per image; a JSON list is "[" + ", ".join(items) + "]", so the
+            # inner text of each image's list concatenates to the text of the whole list.
+            if not first:
+                f.write(", ")
+            f.write(json.dumps(records)[1:-1])
+            first = False
     f.write("]")
 
 
@@ -568,4 +582,3 @@ def _remove_shard(info):
             os.rmdir(info["own_dir"])  # fails while other ranks' shards are still there: fine
         except OSError:
             pass
-

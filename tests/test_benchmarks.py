@@ -1,0 +1,324 @@
+"""Benchmark tools: per-class AP against the LVIS API, seed statistics, and end-to-end smoke runs of
+``tools/benchmark_longtail.py`` and ``tools/benchmark_speed.py`` on tiny inputs (no timing checks).
+"""
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+from lvis import LVIS, LVISEval, LVISResults
+
+from disalign_det.benchmark import (
+    format_gain,
+    format_stats,
+    gain_stats,
+    lvis_per_class_ap,
+    median,
+    per_class_ap_from_precision,
+    seed_stats,
+)
+
+from conftest import REPO, TINY_CLASSES
+
+
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-class AP
+# --------------------------------------------------------------------------------------------------
+
+
+def _square(x, y, s):
+    return [[x, y, x + s, y, x + s, y + s, x, y + s]]
+
+
+def _hand_made_gt(path):
+    """4 images of 100 x 100, 4 categories: r, c, f with ground truth, and a c one without any."""
+    images = [
+        {"id": i, "width": 100, "height": 100, "coco_url": f"http://x/val/{i}.jpg",
+         "neg_category_ids": [], "not_exhaustive_category_ids": []}
+        for i in (1, 2, 3, 4)
+    ]  # fmt: skip
+    anns = []
+
+    def add(img, cat, x, y, s):
+        anns.append({"id": len(anns) + 1, "image_id": img, "category_id": cat, "bbox": [x, y, s, s],
+                     "area": s * s, "segmentation": _square(x, y, s)})  # fmt: skip
+
+    add(1, 1, 10, 10, 20)  # rare
+    add(2, 2, 10, 10, 40)  # common
+    add(3, 2, 50, 50, 30)
+    add(3, 3, 0, 0, 50)  # frequent
+    add(4, 3, 40, 40, 50)
+    cats = [
+        {"id": 1, "name": "a", "frequency": "r"},
+        {"id": 2, "name": "b", "frequency": "c"},
+        {"id": 3, "name": "c", "frequency": "f"},
+        {"id": 4, "name": "d", "frequency": "c"},  # no ground truth: AP undefined
+    ]
+    with open(path, "w") as f:
+        json.dump({"images": images, "annotations": anns, "categories": cats}, f)
+    return path
+
+
+def _det(img, cat, box, score):
+    x, y, w, h = box
+    return {"image_id": img, "category_id": cat, "bbox": [x, y, w, h], "score": score}
+
+
+def _hand_made_results():
+    return [
+        # rare: one detection shifted so that IoU = 16 * 20 / (2 * 400 - 320) = 0.667
+        # -> matched at IoU thresholds 0.50, 0.55, 0.60, 0.65 only: AP = 4 / 10.
+        _det(1, 1, [14, 10, 20, 20], 0.9),
+        # common: both found exactly, a false positive ranked first in between -> AP < 1
+        _det(2, 2, [60, 0, 10, 10], 0.95),
+        _det(2, 2, [10, 10, 40, 40], 0.9),
+        _det(3, 2, [50, 50, 30, 30], 0.8),
+        # frequent: both exact, ranked first: AP = 1
+        _det(3, 3, [0, 0, 50, 50], 0.99),
+        _det(4, 3, [40, 40, 50, 50], 0.98),
+        # a detection of the class without ground truth: ignored by LVIS (not in the image's
+        # positive or negative categories)
+        _det(1, 4, [0, 0, 10, 10], 0.5),
+    ]
+
+
+def test_per_class_ap_from_precision_hand_made_array():
+    # T = 2 thresholds, R = 3 recall points, K = 3 categories, A = 2 area ranges
+    p = -np.ones((2, 3, 3, 2))
+    p[:, :, 0, 0] = [[1.0, 1.0, 0.5], [0.5, 0.0, 0.0]]  # mean 0.5
+    p[:, :, 2, 0] = 1.0
+    p[:, :, 1, 1] = 0.3  # another area range only: category 1 undefined for "all"
+    ap = per_class_ap_from_precision(p)
+    assert ap[0] == pytest.approx(0.5) and ap[2] == pytest.approx(1.0) and math.isnan(ap[1])
+    # pycocotools layout (T, R, K, A, M): the last max-dets setting is used
+    p5 = np.stack([np.zeros_like(p), p], axis=-1)
+    np.testing.assert_allclose(per_class_ap_from_precision(p5), ap)
+    with pytest.raises(ValueError):
+        per_class_ap_from_precision(np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_lvis_per_class_ap_matches_lvis_eval(tmp_path, iou_type):
+    gt_path = _hand_made_gt(str(tmp_path / "gt.json"))
+    results = _hand_made_results()
+    if iou_type == "segm":
+        for r in results:
+            x, y, w, h = r["bbox"]
+            from pycocotools import mask as mask_utils
+
+            rle = mask_utils.frPyObjects(_square(x, y, w), 100, 100)[0]
+            rle["counts"] = rle["counts"].decode()
+            r["segmentation"] = rle
+    pc = lvis_per_class_ap(gt_path, results, iou_type)
+    assert pc.cat_ids == [1, 2, 3, 4]
+    assert pc.frequency == ["r", "c", "f", "c"]
+    assert pc.ap[0] == pytest.approx(0.4)
+    assert 0.0 < pc.ap[1] < 1.0
+    assert pc.ap[2] == pytest.approx(1.0)
+    assert math.isnan(pc.ap[3])
+
+    # The reference: the LVIS API run directly (boxes dropped for segm, as detectron2 does).
+    ref_results = [dict(r) for r in results]
+    if iou_type == "segm":
+        for r in ref_results:
+            r.pop("bbox")
+    gt = LVIS(gt_path)
+    ev = LVISEval(gt, LVISResults(gt, ref_results), iou_type)
+    ev.run()
+    ref = ev.get_results()
+    assert np.nanmean(pc.ap) == pytest.approx(ref["AP"], abs=1e-12)
+    for bucket, key in (("r", "APr"), ("c", "APc"), ("f", "APf")):
+        assert pc.bucket_mean(bucket) == pytest.approx(ref[key], abs=1e-12)
+    assert pc.bucket_mean() == pytest.approx(ref["AP"], abs=1e-12)
+    assert pc.summary["AP"] == pytest.approx(ref["AP"])
+    assert pc.as_dict()["4"] is None and pc.as_dict()["1"] == pytest.approx(40.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------------
+
+
+def test_seed_and_gain_stats():
+    st = seed_stats([1.0, 2.0, None, 3.0, float("nan")])
+    assert st["n"] == 3 and st["mean"] == pytest.approx(2.0) and st["std"] == pytest.approx(1.0)
+    assert (st["min"], st["max"]) == (1.0, 3.0)
+    assert format_stats(st) == "2.0 ± 1.0 (1.0–3.0)"
+    assert seed_stats([5.0])["std"] is None and format_stats(seed_stats([5.0])) == "5.0"
+    assert format_stats(seed_stats([])) == "n/a"
+
+    sig = gain_stats([12.0, 13.0, 12.5], [10.0, 10.5, 10.2])  # gains 2.0, 2.5, 2.3
+    assert sig["significant"] and sig["mean"] == pytest.approx(2.2667, abs=1e-3)
+    assert "n.s." not in format_gain(sig) and format_gain(sig).startswith("+2.3")
+    # a gain that changes sign across seeds is inside the spread
+    ns = gain_stats([10.5, 9.8, 10.6], [10.0, 10.0, 10.0])
+    assert ns["significant"] is False and format_gain(ns).endswith("n.s.")
+    # same sign but mean not above the spread
+    ns2 = gain_stats([10.1, 13.0, 10.1], [10.0, 10.0, 10.0])
+    assert ns2["significant"] is False
+    assert gain_stats([11.0], [10.0])["significant"] is None
+    assert format_gain(gain_stats([11.0], [10.0])) == "+1.0 (1 seed)"
+    with pytest.raises(ValueError):
+        gain_stats([1.0], [1.0, 2.0])
+    assert median([3.0, 1.0, 2.0]) == 2.0 and median([4.0, 1.0, 2.0, 3.0]) == 2.5
+
+
+# --------------------------------------------------------------------------------------------------
+# tools/benchmark_longtail.py end to end on the tiny dataset
+# --------------------------------------------------------------------------------------------------
+
+
+def _tiny_opts(paths):
+    """Every run of the benchmark on the tiny dataset, sized like conftest.tiny_cfg."""
+    triples = (
+        ("tiny_train", paths["train_json"], paths["image_root"]),
+        ("tiny_val", paths["val_json"], paths["image_root"]),
+    )
+    return (
+        "DATASETS.LVIS_FORMAT", repr(triples),
+        "DATASETS.TRAIN", "('tiny_train',)",
+        "DATASETS.TEST", "('tiny_val',)",
+        "MODEL.ROI_HEADS.NUM_CLASSES", str(TINY_CLASSES),
+        "INPUT.MIN_SIZE_TRAIN", "(64,)",
+        "INPUT.MAX_SIZE_TRAIN", "64",
+        "INPUT.MIN_SIZE_TEST", "64",
+        "INPUT.MAX_SIZE_TEST", "64",
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64",
+        "MODEL.RPN.POST_NMS_TOPK_TEST", "64",
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
+        "SOLVER.IMS_PER_BATCH", "2",
+        # A barely trained model keeps many detections; pasting their masks dominates the test.
+        "TEST.DETECTIONS_PER_IMAGE", "20",
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def longtail_smoke(tiny_dataset, tmp_path_factory):
+    bl = _load_tool("benchmark_longtail")
+    out = str(tmp_path_factory.mktemp("longtail"))
+    # Power 0 makes NorCal and tau-norm the identity: their rows must equal the stage one's,
+    # which checks that the eval-only config delta loads the stage-one weights unchanged.
+    preset = bl.Preset("smoke", seeds=(0,), stage_one_iters=3, stage_two_iters=2,
+                       posthoc_powers=(0.0,), extra_opts=_tiny_opts(tiny_dataset))  # fmt: skip
+    runner = bl.InProcessRunner(threads=1)  # one thread: far faster on a busy shared CPU
+    res = bl.run_benchmark(preset, out, jobs=1, runner=runner, log=lambda m: None)
+    return bl, preset, out, runner, res
+
+
+def test_longtail_smoke_outputs(longtail_smoke):
+    bl, preset, out, _, res = longtail_smoke
+    assert [r.status for r in res["runs"]] == ["done"] * len(res["runs"])
+    expected = [
+        "softmax (stage one)", "softmax + DisAlign box-only", "softmax + DisAlign box+mask",
+        "softmax + NorCal γ=0", "softmax + τ-norm τ=0",
+        "RFS (stage one)", "RFS + DisAlign box-only", "RFS + DisAlign box+mask",
+        "RFS + NorCal γ=0", "RFS + τ-norm τ=0",
+        "cosine (stage one)", "cosine + DisAlign box-only", "cosine + DisAlign box+mask",
+        "cosine + NorCal γ=0",
+    ]  # fmt: skip
+    assert [r["label"] for r in res["rows"]] == expected
+    assert len(res["runs"]) == len(expected)  # one seed: one run per row, stage one shared
+
+    with open(res["paths"]["md"]) as f:
+        md = f.read()
+    for label in expected:
+        assert f"| {label} |" in md
+    assert "τ-norm is skipped on the cosine stage one" in md
+    for heading in ("## Box AP over seeds", "## Mask AP over seeds", "(mask)", "benchmark.png"):
+        assert heading in md
+
+    with open(res["paths"]["json"]) as f:
+        data = json.load(f)
+    assert [r["label"] for r in data["rows"]] == expected
+    for row in data["rows"]:
+        for task in ("bbox", "segm"):
+            assert row["stats"][task]["AP"]["n"] == 1
+            if row["method"] != "stage_one":
+                assert row["gain"][task]["AP"]["significant"] is None  # one seed
+    pc = data["per_class"]
+    assert pc["task"] == "segm" and len(pc["class_names"]) == TINY_CLASSES
+    for g in ("softmax", "rfs", "cosine"):
+        for method in ("stage_one", "disalign_box_mask"):
+            assert len(pc["ap"][g][method]["mean"]) == TINY_CLASSES
+
+    from PIL import Image
+
+    with Image.open(res["paths"]["png"]) as im:
+        assert im.size[0] > 300 and im.size[1] > 200
+
+
+def test_longtail_posthoc_identity_reproduces_stage_one(longtail_smoke):
+    _, _, _, _, res = longtail_smoke
+    rows = {(r["stage_one"], r["method"]): r for r in res["rows"]}
+    for g, methods in (("softmax", ("norcal_0", "tau_norm_0")), ("rfs", ("norcal_0",)),
+                       ("cosine", ("norcal_0",))):  # fmt: skip
+        base = rows[(g, "stage_one")]["values"]
+        for m in methods:
+            for task in ("bbox", "segm"):
+                assert rows[(g, m)]["values"][task] == base[task], (g, m, task)
+
+
+def test_longtail_resumes_and_refuses_other_settings(longtail_smoke):
+    bl, preset, out, runner, _ = longtail_smoke
+    res = bl.run_benchmark(preset, out, jobs=2, runner=runner, log=lambda m: None,
+                           stage_ones=("cosine",))  # fmt: skip
+    assert {r.status for r in res["runs"]} == {"reused"}
+    other = bl.replace(preset, stage_one_iters=4)
+    with pytest.raises(SystemExit, match="other settings"):
+        bl.run_benchmark(other, out, jobs=1, runner=runner, log=lambda m: None)
+
+
+def test_longtail_cli_in_child_processes(longtail_smoke, tmp_path, tiny_dataset):
+    """The command line with real train_net.py children: only the missing run is executed."""
+    bl, preset, out, _, _ = longtail_smoke
+    dst = str(tmp_path / "bench")
+    shutil.copytree(os.path.join(out, "seed0", "cosine"), os.path.join(dst, "seed0", "cosine"))
+    shutil.rmtree(os.path.join(dst, "seed0", "cosine", "norcal_0"))
+    argv = ["--out", dst, "--seeds", "0", "--stage-ones", "cosine", "--stage-one-iters", "3",
+            "--stage-two-iters", "2", "--posthoc-powers", "0", "--jobs", "1",
+            *_tiny_opts(tiny_dataset)]  # fmt: skip
+    assert bl.main(argv) == 0
+    with open(os.path.join(dst, "benchmark.json")) as f:
+        runs = json.load(f)["runs"]
+    assert runs["seed0/cosine/norcal_0"]["status"] == "done"
+    assert runs["seed0/cosine/stage_one"]["status"] == "reused"
+    assert os.path.isfile(os.path.join(dst, "seed0", "cosine", "norcal_0", "stdout.txt"))
+
+
+# --------------------------------------------------------------------------------------------------
+# tools/benchmark_speed.py with tiny iteration counts (no timing assertions)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config_set", ["synthetic", "lvis"])
+def test_speed_smoke(config_set, tmp_path, capsys):
+    bs = _load_tool("benchmark_speed")
+    out = str(tmp_path / "speed.json")
+    # Small images keep the R50 / 1203-class set quick; one round, one memory iteration.
+    argv = ["--config-set", config_set, "--iters", "1", "--warmup", "0", "--mem-iters", "1",
+            "--batch", "1", "--size", "64", "--json", out]  # fmt: skip
+    assert bs.main(argv) == 0
+    text = capsys.readouterr().out
+    for _, label, _ in bs.RATIO_ROWS:
+        assert f"| {label} |" in text
+    for _, label in bs.RAW_ROWS:
+        assert f"| {label} |" in text
+    with open(out) as f:
+        res = json.load(f)["results"][config_set]
+    assert set(res["ratios"]) == {key for key, _, _ in bs.RATIO_ROWS}
+    for key, value in res["ratios"].items():
+        assert math.isfinite(value) and value > 0, (key, value)
+    for stage in ("one", "two"):
+        assert res["memory"][stage]["training_mb"] > 0
+    assert res["batch"] == 1 and res["image_hw"] == [64, 64]
