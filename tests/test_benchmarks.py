@@ -235,7 +235,8 @@ def test_longtail_smoke_outputs(longtail_smoke):
     for label in expected:
         assert f"| {label} |" in md
     assert "τ-norm is skipped on the cosine stage one" in md
-    for heading in ("## Box AP over seeds", "## Mask AP over seeds", "(mask)", "benchmark.png"):
+    for heading in ("ONE seed", "## Gains over the same seed's stage one (mask)", "benchmark.png",
+                    "## Run times"):  # fmt: skip
         assert heading in md
 
     with open(res["paths"]["json"]) as f:
@@ -256,6 +257,37 @@ def test_longtail_smoke_outputs(longtail_smoke):
 
     with Image.open(res["paths"]["png"]) as im:
         assert im.size[0] > 300 and im.size[1] > 200
+
+
+def test_longtail_tables_over_seeds():
+    """Statistics and gains over three seeds from made-up metrics (no training)."""
+    bl = _load_tool("benchmark_longtail")
+    preset = bl.Preset("t", seeds=(0, 1, 2), stage_one_iters=10, stage_two_iters=5)
+    runs = [r for chain in bl.build_plan(preset, "/nonexistent", ["softmax"]) for r in chain]
+    base = {0: 10.0, 1: 12.0, 2: 11.0}
+    for r in runs:
+        # DisAlign box+mask: +2 on every seed (significant); box-only: -1, +1, 0 (not); post-hoc:
+        # APr missing on seed 2 (e.g. undefined): statistics over the two others.
+        box_only = {0: -1.0, 1: 1.0, 2: 0.0}[r.seed]
+        delta = {"stage_one": 0.0, "disalign_box_mask": 2.0, "disalign_box_only": box_only}
+        delta = delta.get(r.method, 0.5)
+        metrics = {m: base[r.seed] + delta for m in ("AP", "APr", "APc", "APf")}
+        if r.eval_only and r.seed == 2:
+            metrics["APr"] = -100.0  # the LVIS API's "undefined"
+        r.metrics, r.status = {"bbox": dict(metrics), "segm": dict(metrics)}, "done"
+    rows = {row["method"]: row for row in bl.summarise(runs, preset, ["softmax"])}
+    assert rows["stage_one"]["stats"]["bbox"]["AP"]["mean"] == pytest.approx(11.0)
+    assert rows["stage_one"]["stats"]["bbox"]["AP"]["std"] == pytest.approx(1.0)
+    g = rows["disalign_box_mask"]["gain"]["segm"]["AP"]
+    assert g["mean"] == pytest.approx(2.0) and g["std"] == pytest.approx(0.0) and g["significant"]
+    g = rows["disalign_box_only"]["gain"]["bbox"]["AP"]
+    assert g["mean"] == pytest.approx(0.0) and g["significant"] is False
+    assert rows["norcal_1"]["stats"]["bbox"]["APr"]["n"] == 2
+    assert rows["norcal_1"]["gain"]["bbox"]["APr"]["n"] == 2
+    table = bl.gain_table(list(rows.values()), "bbox")
+    assert "| softmax + DisAlign box-only | +0.0 ± 1.0 (-1.0–+1.0) n.s. |" in table
+    assert "| softmax + DisAlign box+mask | +2.0 ± 0.0 (+2.0–+2.0) |" in table
+    assert "11.0 ± 1.0 (10.0–12.0)" in bl.stats_table(list(rows.values()), "segm")
 
 
 def test_longtail_posthoc_identity_reproduces_stage_one(longtail_smoke):
@@ -292,6 +324,7 @@ def test_longtail_cli_in_child_processes(longtail_smoke, tmp_path, tiny_dataset)
     with open(os.path.join(dst, "benchmark.json")) as f:
         runs = json.load(f)["runs"]
     assert runs["seed0/cosine/norcal_0"]["status"] == "done"
+    assert runs["seed0/cosine/norcal_0"]["cpu_s"] > 0  # the child's own CPU time (wait4)
     assert runs["seed0/cosine/stage_one"]["status"] == "reused"
     assert os.path.isfile(os.path.join(dst, "seed0", "cosine", "norcal_0", "stdout.txt"))
 

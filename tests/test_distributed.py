@@ -60,7 +60,18 @@ def _train_worker(jobs):
     """Every process runs the jobs in turn (starting the processes is the slow part). A job is
     ``(argv, result_file, resume_from)``: with ``resume_from`` (a checkpoint), the main process
     first copies it into the job's OUTPUT_DIR as its last checkpoint, as a killed run leaves it."""
-    torch.set_num_threads(1)  # two processes share the two cores of the test machine
+    # Two processes share the two cores of the test machine. With one process the jobs run in
+    # the pytest process itself: restore its thread count afterwards, since bit-exact tests
+    # (test_resume.py) compare runs that must use the same number of threads.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _run_jobs(jobs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_jobs(jobs):
     for argv, result_file, resume_from in jobs:
         if resume_from is not None and comm.is_main_process():
             out = argv[argv.index("OUTPUT_DIR") + 1]

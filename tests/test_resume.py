@@ -82,6 +82,9 @@ def _killed_run(config_file, output_dir, kill_after):
 
 
 def _in_process_run(config_file, output_dir, resume):
+    # The same thread count as the child (KILLED_RUN): floating-point reductions, hence the bits
+    # of the result, depend on it.
+    torch.set_num_threads(2)
     tn = _train_net()
     argv = [
         "--config-file",

@@ -191,6 +191,7 @@ class Run:
     # Filled after running.
     status: str = "pending"  # pending / done / reused / failed / skipped
     wall_s: Optional[float] = None
+    cpu_s: Optional[float] = None  # CPU seconds of the run's process (subprocess runner only)
     metrics: Optional[dict] = None
     error: Optional[str] = None
 
@@ -309,9 +310,18 @@ class SubprocessRunner:
         with open(os.path.join(run.out_dir, "stdout.txt"), "a") as log:
             log.write(f"\n$ {' '.join(cmd)}\n")
             log.flush()
-            return subprocess.run(
-                cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env
-            ).returncode
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+            try:
+                # wait4 gives this child's own CPU time: with runs side by side on a shared
+                # machine, CPU seconds size a preset better than wall time does.
+                _, status, usage = os.wait4(proc.pid, 0)
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            run.cpu_s = usage.ru_utime + usage.ru_stime
+            return proc.returncode
 
 
 class InProcessRunner:
@@ -379,7 +389,8 @@ def execute(run: Run, runner: Callable[[Run], int], log: Callable[[str], None]) 
         run.status, run.metrics = "reused", load_metrics(metrics_path)
         if os.path.isfile(timing_path):
             with open(timing_path) as f:
-                run.wall_s = json.load(f).get("wall_s")
+                timing = json.load(f)
+            run.wall_s, run.cpu_s = timing.get("wall_s"), timing.get("cpu_s")
         log(f"{run.key}: reusing {metrics_path}")
         return
     if run.weights_from:
@@ -401,7 +412,8 @@ def execute(run: Run, runner: Callable[[Run], int], log: Callable[[str], None]) 
         return
     run.status, run.metrics = "done", load_metrics(metrics_path)
     with open(timing_path, "w") as f:
-        json.dump({"wall_s": run.wall_s}, f)  # kept for the timing summary of a resumed benchmark
+        # Kept for the timing summary of a resumed benchmark.
+        json.dump({"wall_s": run.wall_s, "cpu_s": run.cpu_s}, f)
     log(f"{run.key}: done in {run.wall_s:.0f} s")
 
 
@@ -520,31 +532,32 @@ def gain_table(rows, task) -> str:
     return "\n".join(lines)
 
 
+def _kind(run: Run) -> str:
+    if run.method == "stage_one":
+        return "stage one (train + eval)"
+    return "post-hoc (eval only)" if run.eval_only else "stage two (train + eval)"
+
+
 def timing_table(runs) -> str:
-    """Wall time per kind of run (the numbers to size schedules and presets with)."""
-    kinds = OrderedDict(
-        (
-            ("stage one (train + eval)", []),
-            ("stage two (train + eval)", []),
-            ("post-hoc (eval)", []),
-        )
-    )
+    """Wall and CPU time per kind of run: the numbers to size schedules and presets with (CPU
+    seconds depend much less than wall time on what else the machine is doing)."""
+    kinds = OrderedDict()
     for r in runs:
-        if r.wall_s is None:
-            continue
-        kind = (
-            "stage one (train + eval)"
-            if r.method == "stage_one"
-            else ("post-hoc (eval)" if r.eval_only else "stage two (train + eval)")
+        if r.wall_s is not None:
+            kinds.setdefault(_kind(r), []).append(r)
+    lines = [
+        "| runs | count | wall mean (s) | wall min–max (s) | CPU mean (s) | CPU total (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for kind, rs in kinds.items():
+        walls = [r.wall_s for r in rs]
+        cpus = [r.cpu_s for r in rs if r.cpu_s is not None]
+        cpu_mean = f"{sum(cpus) / len(cpus):.0f}" if cpus else "n/a"
+        cpu_total = f"{sum(cpus):.0f}" if cpus else "n/a"
+        lines.append(
+            f"| {kind} | {len(rs)} | {sum(walls) / len(walls):.0f} | {min(walls):.0f}–"
+            f"{max(walls):.0f} | {cpu_mean} | {cpu_total} |"
         )
-        kinds[kind].append(r.wall_s)
-    lines = ["| runs | count | mean (s) | min–max (s) | total (s) |", "|---|---|---|---|---|"]
-    for kind, ts in kinds.items():
-        if ts:
-            lines.append(
-                f"| {kind} | {len(ts)} | {sum(ts) / len(ts):.0f} | {min(ts):.0f}–{max(ts):.0f} "
-                f"| {sum(ts):.0f} |"
-            )
     return "\n".join(lines)
 
 
@@ -768,8 +781,9 @@ def _notes(preset: Preset, stage_ones) -> List[str]:
 
 
 def write_outputs(
-    out, preset, stage_ones, runs, rows, per_class, info, plot_task, wall_s, jobs, threads
+    out, preset, stage_ones, runs, rows, per_class, info, plot_task, wall_s, jobs, threads, load
 ):
+    """Write benchmark.md, benchmark.json and benchmark.png into ``out``; returns their paths."""
     md_path = os.path.join(out, "benchmark.md")
     json_path = os.path.join(out, "benchmark.json")
     png_path = os.path.join(out, "benchmark.png")
@@ -783,23 +797,30 @@ def write_outputs(
         "",
         f"Generated {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} by "
         f"`tools/benchmark_longtail.py{' --quick' if preset.name == 'quick' else ''}`; wall time "
-        f"{wall_s / 60:.1f} min on {os.cpu_count()} CPU core(s), {jobs} run(s) at a time with "
-        f"{threads} thread(s) each.",
+        f"{wall_s / 60:.1f} min (this invocation; reused runs cost nothing) on {os.cpu_count()} "
+        f"CPU core(s), {jobs} run(s) at a time with {threads} thread(s) each; load average "
+        f"{load[0]:.1f} at the start, {load[1]:.1f} at the end (more than the runs' {jobs} means "
+        "the machine was shared and wall times are inflated).",
         f"Schedules: stage one `{s1_sched}`, stage two `{s2_sched}` (LR steps and warm-up scaled "
         "from the configs).",
         "",
-        "## Means",
+        "## Means" if len(preset.seeds) > 1 else "## Results (ONE seed: no spread)",
         "",
         mean_table(rows),
         "",
-        "## Box AP over seeds",
-        "",
-        stats_table(rows, "bbox"),
-        "",
-        "## Mask AP over seeds",
-        "",
-        stats_table(rows, "segm"),
-        "",
+    ]
+    if len(preset.seeds) > 1:
+        lines += [
+            "## Box AP over seeds",
+            "",
+            stats_table(rows, "bbox"),
+            "",
+            "## Mask AP over seeds",
+            "",
+            stats_table(rows, "segm"),
+            "",
+        ]
+    lines += [
         "## Gains over the same seed's stage one (box)",
         "",
         gain_table(rows, "bbox"),
@@ -837,6 +858,7 @@ def write_outputs(
         "extra_opts": list(preset.extra_opts),
         "dataset": info.test_name,
         "wall_time_s": wall_s,
+        "load_average_start_end": list(load),
         "jobs": jobs,
         "threads_per_run": threads,
         "notes": _notes(preset, stage_ones),
@@ -845,6 +867,7 @@ def write_outputs(
             r.key: {
                 "status": r.status,
                 "wall_s": r.wall_s,
+                "cpu_s": r.cpu_s,
                 "out_dir": r.out_dir,
                 "command": ["tools/train_net.py", *r.command_args()],
                 "metrics": r.metrics,
@@ -882,6 +905,7 @@ def run_benchmark(
     Returns a dict with ``rows``, ``runs``, ``paths`` (md, json, png) and ``wall_s``.
     """
     start = time.perf_counter()
+    load_start = os.getloadavg()[0]
     log = log or (lambda msg: print(f"[benchmark] {msg}", flush=True))
     out = os.path.abspath(out)
     jobs = max(1, int(jobs))
@@ -905,8 +929,9 @@ def run_benchmark(
     rows = summarise(runs, preset, stage_ones)
     per_class = per_class_means(runs, info, plot_task, stage_ones)
     wall_s = time.perf_counter() - start
+    load = (load_start, os.getloadavg()[0])
     paths = write_outputs(
-        out, preset, stage_ones, runs, rows, per_class, info, plot_task, wall_s, jobs, threads
+        out, preset, stage_ones, runs, rows, per_class, info, plot_task, wall_s, jobs, threads, load
     )
     paths = dict(zip(("md", "json", "png"), paths))
     if publish_dir:

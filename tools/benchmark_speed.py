@@ -19,20 +19,27 @@ Config sets: ``lvis`` = configs/LVIS/mask_rcnn_R_50_FPN_2x.yaml vs disalign_mask
 (R50-FPN, 1203 classes; CPU-sized synthetic input: batch 2 of 320 x 256 images with random boxes
 and masks), ``synthetic`` = configs/LVIS/synthetic/mask_rcnn_synth.yaml vs disalign_synth.yaml
 (batch 4 of 128 x 128, as the configs train). No dataset and no pretrained weights are needed:
-models are randomly initialised (seed 0) and the LR is 0, so every iteration does the same work.
+models are randomly initialised (seed 0; box regressions zeroed so that the model outputs the
+configured number of detections, see ``stage_one_state``; ``--synthetic-weights`` /
+``--lvis-weights`` use a trained stage-one checkpoint instead) and the LR is 0, so every
+iteration does the same work.
 Data loading is not timed (the batch is built once, in memory).
 
 Timing: all measurements of a config set take turns inside each round (the order rotates from round
 to round) so that background load on a shared machine hits all of them alike; each number is the
-median over ``--iters`` rounds after ``--warmup`` rounds.
+median over ``--iters`` rounds after ``--warmup`` rounds. One torch thread by default
+(``--threads``): on a busy machine several threads per process make timings erratic.
 
-Memory: each measurement runs in its own child process (a process's peak cannot be un-done), which
-builds the model, loads the shared initial weights, frees what it can, then resets the kernel's
-peak-RSS counter (/proc/self/clear_refs) and runs training iterations. "Training memory" is the
-peak RSS during those iterations minus the RSS just before them: activations, gradients, optimizer
-state and allocator slack, without the interpreter, the libraries and the weights, which are the
-same for both stages (on a GPU, ``torch.cuda.max_memory_allocated`` measures much the same). The
-total peak RSS is printed too.
+Memory: each measurement runs in its own child process, so that neither stage inherits the
+other's allocator state (freed-but-kept heap, caches). The child builds the model, loads the shared
+initial weights, frees what it can, then resets the kernel's peak-RSS counter
+(/proc/self/clear_refs) and runs training iterations. "Training memory" is the peak RSS during
+those iterations minus the RSS just before them: activations, gradients, optimizer state and
+allocator slack, without the interpreter, the libraries and the weights, which are the same for
+both stages (on a GPU one would take ``torch.cuda.max_memory_allocated`` minus the allocation
+before the iterations). RSS rather than the torch profiler: it sees every allocation (also
+outside torch's allocator) and costs nothing during the iterations. The total peak RSS is printed
+too.
 """
 
 import argparse
@@ -46,7 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -170,11 +177,32 @@ def build_model(cfg, state=None):
     return model
 
 
-def stage_one_state(cfg) -> Dict[str, torch.Tensor]:
-    """Randomly initialised stage-one weights (seed 0): the 'checkpoint' both stages start from."""
+# Parameters of the box regressions (RPN anchor deltas, ROI-head box deltas).
+_REGRESSION = ("anchor_deltas", "bbox_pred")
+
+
+def stage_one_state(cfg, weights: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """The stage-one 'checkpoint' both stages start from: ``weights`` (a trained stage-one
+    checkpoint) if given, else a random initialisation (seed 0) whose box regressions are zeroed.
+
+    Why zeroed: a random R50 with frozen BatchNorm regresses huge deltas, almost every box comes
+    out empty and inference ends with a handful of detections, so the per-detection work (the
+    mask head on up to TEST.DETECTIONS_PER_IMAGE boxes) would be left out of the comparison. With
+    zero deltas proposals are anchors and detections are proposals: valid boxes, and the model
+    outputs the configured number of detections per image, as a trained one does.
+    """
+    from detectron2.checkpoint import DetectionCheckpointer
+
     torch.manual_seed(0)
     model = build_model(cfg)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if weights:
+        DetectionCheckpointer(model).load(weights)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if not weights:
+        for k, v in state.items():
+            if any(part in _REGRESSION for part in k.split(".")):
+                v.zero_()
+    return state
 
 
 def make_batch(config_set: str, num_classes: int, seed: int = 0, train: bool = True) -> List[dict]:
@@ -222,11 +250,11 @@ def training_step(cfg, model, batch):
 class Bench:
     """Callables for every measurement of one config set, on shared weights and one batch."""
 
-    def __init__(self, config_set: str, workdir: str):
+    def __init__(self, config_set: str, workdir: str, weights: Optional[str] = None):
         self.config_set = config_set
         self.cfg1 = make_cfg(config_set, "one", workdir)
         self.cfg2 = make_cfg(config_set, "two", workdir)
-        state = stage_one_state(self.cfg1)
+        state = stage_one_state(self.cfg1, weights)
         k = self.cfg1.MODEL.ROI_HEADS.NUM_CLASSES
         self.batch = make_batch(config_set, k)
         self.images = [{kk: v for kk, v in d.items() if kk != "instances"} for d in self.batch]
@@ -315,13 +343,13 @@ def memory_worker(config_set: str, stage: str, state_path: str, workdir: str, it
 
 
 def measure_memory(
-    config_set, workdir, iters, repeats, threads, overrides=(), log=print
+    config_set, workdir, iters, repeats, threads, overrides=(), weights=None, log=print
 ) -> Dict[str, dict]:
     """Peak-RSS measurements of both stages, each in its own child process, alternating."""
     cfg1 = make_cfg(config_set, "one", workdir)
     state_path = os.path.join(workdir, f"{config_set}_stage_one.pth")
     if not os.path.isfile(state_path):
-        torch.save(stage_one_state(cfg1), state_path)
+        torch.save(stage_one_state(cfg1, weights), state_path)
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -429,6 +457,7 @@ def run(
     threads,
     skip_memory=False,
     overrides=(),
+    weights=None,
     log=print,
 ):
     """Measure every config set; returns {set: {"raw", "ratios", "memory", ...}}."""
@@ -436,7 +465,8 @@ def run(
     workdir = tempfile.mkdtemp(prefix="disalign_speed_")
     for cs in config_sets:
         log(f"[speed] {cs}: building models ({CONFIG_SETS[cs][0]} vs {CONFIG_SETS[cs][1]})")
-        bench = Bench(cs, workdir)
+        w = (weights or {}).get(cs)
+        bench = Bench(cs, workdir, w)
         times = time_interleaved(bench, iters, warmup, log)
         batch = CONFIG_SETS[cs][2]
         # Inference runs the whole batch at once; per image = per call / batch.
@@ -447,8 +477,9 @@ def run(
         }
         memory = None
         if not skip_memory:
-            memory = measure_memory(cs, workdir, mem_iters, mem_repeats, threads, overrides, log)
+            memory = measure_memory(cs, workdir, mem_iters, mem_repeats, threads, overrides, w, log)
         results[cs] = {
+            "weights": w or "random init (seed 0), box regressions zeroed",
             "configs": CONFIG_SETS[cs][:2],
             "batch": batch,
             "image_hw": CONFIG_SETS[cs][3],
@@ -484,6 +515,12 @@ def parse_args(argv=None):
         help="torch intra-op threads (default 1: on a busy or shared machine several threads "
         "per process make timings erratic; 0 = torch's default)",
     )
+    for cs in CONFIG_SETS:
+        parser.add_argument(
+            f"--{cs}-weights",
+            default=None,
+            help=f"a trained stage-one checkpoint for the {cs} set (default: random init)",
+        )
     parser.add_argument("--batch", type=int, default=None, help="override the batch size")
     parser.add_argument("--size", type=int, default=None, help="override: square images, px")
     parser.add_argument("--json", default=None, help="also write every number to this file")
@@ -529,6 +566,7 @@ def _main(args) -> int:
         args.threads,
         skip_memory=args.skip_memory,
         overrides=overrides,
+        weights={"lvis": args.lvis_weights, "synthetic": args.synthetic_weights},
     )
     wall = time.perf_counter() - start
     load_after = os.getloadavg()
@@ -541,7 +579,11 @@ def _main(args) -> int:
         f"absolute times noisy; the interleaved ratios less so). Wall time {wall:.0f} s."
     )
     for s, r in results.items():
-        print(f"{s}: detections per image at inference {r['detections_per_image']}")
+        print(
+            f"{s}: weights {r['weights']}; batch {r['batch']} of {r['image_hw'][0]} x "
+            f"{r['image_hw'][1]} px, {r['gt_per_image']} ground-truth objects per image; "
+            f"detections per image at inference {r['detections_per_image']}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(

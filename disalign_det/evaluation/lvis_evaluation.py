@@ -14,6 +14,11 @@ copies of ~6M detections at once (see ``tools/benchmark_lvis_eval.py`` for measu
 * ``evaluate()`` gathers the shard *paths* (a few hundred bytes per rank), not the predictions.
 * The box pass loads only image id, class, score and box; it is evaluated and dropped before the
   mask pass loads image id, class, score and RLE. Only one pass's results are alive at a time.
+* Each pass builds result dicts only for the detections LVIS's federated evaluation looks at:
+  after the per-image top-k cut, a detection whose category is neither annotated in its image nor
+  listed in the image's ``neg_category_ids`` is discarded by ``LVISEval`` anyway (see
+  :func:`load_lvis_results` for why dropping it earlier changes no number). How many detections
+  that removes depends on the model (about 3/4 in the benchmark's synthetic predictions).
 * The LVIS API itself is used unchanged, except that :class:`LeanLVISEval` skips the (image,
   category) pairs that have neither ground truth nor detection. The stock ``LVISEval.evaluate``
   creates three dict entries (in ``_gts``, ``_dts`` and ``ious``) for each of the
@@ -25,8 +30,9 @@ Multi-process and multi-machine use: every rank writes its shard under ``shard_d
 directory) and rank 0 reads the shards directly when it can see them, which is the case for all
 ranks of a single machine. For several machines, put ``output_dir`` (or ``shard_dir``) on a
 filesystem shared by all of them. When rank 0 cannot see a shard (other host, different path),
-that rank sends its shard's bytes through the usual ``comm.gather`` instead: correct, but as
-memory-hungry on rank 0 as the stock evaluator for that rank's share.
+that rank sends its shard's bytes through the usual ``comm.gather`` instead: correct, but rank 0
+then briefly holds a few copies of those bytes (still far less than the stock evaluator's Python
+objects for the same detections).
 
 Differences from the stock evaluator, all deliberate:
 
@@ -73,6 +79,8 @@ __all__ = [
     "LeanLVISEval",
     "StreamingLVISEvaluator",
     "evaluate_results_on_lvis",
+    "load_lvis_results",
+    "write_results_json",
 ]
 
 logger = logging.getLogger(__name__)
@@ -208,7 +216,7 @@ class _ShardWriter:
 
     def __init__(self, path, own_dir):
         self.path = path
-        # Directory this evaluator created for the shard (removed once empty), or None.
+        # Temporary directory created for this shard alone (removed with it), or None.
         self.own_dir = own_dir
         self._file = open(path, "wb")
         self.num_images = 0
@@ -342,9 +350,11 @@ class StreamingLVISEvaluator(LVISEvaluator):
     # ------------------------------------------------------------------ collection
     def _new_shard_writer(self):
         directory, own_dir = self._shard_dir, None
-        # Shards are written with plain open(): only a local output_dir can hold them.
+        # Shards are written with plain open(): only a local output_dir can hold them. That
+        # directory is shared by all ranks and left in place (removing it could race with another
+        # rank already writing its next shard); a temporary directory is per writer, removed.
         if directory is None and self._output_dir and "://" not in self._output_dir:
-            directory = own_dir = os.path.join(self._output_dir, "lvis_eval_shards")
+            directory = os.path.join(self._output_dir, "lvis_eval_shards")
         if directory is None:
             directory = own_dir = tempfile.mkdtemp(prefix="lvis_eval_")
         os.makedirs(directory, exist_ok=True)
@@ -411,7 +421,7 @@ class StreamingLVISEvaluator(LVISEvaluator):
         if not comm.is_main_process():
             return None
 
-        for i, (shard, data) in enumerate(zip(infos, payloads)):
+        for i, shard in enumerate(infos):
             if shard["rank"] in unreadable:
                 self._logger.warning(
                     "Rank 0 cannot read the LVIS shard of rank %d (%s on %s); it was sent in "
@@ -424,11 +434,11 @@ class StreamingLVISEvaluator(LVISEvaluator):
                 local = self._new_shard_writer()
                 local.close()
                 with open(local.path, "wb") as f:
-                    f.write(data)
+                    f.write(payloads[i])
+                payloads[i] = None  # one shard's bytes in memory at a time
                 infos[i] = dict(
                     shard, path=local.path, own_dir=local.own_dir, host=socket.gethostname()
                 )
-        del payloads
         return self.evaluate_shards(infos, proposals)
 
     # ------------------------------------------------------------------ evaluation
@@ -498,44 +508,128 @@ class StreamingLVISEvaluator(LVISEvaluator):
 
     def _evaluate_task(self, task, paths):
         """Load only the fields ``task`` needs from the shards and evaluate them."""
-        results = load_lvis_results(paths, task)
+        results = load_lvis_results(paths, task, self._lvis_api, self._max_dets_per_image)
         return evaluate_results_on_lvis(
             self._lvis_api, results, task, max_dets_per_image=self._max_dets_per_image
         )
 
 
-def load_lvis_results(paths, task):
+def load_lvis_results(paths, task, lvis_gt=None, max_dets_per_image=None):
     """Build the LVIS API's result list for one task from shard files.
 
     For "bbox": image_id, category_id, bbox, score. The LVIS API would attach a box-shaped polygon
     as "segmentation" to every result lacking one (~0.4 KB each, never read by a box evaluation),
     so a ``None`` placeholder is set instead. For "segm": image_id, category_id, score and the RLE,
     without "bbox" so that areas come from the masks, as in detectron2's mask pass.
+
+    With ``lvis_gt``, the detections that LVIS's federated evaluation is bound to ignore are not
+    built at all: after the per-image top-``max_dets_per_image`` cut (done first, exactly as
+    ``LVISResults`` does), ``LVISEval._prepare`` drops every detection whose category is neither
+    annotated in its image nor in the image's ``neg_category_ids``. Dropping them here instead
+    changes no metric: within an image the survivors keep their order (score ties break the same
+    way), the order across images never matters (evaluation walks sorted image ids), and a
+    detection's id only serves as a non-zero match marker.
+
+    Args:
+        paths (list[str]): shard files, in rank order.
+        task (str): "bbox" or "segm".
+        lvis_gt (lvis.LVIS or None): ground truth that enables the filtering above.
+        max_dets_per_image (int or None): the limit LVISResults will apply (None: 300).
     """
-    results = []
     with_masks = task == "segm"
+    selector = None
+    if lvis_gt is not None:
+        selector = _FederatedSelector(lvis_gt, max_dets_per_image)
+        repeated = _repeated_images(paths)
+    results = []
+    pending = {}  # repeated image id -> its records, in gather order
     for path in paths:
         for image_id, cats, scores, boxes, size, counts in iter_shard(path, with_masks):
-            if with_masks:
-                if counts is None:
-                    continue
-                for c, s, rle in zip(cats.tolist(), scores.tolist(), counts):
-                    seg = {"size": size, "counts": rle}
-                    results.append(
-                        {"image_id": image_id, "category_id": c, "segmentation": seg, "score": s}
-                    )
+            if with_masks and counts is None:
+                continue  # an image without masks has nothing for the mask pass
+            record = (cats.tolist(), scores.tolist(), boxes.tolist(), size, counts)
+            if selector is None:
+                _append_results(results, image_id, record, range(len(record[0])), with_masks)
+            elif image_id in repeated:
+                # Processed more than once (detectron2's samplers never do that): the top-k cut
+                # must see all of the image's detections, in the order the stock gather has them.
+                pending.setdefault(image_id, []).append(record)
             else:
-                for c, s, b in zip(cats.tolist(), scores.tolist(), boxes.tolist()):
-                    results.append(
-                        {
-                            "image_id": image_id,
-                            "category_id": c,
-                            "bbox": b,
-                            "score": s,
-                            "segmentation": None,
-                        }
-                    )
+                _append_results(results, image_id, record, selector(image_id, record), with_masks)
+    for image_id, records in pending.items():
+        cats, scores, boxes, size, counts = zip(*records)
+        merged = (_concat(cats), _concat(scores), _concat(boxes), size[0], _concat(counts))
+        _append_results(results, image_id, merged, selector(image_id, merged), with_masks)
+    if not results and selector is not None and selector.spare is not None:
+        # All filtered out: the stock path would still evaluate (AP 0 where there is ground
+        # truth) instead of finding no result at all. Hand over one detection it will ignore.
+        image_id, record, k = selector.spare
+        _append_results(results, image_id, record, [k], with_masks)
     return results
+
+
+def _concat(lists):
+    return None if lists[0] is None else [x for values in lists for x in values]
+
+
+def _append_results(results, image_id, record, indices, with_masks):
+    cats, scores, boxes, size, counts = record
+    for k in indices:
+        if with_masks:
+            seg = {"size": size, "counts": counts[k]}
+            result = {"image_id": image_id, "category_id": cats[k], "segmentation": seg}
+            result["score"] = scores[k]
+        else:
+            result = {"image_id": image_id, "category_id": cats[k], "bbox": boxes[k]}
+            result["score"] = scores[k]
+            result["segmentation"] = None
+        results.append(result)
+
+
+def _repeated_images(paths):
+    """Image ids with more than one shard record (i.e. processed more than once)."""
+    seen, repeated = set(), set()
+    for path in paths:
+        for image_id, *_ in iter_shard(path, with_masks=False):
+            (repeated if image_id in seen else seen).add(image_id)
+    return repeated
+
+
+class _FederatedSelector:
+    """The detections of an image that LVISResults keeps and LVISEval then evaluates.
+
+    See :func:`load_lvis_results`. ``spare`` remembers one dropped detection.
+    """
+
+    def __init__(self, lvis_gt, max_dets_per_image):
+        self.limit = max_dets_per_image
+        if self.limit is None:
+            self.limit = DEFAULT_MAX_DETS_PER_IMAGE
+        self.spare = None
+        # Per image, the categories LVISEval._prepare evaluates: the negative ones plus those of
+        # the ground truth it loads (a known category and 0 < area < inf, get_ann_ids' default).
+        self._verified = {
+            img["id"]: set(img["neg_category_ids"]) for img in lvis_gt.load_imgs(None)
+        }
+        known = set(lvis_gt.get_cat_ids())
+        for ann in lvis_gt.load_anns(None):
+            if ann["category_id"] in known and 0 < ann["area"] < float("inf"):
+                self._verified[ann["image_id"]].add(ann["category_id"])
+
+    def __call__(self, image_id, record):
+        """Indices into ``record``'s detections, in the order LVISResults would keep them."""
+        cats, scores = record[0], record[1]
+        indices = range(len(scores))
+        if 0 <= self.limit < len(scores):
+            # LVISResults.limit_dets_per_image: stable sort by decreasing score, then the cut.
+            indices = sorted(indices, key=scores.__getitem__, reverse=True)[: self.limit]
+        verified = self._verified.get(image_id)
+        if verified is None:
+            return list(indices)  # not a ground-truth image: LVISResults will reject it itself
+        kept = [k for k in indices if cats[k] in verified]
+        if self.spare is None and len(kept) < len(indices):
+            self.spare = (image_id, record, next(k for k in indices if cats[k] not in verified))
+        return kept
 
 
 def write_results_json(paths, f):
@@ -579,6 +673,6 @@ def _remove_shard(info):
         return
     if info.get("own_dir"):
         try:
-            os.rmdir(info["own_dir"])  # fails while other ranks' shards are still there: fine
+            os.rmdir(info["own_dir"])
         except OSError:
             pass
