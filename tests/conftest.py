@@ -6,6 +6,7 @@ module that needs them is imported by a test module.
 
 import disalign_det  # noqa: F401  isort:skip
 
+import importlib.util
 import os
 
 import pytest
@@ -20,6 +21,16 @@ CONFIGS = os.path.join(REPO, "configs", "LVIS")
 TINY_CLASSES = 6
 
 torch.set_num_threads(2)
+
+
+def load_script(relpath):
+    """Import a script of the repo (``tools/train_net.py``, ``datasets/prepare_lvis.py``: their
+    folders are not packages) as a fresh module."""
+    name = os.path.splitext(os.path.basename(relpath))[0]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, relpath))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

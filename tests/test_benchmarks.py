@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import REPO, TINY_CLASSES
 from lvis import LVIS, LVISEval, LVISResults
 
 from disalign_det.benchmark import (
@@ -21,8 +22,6 @@ from disalign_det.benchmark import (
     per_class_ap_from_precision,
     seed_stats,
 )
-
-from conftest import REPO, TINY_CLASSES
 
 
 def _load_tool(name):

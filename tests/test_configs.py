@@ -5,9 +5,9 @@ import os
 
 import pytest
 import torch
+from conftest import CONFIGS, TINY_CLASSES
 from detectron2.config import get_cfg
 
-from conftest import CONFIGS, TINY_CLASSES
 from disalign_det import add_disalign_config
 from disalign_det.data import register_lvis_format
 from disalign_det.engine import Trainer

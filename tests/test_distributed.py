@@ -5,14 +5,13 @@ frequencies and GRW weights; a 2-process run resumed from a checkpoint ends bit-
 
 import disalign_det  # noqa: F401  isort:skip
 
-import importlib.util
 import math
 import os
 import shutil
 
 import pytest
 import torch
-from conftest import REPO, tiny_cfg
+from conftest import load_script, tiny_cfg
 from detectron2.engine import default_argument_parser
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
@@ -35,15 +34,6 @@ REL_TOL = {"box_predictor": 0.02, "mask_head": 0.25}
 # summation order differs.
 REPLAY_ATOL = 1e-6
 STAGE_TWO_ITERS = 4
-
-
-def _train_net():
-    spec = importlib.util.spec_from_file_location(
-        "train_net", os.path.join(REPO, "tools", "train_net.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _config_file(path, config, output_dir, tiny_dataset, opts=()):
@@ -86,7 +76,7 @@ def _run_jobs(jobs):
 def _train_job(argv, result_file):
     """train_net's setup, the Trainer, training; then all_gather what each rank used and ended
     with, written by rank 0 to ``result_file``."""
-    tn = _train_net()
+    tn = load_script("tools/train_net.py")
     args = default_argument_parser().parse_args(argv)
     cfg = tn.setup(args)
     trainer = Trainer(cfg)
@@ -133,7 +123,7 @@ def _replay_two_processes(config_file, output_dir, iters):
     """One process doing what 2 DDP processes of batch 1 do: each image's losses are
     back-propagated on their own and the gradients averaged (DDP's all-reduce), then one optimizer
     and one scheduler step per iteration."""
-    tn = _train_net()
+    tn = load_script("tools/train_net.py")
     argv = ["--config-file", str(config_file), "OUTPUT_DIR", str(output_dir)]
     cfg = tn.setup(default_argument_parser().parse_args(argv))
     trainer = Trainer(cfg)

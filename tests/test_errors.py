@@ -4,7 +4,6 @@ losses, missing stage-one weights and unknown config keys."""
 
 import disalign_det  # noqa: F401  isort:skip
 
-import importlib.util
 import json
 import logging
 import os
@@ -14,7 +13,7 @@ import uuid
 
 import pytest
 import torch
-from conftest import CONFIGS, REPO, TINY_CLASSES, tiny_cfg
+from conftest import CONFIGS, TINY_CLASSES, load_script, tiny_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
@@ -31,20 +30,11 @@ def _uniq(prefix):
     return f"{prefix}_{uuid.uuid4().hex[:8]}"
 
 
-def _train_net():
-    spec = importlib.util.spec_from_file_location(
-        "train_net", os.path.join(REPO, "tools", "train_net.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _setup(tmp_path, config=STAGE_TWO, opts=(), resume=False):
     """tools/train_net.py's setup() on a tiny config file (tiny_train is registered in-process)."""
     path = tmp_path / "tiny.yaml"
     path.write_text(tiny_cfg(config, str(tmp_path / "out")).dump())
-    tn = _train_net()
+    tn = load_script("tools/train_net.py")
     argv = ["--config-file", str(path), *(["--resume"] if resume else []), *opts]
     return tn.setup(tn.default_argument_parser().parse_args(argv))
 

@@ -2,13 +2,13 @@
 
 import disalign_det  # noqa: F401  isort:skip  (compat shims before detectron2 / lvis)
 
-import importlib.util
 import io
 import json
 import os
 import shutil
 
 import pytest
+from conftest import load_script
 
 from disalign_det.data import generate_synthetic_lvis
 
@@ -16,12 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location(
-        "prepare_lvis", os.path.join(REPO, "datasets", "prepare_lvis.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("datasets/prepare_lvis.py")
 
 
 prepare_lvis = load_tool()

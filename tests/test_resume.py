@@ -5,7 +5,6 @@ intact."""
 
 import disalign_det  # noqa: F401  isort:skip
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -13,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, tiny_cfg
+from conftest import REPO, load_script, tiny_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
@@ -52,13 +51,6 @@ tn.cli(sys.argv[2:])
 """
 
 
-def _train_net():
-    spec = importlib.util.spec_from_file_location("train_net", TRAIN_NET)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _config_file(tmp_path, tiny_dataset, config, opts):
     """A tiny config file that registers the tiny dataset itself (for the child process)."""
     lvis_format = repr(((("tiny_train", tiny_dataset["train_json"], tiny_dataset["image_root"])),))
@@ -85,7 +77,7 @@ def _in_process_run(config_file, output_dir, resume):
     # The same thread count as the child (KILLED_RUN): floating-point reductions, hence the bits
     # of the result, depend on it.
     torch.set_num_threads(2)
-    tn = _train_net()
+    tn = load_script("tools/train_net.py")
     argv = [
         "--config-file",
         config_file,

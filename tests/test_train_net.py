@@ -1,24 +1,14 @@
 """tools/train_net.py end to end on the tiny generated dataset: a few training iterations with
 finite losses, LVIS evaluation with every metric, eval-only, and the JSON written to OUTPUT_DIR."""
-import importlib.util
+
 import json
 import math
 import os
 
 import pytest
-
-from conftest import CONFIGS, REPO, TINY_CLASSES
+from conftest import CONFIGS, TINY_CLASSES, load_script
 
 METRICS = {"AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf"}
-
-
-def _train_net():
-    spec = importlib.util.spec_from_file_location(
-        "train_net", os.path.join(REPO, "tools", "train_net.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _opts(out, iters=2):
@@ -45,7 +35,7 @@ def _check_metrics(results):
 
 
 def test_train_then_evaluate(tiny_dataset, tmp_path):
-    tn = _train_net()
+    tn = load_script("tools/train_net.py")
     config = os.path.join(CONFIGS, "synthetic", "mask_rcnn_synth.yaml")
     out = str(tmp_path / "s1")
     args = tn.default_argument_parser().parse_args(["--config-file", config, *_opts(out)])
@@ -73,7 +63,7 @@ def test_train_then_evaluate(tiny_dataset, tmp_path):
 
 
 def test_stage_two_without_weights_names_the_key(tiny_dataset, tmp_path):
-    tn = _train_net()
+    tn = load_script("tools/train_net.py")
     config = os.path.join(CONFIGS, "synthetic", "disalign_synth.yaml")
     args = tn.default_argument_parser().parse_args(["--config-file", config, *_opts(str(tmp_path))])
     with pytest.raises(ValueError, match="MODEL.WEIGHTS"):

@@ -14,7 +14,7 @@ from detectron2.layers import cat
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, _log_classification_stats
 from torch import nn
 
-from .calibration import CosineLinear, calibrate_logits
+from .calibration import CosineLinear, add_calibration, calibrate_logits, checked_class_weights
 from .frequency import class_counts_from_cfg
 from .losses import grw_class_weights, weighted_cross_entropy
 
@@ -72,27 +72,11 @@ class DisAlignFastRCNNOutputLayers(FastRCNNOutputLayers):
 
         self.calibrate = calibrate
         if calibrate:
-            # beta = 1, gamma = 0: the calibrated logits equal the stage-one logits at the start.
-            self.logit_scale = nn.Parameter(torch.ones(num_classes))
-            self.logit_bias = nn.Parameter(torch.zeros(num_classes))
-            self.confidence_layer = nn.Linear(in_features, 1)
-            nn.init.normal_(self.confidence_layer.weight, std=confidence_init_std)
-            nn.init.constant_(self.confidence_layer.bias, 0.0)
-
-        if cls_loss not in _CLS_LOSSES:
-            raise ValueError(
-                f"MODEL.DISALIGN.CLS_LOSS must be one of {_CLS_LOSSES}, got {cls_loss!r}"
-            )
+            add_calibration(self, num_classes, nn.Linear(in_features, 1), confidence_init_std)
         self.cls_loss = cls_loss
-        if cls_loss == "grw":
-            if class_weights is None or len(class_weights) != num_classes + 1:
-                raise ValueError(
-                    f"GRW needs (K + 1) = {num_classes + 1} class weights, got "
-                    f"{None if class_weights is None else len(class_weights)}"
-                )
-            class_weights = torch.as_tensor(class_weights, dtype=torch.float32)
-        else:
-            class_weights = torch.ones(num_classes + 1)
+        class_weights = checked_class_weights(
+            cls_loss, _CLS_LOSSES, "MODEL.DISALIGN.CLS_LOSS", class_weights, num_classes
+        )
         # Computed once at build time; not persistent: it is a function of the training data and
         # rho, not a learned state, so checkpoints stay loadable across datasets.
         self.register_buffer("class_weights", class_weights, persistent=False)

@@ -13,7 +13,7 @@ from detectron2.modeling.roi_heads.mask_head import (
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from .calibration import calibrate_logits
+from .calibration import add_calibration, calibrate_logits, checked_class_weights
 from .frequency import class_counts_from_cfg
 from .losses import grw_class_weights, weighted_mask_bce
 
@@ -73,22 +73,16 @@ class DisAlignMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
         if calibrate:
             # Registered after `predictor`; `_features` stops at the predictor, so the
             # nn.Sequential iteration of the stock `layers` never reaches these modules.
-            self.logit_scale = nn.Parameter(torch.ones(K))
-            self.logit_bias = nn.Parameter(torch.zeros(K))
-            self.confidence_layer = nn.Conv2d(self.predictor.in_channels, 1, kernel_size=1)
-            nn.init.normal_(self.confidence_layer.weight, std=confidence_init_std)
-            nn.init.constant_(self.confidence_layer.bias, 0.0)
-        if mask_loss not in _MASK_LOSSES:
-            raise ValueError(
-                f"MODEL.DISALIGN.MASK_LOSS must be one of {_MASK_LOSSES}, got {mask_loss!r}"
+            add_calibration(
+                self,
+                K,
+                nn.Conv2d(self.predictor.in_channels, 1, kernel_size=1),
+                confidence_init_std,
             )
         self.mask_loss = mask_loss
-        if mask_loss == "grw":
-            if class_weights is None or len(class_weights) != K + 1:
-                raise ValueError(f"GRW mask loss needs K + 1 = {K + 1} class weights")
-            class_weights = torch.as_tensor(class_weights, dtype=torch.float32)
-        else:
-            class_weights = torch.ones(K + 1)
+        class_weights = checked_class_weights(
+            mask_loss, _MASK_LOSSES, "MODEL.DISALIGN.MASK_LOSS", class_weights, K
+        )
         self.register_buffer("class_weights", class_weights, persistent=False)
 
     @classmethod
