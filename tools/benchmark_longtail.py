@@ -84,28 +84,30 @@ STAGE_ONES = OrderedDict(
     (s.key, s)
     for s in (
         StageOne(
-            "softmax",
-            "softmax",
-            "mask_rcnn_synth.yaml",
-            "disalign_box_only_synth.yaml",
-            "disalign_synth.yaml",
-            True,
+            key="softmax",
+            label="softmax",
+            config="mask_rcnn_synth.yaml",
+            disalign_box_only="disalign_box_only_synth.yaml",
+            disalign_box_mask="disalign_synth.yaml",
+            tau_norm=True,
+        ),
+        # RFS only changes stage one's sampling; its stage two is the plain one (uniform sampling,
+        # as in the official recipe).
+        StageOne(
+            key="rfs",
+            label="RFS",
+            config="mask_rcnn_synth_rfs.yaml",
+            disalign_box_only="disalign_box_only_synth.yaml",
+            disalign_box_mask="disalign_synth.yaml",
+            tau_norm=True,
         ),
         StageOne(
-            "rfs",
-            "RFS",
-            "mask_rcnn_synth_rfs.yaml",
-            "disalign_box_only_synth.yaml",
-            "disalign_synth.yaml",
-            True,
-        ),
-        StageOne(
-            "cosine",
-            "cosine",
-            "mask_rcnn_synth_cosine.yaml",
-            "disalign_box_only_synth_cosine.yaml",
-            "disalign_synth_cosine.yaml",
-            False,
+            key="cosine",
+            label="cosine",
+            config="mask_rcnn_synth_cosine.yaml",
+            disalign_box_only="disalign_box_only_synth_cosine.yaml",
+            disalign_box_mask="disalign_synth_cosine.yaml",
+            tau_norm=False,
         ),
     )
 )
@@ -481,6 +483,7 @@ def run_scheduled(chains, runner, jobs: int, log) -> None:
 
 
 def _metric(run: Optional[Run], task: str, metric: str) -> Optional[float]:
+    """One metric of a finished run, None if the run is missing or the metric undefined."""
     if run is None or not run.metrics:
         return None
     v = run.metrics.get(task, {}).get(metric)
@@ -513,6 +516,7 @@ def summarise(runs: Sequence[Run], preset: Preset, stage_ones: Sequence[str]) ->
 
 
 def stats_table(rows, task) -> str:
+    """Markdown: one row per method, ``mean ± std (min–max)`` over seeds for each metric."""
     header = ["method"] + [f"{TASK_LABEL[task]} {m}" for m in METRICS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -522,6 +526,7 @@ def stats_table(rows, task) -> str:
 
 
 def gain_table(rows, task) -> str:
+    """Markdown: per-seed gains over the method's own stage one, flagged when not significant."""
     header = ["method (gain over its stage one)"] + [f"Δ {TASK_LABEL[task]} {m}" for m in METRICS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -580,6 +585,8 @@ def mean_table(rows) -> str:
 
 @dataclass
 class DatasetInfo:
+    """What the per-class analysis needs to know about the benchmark's data."""
+
     test_name: str
     gt_json: str
     class_names: List[str]

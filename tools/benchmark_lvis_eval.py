@@ -463,6 +463,11 @@ def main():
     )
     parser.add_argument("--workdir", help="keep generated files here (default: a temp dir)")
     parser.add_argument("--save", help="write all reports to this JSON file")
+    parser.add_argument(
+        "--load",
+        default="",
+        help="comma-separated --save files of earlier runs to include in the table and the fit",
+    )
     # Internal: run one path in this process.
     parser.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
     parser.add_argument("--gt", help=argparse.SUPPRESS)
@@ -476,7 +481,7 @@ def main():
         run_worker(args)
         return
 
-    sizes = [args.images] if args.images else [int(s) for s in args.sizes.split(",")]
+    sizes = [args.images] if args.images else [int(s) for s in args.sizes.split(",") if s]
     paths = [p for p in args.paths.split(",") if p]
     workdir = args.workdir or tempfile.mkdtemp(prefix="lvis_bench_")
     os.makedirs(workdir, exist_ok=True)
@@ -498,17 +503,23 @@ def main():
             same = _same_metrics(by_path["stock"]["metrics"], by_path["ours"]["metrics"])
             logger.info("metrics identical for stock and ours at %d images: %s", size, same)
             if not same:
-                logger.error("stock: %s\nours: %s", by_path["stock"]["metrics"], by_path["ours"])
+                logger.error(
+                    "stock: %s\nours: %s", by_path["stock"]["metrics"], by_path["ours"]["metrics"]
+                )
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
+    if args.save:  # this run's reports only
+        with open(args.save, "w") as f:
+            json.dump(results, f, indent=1)
+    for saved in filter(None, args.load.split(",")):
+        with open(saved) as f:
+            results += json.load(f)
+    results.sort(key=lambda r: (r["images"], PATHS.index(r["path"])))
 
     print()
     print_table(results)
     if results:
         print_extrapolation(results, args.target)
-    if args.save:
-        with open(args.save, "w") as f:
-            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ copies of ~6M detections at once (see ``tools/benchmark_lvis_eval.py`` for measu
   after the per-image top-k cut, a detection whose category is neither annotated in its image nor
   listed in the image's ``neg_category_ids`` is discarded by ``LVISEval`` anyway (see
   :func:`load_lvis_results` for why dropping it earlier changes no number). How many detections
-  that removes depends on the model (about 3/4 in the benchmark's synthetic predictions).
+  that removes depends on the model (78% of them in the benchmark's synthetic predictions).
 * The LVIS API itself is used unchanged, except that :class:`LeanLVISEval` skips the (image,
   category) pairs that have neither ground truth nor detection. The stock ``LVISEval.evaluate``
   creates three dict entries (in ``_gts``, ``_dts`` and ``ious``) for each of the
@@ -565,6 +565,15 @@ def load_lvis_results(paths, task, lvis_gt=None, max_dets_per_image=None):
         # truth) instead of finding no result at all. Hand over one detection it will ignore.
         image_id, record, k = selector.spare
         _append_results(results, image_id, record, [k], with_masks)
+    if selector is not None:
+        logger.info(
+            "%s pass: %d of %d detections are evaluated (after the top-%d cut, in categories "
+            "verified for their image); only those were loaded",
+            task,
+            selector.num_kept,
+            selector.num_seen,
+            selector.limit,
+        )
     return results
 
 
@@ -606,6 +615,8 @@ class _FederatedSelector:
         if self.limit is None:
             self.limit = DEFAULT_MAX_DETS_PER_IMAGE
         self.spare = None
+        self.num_seen = 0
+        self.num_kept = 0
         # Per image, the categories LVISEval._prepare evaluates: the negative ones plus those of
         # the ground truth it loads (a known category and 0 < area < inf, get_ann_ids' default).
         self._verified = {
@@ -625,8 +636,13 @@ class _FederatedSelector:
             indices = sorted(indices, key=scores.__getitem__, reverse=True)[: self.limit]
         verified = self._verified.get(image_id)
         if verified is None:
-            return list(indices)  # not a ground-truth image: LVISResults will reject it itself
+            # Not a ground-truth image: LVISResults will reject it itself.
+            self.num_seen += len(scores)
+            self.num_kept += len(indices)
+            return list(indices)
         kept = [k for k in indices if cats[k] in verified]
+        self.num_seen += len(scores)
+        self.num_kept += len(kept)
         if self.spare is None and len(kept) < len(indices):
             self.spare = (image_id, record, next(k for k in indices if cats[k] not in verified))
         return kept
