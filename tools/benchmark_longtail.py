@@ -1,9 +1,12 @@
 #!/usr/bin/env python
 """Accuracy comparison on the generated long-tail dataset (lvis_synth_*), on CPU, in one command.
 
-    python tools/benchmark_longtail.py --quick               # 1 seed, short schedules (< 10 min)
-    python tools/benchmark_longtail.py                       # 3 seeds (< 45 min on 2 idle cores)
-    python tools/benchmark_longtail.py --publish             # also copy plot + table to docs/
+    python tools/benchmark_longtail.py --quick    # 1 seed, 300 + 100 iterations (~8 min)
+    python tools/benchmark_longtail.py            # 3 seeds, 700 + 200 iterations (~35-40 min)
+    python tools/benchmark_longtail.py --publish  # also copy plot + table to docs/
+
+(times on 2 idle CPU cores; schedules are shortened from the configs' 1500 + 300 iterations, see
+``PRESETS``; --seeds, --stage-one-iters, --stage-two-iters, --posthoc-powers override them).
 
 Methods (box and mask AP, APr, APc, APf), for each seed (cfg.SEED):
 
@@ -15,11 +18,13 @@ Methods (box and mask AP, APr, APc, APf), for each seed (cfg.SEED):
   (MODEL.DISALIGN.POSTHOC norcal, gamma = POSTHOC_POWER) and tau-normalisation (tau_norm; not on
   the cosine classifier, whose weight rows are already normalised).
 
-Every run is a ``tools/train_net.py`` subprocess writing OUT/seed<S>/<stage one>/<method>/; a run
-whose ``metrics_final.json`` exists is reused (an interrupted run resumes from its last
-checkpoint), so re-running the command after an interruption only does what is missing. Outputs:
-OUT/benchmark.md (tables), OUT/benchmark.json (every number, per seed), OUT/benchmark.png
-(per-class AP against the class's training instance count).
+Every run is a ``tools/train_net.py`` subprocess writing OUT/seed<S>/<stage one>/<method>/ (OUT:
+--out, default output/benchmark or output/benchmark-quick); ``--jobs`` (default 2) runs side by
+side with cores / jobs threads each. A run whose ``metrics_final.json`` exists is reused (an
+interrupted run resumes from its last checkpoint), so re-running the command after an interruption
+only does what is missing; a folder holding a run with other settings is refused. Outputs:
+OUT/benchmark.md (tables, run times), OUT/benchmark.json (every number, per seed),
+OUT/benchmark.png (per-class AP against the class's training instance count).
 """
 
 import argparse
@@ -160,19 +165,23 @@ def _schedule(n, steps, warmup):
     ]  # fmt: skip
 
 
-# Sized from measurements on 2 CPU cores (see docs/benchmark.md and the report): a stage-one
-# iteration at batch 4 of 128 px, a stage-two iteration, one evaluation of the 160 val images and
-# the start-up of a run; the runs of two stage-one chains execute side by side (--jobs 2).
+# Sized from the CPU seconds of a quick run measured on the 2-core development machine (the
+# md's "Run times" table, 1 thread per run): a stage-one run costs ~35 s + 0.42 s per iteration
+# (batch 4 of 128 px), a stage-two run ~27 s + 0.14 s per iteration, a post-hoc run ~27 s (one
+# evaluation of the 160 val images, plus start-up). Two runs execute side by side (--jobs 2), so
+# wall time is about total CPU / 2 plus the tail after the last stage one:
+#   quick: 3 x 161 + 6 x 41 + 5 x 27 = ~860 CPU-s -> ~8 min on 2 idle cores;
+#   full (3 seeds): 9 x 329 + 18 x 55 + 15 x 27 = ~4350 CPU-s -> ~38 min on 2 idle cores.
 PRESETS = {
     "quick": Preset(
         "quick",
         seeds=(0,),
-        stage_one_iters=400,
+        stage_one_iters=300,
         stage_two_iters=100,
-        note="quick preset: ONE seed and short schedules, a smoke run of the comparison; no "
-        "seed spread, so no gain can be called significant",
+        note="quick preset: ONE seed and short schedules (stage one far from converged), a smoke "
+        "run of the comparison; no seed spread, so no gain can be called significant",
     ),
-    "full": Preset("full", seeds=(0, 1, 2), stage_one_iters=800, stage_two_iters=200),
+    "full": Preset("full", seeds=(0, 1, 2), stage_one_iters=700, stage_two_iters=200),
 }
 
 

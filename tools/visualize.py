@@ -162,6 +162,31 @@ def dataset_records(name: str, num: int, keep_classes: Optional[set]) -> List[di
     return records[: max(0, num)]
 
 
+def _visualizer_class():
+    from detectron2.utils.visualizer import Visualizer
+
+    class ClassColourVisualizer(Visualizer):
+        """Visualizer drawing every instance in its class's colour exactly: the stock one jitters
+        colours at random, so the same class would look different in a stage-one and a DisAlign
+        picture (and between predictions and ground truth)."""
+
+        def _jitter(self, color):
+            return color
+
+    return ClassColourVisualizer
+
+
+def _caption(vis, text: str) -> None:
+    """Small white-on-black caption in the top-left corner of a Visualizer's image."""
+    vis.draw_text(
+        text,
+        (2, 2),
+        font_size=vis._default_font_size * 1.2,  # about the size of the instance labels
+        color="w",
+        horizontal_alignment="left",
+    )
+
+
 def _unique_name(base: str, used: set) -> str:
     name, k = base, 1
     while name in used:
@@ -188,7 +213,7 @@ def visualize(
     ``dataset``; returns (and writes to OUTPUT/predictions.json) one summary per image."""
     from detectron2.data.detection_utils import read_image
     from detectron2.engine import DefaultPredictor
-    from detectron2.utils.visualizer import ColorMode, Visualizer
+    from detectron2.utils.visualizer import ColorMode
 
     if not inputs and not dataset:
         raise ValueError("Give --input images/folders and/or --dataset NAME")
@@ -206,6 +231,7 @@ def visualize(
             log(f"[visualize] no image of {dataset} has ground truth of classes {classes!r}")
         items += [(r["file_name"], r) for r in records]
 
+    visualizer_cls = _visualizer_class()
     predictor = DefaultPredictor(cfg)
     input_format = cfg.INPUT.FORMAT
     os.makedirs(output, exist_ok=True)
@@ -215,17 +241,23 @@ def visualize(
         rgb = image[:, :, ::-1] if input_format == "BGR" else image
         pred = predictor(image)["instances"].to("cpu")
         shown = filter_instances(pred, confidence, keep)
-        vis = Visualizer(rgb, metadata=meta, scale=scale, instance_mode=ColorMode.SEGMENTATION)
-        canvas = vis.draw_instance_predictions(shown).get_image()
+        vis = visualizer_cls(rgb, metadata=meta, scale=scale, instance_mode=ColorMode.SEGMENTATION)
+        vis.draw_instance_predictions(shown)
         if show_gt and record is not None:
             gt = dict(record)
             gt["annotations"] = [
                 a for a in record["annotations"] if keep is None or a["category_id"] in keep
             ]
-            gt_vis = Visualizer(
+            gt_vis = visualizer_cls(
                 rgb, metadata=meta, scale=scale, instance_mode=ColorMode.SEGMENTATION
             )
-            canvas = np.concatenate([canvas, gt_vis.draw_dataset_dict(gt).get_image()], axis=1)
+            gt_vis.draw_dataset_dict(gt)
+            # Side by side the two panels need a caption to be told apart.
+            _caption(vis, f"predictions >= {confidence:g}")
+            _caption(gt_vis, "ground truth")
+            canvas = np.concatenate([vis.output.get_image(), gt_vis.output.get_image()], axis=1)
+        else:
+            canvas = vis.output.get_image()
         out_name = _unique_name(os.path.splitext(os.path.basename(path))[0], used) + ".png"
         out_path = os.path.join(output, out_name)
         from PIL import Image
