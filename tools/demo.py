@@ -38,6 +38,7 @@ def run_stage(name, config, out_dir, opts, eval_only=False):
         os.path.join(ROOT, "tools", "train_net.py"),
         "--config-file",
         os.path.join(ROOT, config),
+        *(["--eval-only"] if eval_only else []),
         "OUTPUT_DIR",
         out_dir,
         *opts,
