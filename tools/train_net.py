@@ -23,7 +23,7 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 from disalign_det import add_disalign_config
-from disalign_det.data import check_num_classes, register_datasets_from_cfg
+from disalign_det.data import check_num_classes
 from disalign_det.engine import Trainer, launch
 
 logger = logging.getLogger("disalign_det.train_net")
@@ -39,8 +39,7 @@ def setup(args):
     cfg.freeze()
     # Validate before default_setup: it writes OUTPUT_DIR/config.yaml, which must not replace the
     # config of an earlier run in that folder with one that cannot run.
-    register_datasets_from_cfg(cfg)
-    check_num_classes(cfg)
+    check_num_classes(cfg)  # registers DATASETS.LVIS_FORMAT first
     resumable = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
     if cfg.MODEL.DISALIGN.FREEZE != "none" and not cfg.MODEL.WEIGHTS and not resumable:
         raise ValueError(

@@ -28,7 +28,7 @@ from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..data import check_num_classes, register_datasets_from_cfg
+from ..data import check_num_classes
 from ..evaluation import build_lvis_evaluator
 from ..modeling.freeze import apply_freeze
 from .checkpoint import DisAlignCheckpointer, get_rng_state
@@ -105,8 +105,7 @@ class Trainer(DefaultTrainer):
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
-        register_datasets_from_cfg(cfg)
-        check_num_classes(cfg)
+        check_num_classes(cfg)  # registers DATASETS.LVIS_FORMAT first
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
