@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -211,7 +212,7 @@ def longtail_smoke(tiny_dataset, tmp_path_factory):
     preset = bl.Preset("smoke", seeds=(0,), stage_one_iters=3, stage_two_iters=2,
                        posthoc_powers=(0.0,), extra_opts=_tiny_opts(tiny_dataset))  # fmt: skip
     runner = bl.InProcessRunner(threads=1)  # one thread: far faster on a busy shared CPU
-    res = bl.run_benchmark(preset, out, jobs=1, runner=runner, log=lambda m: None)
+    res = bl.run_benchmark(preset, out, jobs=1, runner=runner, log=lambda m: None, budget=3)
     return bl, preset, out, runner, res
 
 
@@ -258,6 +259,56 @@ def test_longtail_smoke_outputs(longtail_smoke):
         assert im.size[0] > 300 and im.size[1] > 200
 
 
+def test_longtail_budget_equals_evaluating_at_the_budget(longtail_smoke, tmp_path):
+    """The tables at the LVIS-like budget: re-evaluating a run's saved detections at k per image
+    gives exactly the metrics of running the model with TEST.DETECTIONS_PER_IMAGE = k."""
+    bl, _, _, runner, res = longtail_smoke
+    budget = res["budget"]
+    assert budget["dets_per_image"] == 3
+    assert [r["label"] for r in budget["rows"]] == [r["label"] for r in res["rows"]]
+    with open(res["paths"]["md"]) as f:
+        md = f.read()
+    assert "## At an LVIS-like detection budget: 3 detections per image" in md
+    assert "### Gains at 3 detections per image (mask)" in md
+    with open(res["paths"]["json"]) as f:
+        data = json.load(f)
+    assert data["budget"]["dets_per_image"] == 3 and data["dets_per_image"] == 20
+
+    for method in ("stage_one", "disalign_box_mask"):
+        run = next(r for r in res["runs"] if r.key == f"seed0/softmax/{method}")
+        weights = os.path.join(run.out_dir, "model_final.pth")
+        ref = bl.Run(key=f"ref/{method}", seed=0, stage_one="softmax", method=method, label="",
+                     config=run.config, opts=[*run.opts, "MODEL.WEIGHTS", weights,
+                                              "TEST.DETECTIONS_PER_IMAGE", "3"],
+                     eval_only=True, out_dir=str(tmp_path / method))  # fmt: skip
+        assert runner(ref) == 0
+        with open(os.path.join(ref.out_dir, "metrics_final.json")) as f:
+            expected = json.load(f)
+        row = next(
+            r for r in budget["rows"] if r["method"] == method and r["stage_one"] == "softmax"
+        )
+        for task in ("bbox", "segm"):
+            for m in ("AP", "APr", "APc", "APf"):
+                got = row["values"][task][m][0]
+                want = expected[task][m]
+                if want < 0:  # undefined bucket: None in the tables
+                    assert got is None, (method, task, m)
+                else:
+                    assert got == pytest.approx(want, abs=1e-9), (method, task, m)
+        # Not vacuous: the run saved more than 3 detections for some image, so the cut bites.
+        results = os.path.join(run.out_dir, "inference", "tiny_val", "lvis_instances_results.json")
+        with open(results) as f:
+            per_image = Counter(d["image_id"] for d in json.load(f))
+        assert max(per_image.values()) > 3, method
+
+
+def test_lvis_like_budget():
+    bl = _load_tool("benchmark_longtail")
+    assert bl.lvis_like_budget(1203) == 300
+    assert bl.lvis_like_budget(20) == 5  # the generated dataset
+    assert bl.lvis_like_budget(1) == 1
+
+
 def test_longtail_tables_over_seeds():
     """Statistics and gains over three seeds from made-up metrics (no training)."""
     bl = _load_tool("benchmark_longtail")
@@ -283,6 +334,17 @@ def test_longtail_tables_over_seeds():
     assert g["mean"] == pytest.approx(0.0) and g["significant"] is False
     assert rows["norcal_1"]["stats"]["bbox"]["APr"]["n"] == 2
     assert rows["norcal_1"]["gain"]["bbox"]["APr"]["n"] == 2
+    # Another source of metrics (the budget tables): every value shifted by 1, gains unchanged.
+    shifted = {
+        (r.seed, r.method): {t: {m: v + 1 for m, v in d.items()} for t, d in r.metrics.items()}
+        for r in runs
+    }
+    other = bl.summarise(
+        runs, preset, ["softmax"], metrics_of=lambda r: shifted[(r.seed, r.method)]
+    )
+    other = {row["method"]: row for row in other}
+    assert other["stage_one"]["stats"]["bbox"]["AP"]["mean"] == pytest.approx(12.0)
+    assert other["disalign_box_mask"]["gain"]["segm"]["AP"]["mean"] == pytest.approx(2.0)
     table = bl.gain_table(list(rows.values()), "bbox")
     assert "| softmax + DisAlign box-only | +0.0 ± 1.0 (-1.0–+1.0) n.s. |" in table
     assert "| softmax + DisAlign box+mask | +2.0 ± 0.0 (+2.0–+2.0) |" in table

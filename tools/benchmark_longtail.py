@@ -25,6 +25,10 @@ interrupted run resumes from its last checkpoint), so re-running the command aft
 only does what is missing; a folder holding a run with other settings is refused. Outputs:
 OUT/benchmark.md (tables, run times), OUT/benchmark.json (every number, per seed),
 OUT/benchmark.png (per-class AP against the class's training instance count).
+
+Every run is evaluated twice: at the configs' TEST.DETECTIONS_PER_IMAGE (100), and at an LVIS-like
+budget (``--budget``, default 300 * K / 1203 = 5 for the K = 20 generated classes) from the same
+saved detections, which equals running the model at that limit (see ``run_per_class_ap``).
 """
 
 import argparse
@@ -491,21 +495,33 @@ def run_scheduled(chains, runner, jobs: int, log) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _metric(run: Optional[Run], task: str, metric: str) -> Optional[float]:
-    """One metric of a finished run, None if the run is missing or the metric undefined."""
-    if run is None or not run.metrics:
+def _metric(metrics: Optional[dict], task: str, metric: str) -> Optional[float]:
+    """One metric of a finished run's ``{task: {metric: value}}``, None if the run is missing or
+    the metric undefined."""
+    if not metrics:
         return None
-    v = run.metrics.get(task, {}).get(metric)
+    v = metrics.get(task, {}).get(metric)
     # The LVIS API reports -1 (-> -100) for a bucket without ground truth: undefined, not a score.
     if v is None or not math.isfinite(v) or v < 0:
         return None
     return float(v)
 
 
-def summarise(runs: Sequence[Run], preset: Preset, stage_ones: Sequence[str]) -> List[dict]:
+def summarise(
+    runs: Sequence[Run],
+    preset: Preset,
+    stage_ones: Sequence[str],
+    metrics_of: Optional[Callable[[Run], Optional[dict]]] = None,
+) -> List[dict]:
     """One dict per table row: per-seed values, their statistics and, for every method built on a
-    stage one, the per-seed gains over that stage one."""
+    stage one, the per-seed gains over that stage one.
+
+    ``metrics_of(run)`` gives a run's ``{task: {metric: value}}`` (default: its
+    ``metrics_final.json``, i.e. the evaluation at TEST.DETECTIONS_PER_IMAGE).
+    """
+    metrics_of = metrics_of or (lambda run: run.metrics)
     by_key = {(r.seed, r.stage_one, r.method): r for r in runs}
+    metrics = {k: metrics_of(r) for k, r in by_key.items()}
     rows = []
     for g, method, label in method_rows(stage_ones, preset.posthoc_powers):
         row = {"stage_one": g, "method": method, "label": label, "seeds": list(preset.seeds)}
@@ -514,11 +530,11 @@ def summarise(runs: Sequence[Run], preset: Preset, stage_ones: Sequence[str]) ->
         for task in TASKS:
             row["values"][task], row["stats"][task], row["gain"][task] = {}, {}, {}
             for m in METRICS:
-                vals = [_metric(by_key[(s, g, method)], task, m) for s in preset.seeds]
+                vals = [_metric(metrics[(s, g, method)], task, m) for s in preset.seeds]
                 row["values"][task][m] = vals
                 row["stats"][task][m] = seed_stats(vals)
                 if method != "stage_one":
-                    base = [_metric(by_key[(s, g, "stage_one")], task, m) for s in preset.seeds]
+                    base = [_metric(metrics[(s, g, "stage_one")], task, m) for s in preset.seeds]
                     row["gain"][task][m] = gain_stats(vals, base)
         rows.append(row)
     return rows
@@ -633,30 +649,44 @@ def dataset_info(extra_opts: Sequence[str]) -> DatasetInfo:
 _GT_LOCK = threading.Lock()
 
 
-def run_per_class_ap(run: Run, info: DatasetInfo, task: str) -> Optional[PerClassAP]:
-    """Per-class AP of a finished run (cached in its folder as per_class_<task>.json)."""
-    cache = os.path.join(run.out_dir, f"per_class_{task}.json")
+def run_per_class_ap(
+    run: Run, info: DatasetInfo, task: str, max_dets: Optional[int] = None
+) -> Optional[PerClassAP]:
+    """Per-class AP (and the LVIS summary) of a finished run, from its saved detections.
+
+    ``max_dets`` (default: the runs' TEST.DETECTIONS_PER_IMAGE) keeps each image's top-``max_dets``
+    detections by score, as ``LVISResults`` does. A smaller value equals evaluating the model with
+    TEST.DETECTIONS_PER_IMAGE = ``max_dets``: detectron2 applies NMS per class and cuts the
+    score-sorted survivors last, so the top-k of the saved list is what the model would return.
+    Cached in the run's folder (per_class_<task>[_dets<k>].json), recomputed when the results are
+    newer.
+    """
+    max_dets = info.max_dets if max_dets is None else int(max_dets)
+    suffix = "" if max_dets == info.max_dets else f"_dets{max_dets}"
+    cache = os.path.join(run.out_dir, f"per_class_{task}{suffix}.json")
     results = os.path.join(run.out_dir, "inference", info.test_name, "lvis_instances_results.json")
     if not os.path.isfile(results):
         return None
     if os.path.isfile(cache) and os.path.getmtime(cache) >= os.path.getmtime(results):
         with open(cache) as f:
             d = json.load(f)
-        return PerClassAP(
-            d["cat_ids"],
-            [math.nan if v is None else v for v in d["ap"]],
-            d["frequency"],
-            d.get("summary", {}),
-        )
+        if d.get("max_dets", max_dets) == max_dets:
+            return PerClassAP(
+                d["cat_ids"],
+                [math.nan if v is None else v for v in d["ap"]],
+                d["frequency"],
+                d.get("summary", {}),
+            )
     with _GT_LOCK:
         if info.lvis_gt is None:
             from lvis import LVIS
 
             info.lvis_gt = LVIS(info.gt_json)
-        pc = lvis_per_class_ap(info.lvis_gt, results, task, max_dets=info.max_dets)
+        pc = lvis_per_class_ap(info.lvis_gt, results, task, max_dets=max_dets)
     with open(cache, "w") as f:
         json.dump(
             {
+                "max_dets": max_dets,
                 "cat_ids": pc.cat_ids,
                 "ap": [None if math.isnan(a) else float(a) for a in pc.ap],
                 "frequency": pc.frequency,
@@ -665,6 +695,26 @@ def run_per_class_ap(run: Run, info: DatasetInfo, task: str) -> Optional[PerClas
             f,
         )
     return pc
+
+
+def lvis_like_budget(num_classes: int) -> int:
+    """Detections per image that give ``num_classes`` classes LVIS v1's share of the per-image
+    limit: 300 detections for 1203 classes (0.25 per class), at least 1."""
+    return max(1, round(300 * num_classes / 1203))
+
+
+def budget_metrics(run: Run, info: DatasetInfo, max_dets: int) -> Optional[dict]:
+    """``{task: {metric: value in percent}}`` of a finished run re-evaluated at ``max_dets``
+    detections per image (see :func:`run_per_class_ap`); -100 where LVIS reports undefined."""
+    if not run.metrics:
+        return None
+    out = {}
+    for task in TASKS:
+        pc = run_per_class_ap(run, info, task, max_dets=max_dets)
+        if pc is None or not pc.summary:
+            return None
+        out[task] = {m: float(pc.summary[m]) * 100 for m in METRICS if m in pc.summary}
+    return out
 
 
 def per_class_means(runs, info, task, stage_ones, methods=("stage_one", "disalign_box_mask")):
@@ -796,10 +846,53 @@ def _notes(preset: Preset, stage_ones) -> List[str]:
     return notes
 
 
+def budget_section(budget: dict, info: DatasetInfo) -> List[str]:
+    """Markdown lines of the tables at the LVIS-like detection budget."""
+    k = budget["dets_per_image"]
+    rows = budget["rows"]
+    return [
+        f"## At an LVIS-like detection budget: {k} detections per image",
+        "",
+        f"LVIS v1 evaluates at most 300 detections per image for 1203 classes (0.25 per class); "
+        f"the same share for {len(info.class_names)} classes is {k}. With "
+        f"{info.max_dets} detections per image nothing competes for the slots, so a per-class "
+        "score calibration can only reorder detections within a class; at the LVIS-like budget it "
+        "also decides which classes make the cut, as on LVIS. Same runs, re-evaluated from their "
+        f"saved detections (each image's top {k} by score = what TEST.DETECTIONS_PER_IMAGE {k} "
+        "returns, since detectron2 cuts after its per-class NMS).",
+        "",
+        mean_table(rows),
+        "",
+        f"### Gains at {k} detections per image (box)",
+        "",
+        gain_table(rows, "bbox"),
+        "",
+        f"### Gains at {k} detections per image (mask)",
+        "",
+        gain_table(rows, "segm"),
+        "",
+    ]
+
+
 def write_outputs(
-    out, preset, stage_ones, runs, rows, per_class, info, plot_task, wall_s, jobs, threads, load
+    out,
+    preset,
+    stage_ones,
+    runs,
+    rows,
+    per_class,
+    info,
+    plot_task,
+    wall_s,
+    jobs,
+    threads,
+    load,
+    budget=None,
 ):
-    """Write benchmark.md, benchmark.json and benchmark.png into ``out``; returns their paths."""
+    """Write benchmark.md, benchmark.json and benchmark.png into ``out``; returns their paths.
+
+    ``budget``: ``{"dets_per_image": k, "rows": summarise(...) at k}`` or None.
+    """
     md_path = os.path.join(out, "benchmark.md")
     json_path = os.path.join(out, "benchmark.json")
     png_path = os.path.join(out, "benchmark.png")
@@ -845,6 +938,10 @@ def write_outputs(
         "",
         gain_table(rows, "segm"),
         "",
+    ]
+    if budget:
+        lines += budget_section(budget, info)
+    lines += [
         f"![per-class {TASK_LABEL[plot_task]} AP](benchmark.png)",
         "",
         f"Per-class **{TASK_LABEL[plot_task]}** AP (LVISEval precision averaged over IoU and "
@@ -879,6 +976,8 @@ def write_outputs(
         "threads_per_run": threads,
         "notes": _notes(preset, stage_ones),
         "rows": rows,
+        "dets_per_image": info.max_dets,
+        "budget": budget,
         "runs": {
             r.key: {
                 "status": r.status,
@@ -915,10 +1014,13 @@ def run_benchmark(
     publish_dir: Optional[str] = None,
     dry_run: bool = False,
     log: Callable[[str], None] = None,
+    budget: Optional[int] = None,
 ) -> dict:
     """Run (or reuse) every run of ``preset`` and write the table, JSON and plot into ``out``.
 
-    Returns a dict with ``rows``, ``runs``, ``paths`` (md, json, png) and ``wall_s``.
+    ``budget``: detections per image of the second evaluation (None: :func:`lvis_like_budget` of
+    the number of classes; 0: none). Returns a dict with ``rows``, ``budget`` (None or
+    ``{"dets_per_image", "rows"}``), ``runs``, ``paths`` (md, json, png) and ``wall_s``.
     """
     start = time.perf_counter()
     load_start = os.getloadavg()[0]
@@ -931,7 +1033,7 @@ def run_benchmark(
     if dry_run:
         for r in runs:
             print("python tools/train_net.py " + " ".join(r.command_args()))
-        return {"runs": runs, "rows": [], "paths": {}, "wall_s": 0.0}
+        return {"runs": runs, "rows": [], "budget": None, "paths": {}, "wall_s": 0.0}
     if preset.name == "quick":
         log("QUICK preset: 1 seed and short schedules; a smoke run, not a result.")
     log(
@@ -944,11 +1046,23 @@ def run_benchmark(
     info = dataset_info(preset.extra_opts)
     rows = summarise(runs, preset, stage_ones)
     per_class = per_class_means(runs, info, plot_task, stage_ones)
+    if budget is None:
+        budget = lvis_like_budget(len(info.class_names))
+    budget_res = None
+    if 0 < budget < info.max_dets:
+        t0 = time.perf_counter()
+        at_budget = {r.key: budget_metrics(r, info, budget) for r in runs}
+        rows_b = summarise(runs, preset, stage_ones, metrics_of=lambda r: at_budget[r.key])
+        budget_res = {"dets_per_image": budget, "rows": rows_b}
+        log(f"evaluation at {budget} detections per image: {time.perf_counter() - t0:.0f} s")
+    elif budget:
+        log(f"no budget evaluation: {budget} >= TEST.DETECTIONS_PER_IMAGE {info.max_dets}")
     wall_s = time.perf_counter() - start
     load = (load_start, os.getloadavg()[0])
     paths = write_outputs(
-        out, preset, stage_ones, runs, rows, per_class, info, plot_task, wall_s, jobs, threads, load
-    )
+        out, preset, stage_ones, runs, rows, per_class, info, plot_task, wall_s, jobs, threads,
+        load, budget=budget_res,
+    )  # fmt: skip
     paths = dict(zip(("md", "json", "png"), paths))
     if publish_dir:
         os.makedirs(publish_dir, exist_ok=True)
@@ -956,7 +1070,7 @@ def run_benchmark(
             dst = os.path.join(publish_dir, f"benchmark.{kind}")
             shutil.copyfile(paths[kind], dst)
             paths[f"published_{kind}"] = dst
-    return {"rows": rows, "runs": runs, "paths": paths, "wall_s": wall_s}
+    return {"rows": rows, "budget": budget_res, "runs": runs, "paths": paths, "wall_s": wall_s}
 
 
 def parse_args(argv=None):
@@ -1002,6 +1116,13 @@ def parse_args(argv=None):
         action="store_true",
         help="copy the plot and the table to docs/benchmark.{png,md}",
     )
+    parser.add_argument(
+        "--budget",
+        type=int,
+        default=None,
+        help="also evaluate every run at this many detections per image (default: LVIS's 300 "
+        "per 1203 classes scaled to the dataset, 5 for 20 classes; 0: off)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     parser.add_argument(
         "opts",
@@ -1046,6 +1167,7 @@ def main(argv=None, runner=None) -> int:
         plot_task=args.plot_task,
         publish_dir=os.path.join(ROOT, "docs") if args.publish else None,
         dry_run=args.dry_run,
+        budget=args.budget,
     )
     if args.dry_run:
         return 0
