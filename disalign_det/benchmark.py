@@ -141,7 +141,15 @@ def lvis_per_class_ap(lvis_gt, results, iou_type: str, max_dets: int = 300) -> P
     if not results:
         nan = np.full(len(cat_ids), np.nan)
         return PerClassAP(cat_ids, nan, frequency, {})
-    dt = LVISResults(lvis_gt, results, max_dets=max_dets)
+    # LVISResults warns "Assuming user provided the results in correct format" for every list it
+    # is given: true by construction here, and noise in the benchmark's output, once per run.
+    results_logger = logging.getLogger("lvis.results")
+    level = results_logger.level
+    results_logger.setLevel(logging.ERROR)
+    try:
+        dt = LVISResults(lvis_gt, results, max_dets=max_dets)
+    finally:
+        results_logger.setLevel(level)
     ev = LVISEval(lvis_gt, dt, iou_type)
     ev.params.max_dets = max_dets
     ev.run()

@@ -1,4 +1,5 @@
 """Each compatibility shim: applied where needed, and what it provides behaves as expected."""
+
 import subprocess
 import sys
 

@@ -1,4 +1,5 @@
 """Every shipped config loads and builds a model on CPU (LVIS configs with all 1203 classes)."""
+
 import glob
 import json
 import os

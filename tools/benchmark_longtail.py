@@ -2,7 +2,7 @@
 """Accuracy comparison on the generated long-tail dataset (lvis_synth_*), on CPU, in one command.
 
     python tools/benchmark_longtail.py --quick    # 1 seed, 300 + 100 iterations (~8 min)
-    python tools/benchmark_longtail.py            # 3 seeds, 700 + 200 iterations (~35-40 min)
+    python tools/benchmark_longtail.py            # 3 seeds, 700 + 200 iterations (~36 min)
     python tools/benchmark_longtail.py --publish  # also copy plot + table to docs/
 
 (times on 2 idle CPU cores; schedules are shortened from the configs' 1500 + 300 iterations, see
@@ -176,6 +176,7 @@ def _schedule(n, steps, warmup):
 # wall time is about total CPU / 2 plus the tail after the last stage one:
 #   quick: 3 x 161 + 6 x 41 + 5 x 27 = ~860 CPU-s -> ~8 min on 2 idle cores;
 #   full (3 seeds): 9 x 329 + 18 x 55 + 15 x 27 = ~4350 CPU-s -> ~38 min on 2 idle cores.
+# Measured for the full preset from an empty folder: 4220 CPU-s, 36.1 min wall (docs/benchmark.md).
 PRESETS = {
     "quick": Preset(
         "quick",
