@@ -227,14 +227,14 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
 
         losses = {}
         if scores.requires_grad:
-            weights = self.grw_weights()
+            weights, normalize = self.grw_weights(), self.loss_normalizer()
             if self.sigmoid_ce:
                 mask = None
                 if self.use_fed_loss and gt_classes.numel():
                     mask = self._fed_loss_class_mask(gt_classes)
-                loss = weighted_sigmoid_cross_entropy(scores, gt_classes, weights, mask)
+                loss = weighted_sigmoid_cross_entropy(scores, gt_classes, weights, mask, normalize)
             else:
-                loss = weighted_cross_entropy(scores, gt_classes, weights)
+                loss = weighted_cross_entropy(scores, gt_classes, weights, normalize)
             losses["loss_cls"] = loss
         if proposal_deltas.requires_grad:
             if len(proposals):
