@@ -1,6 +1,7 @@
 """The resumable training loader (``disalign_det.data.samplers``): batches of one orientation,
 full, in stream order as detectron2's grouping forms them, a pure function of (seed, iteration) so
-that a resume replays the tail exactly, with per-rank shards and worker-independent augmentations."""
+that a resume replays the tail exactly, with per-rank shards and worker-independent augmentations.
+"""
 
 import disalign_det  # noqa: F401  isort:skip
 
