@@ -1,21 +1,28 @@
 """Interrupted runs resume exactly: a ``tools/train_net.py`` process SIGKILLed right after a
-checkpoint, restarted with ``--resume``, ends bit-identical to an uninterrupted run (stage one and
-stage two); a save that fails half-way leaves the previous checkpoint and ``last_checkpoint``
-intact."""
+checkpoint, or (with 2 data-loader workers and images of both orientations) at a random iteration
+between checkpoints, restarted with ``--resume``, ends bit-identical to an uninterrupted run and
+trains on the same images at every iteration (stage one and stage two); a save that fails half-way
+leaves the previous checkpoint and ``last_checkpoint`` intact."""
 
 import disalign_det  # noqa: F401  isort:skip
 
+import json
 import os
+import random
 import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
-from conftest import REPO, load_script, tiny_cfg
+from conftest import REPO, TINY_CLASSES, load_script, tiny_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
+from PIL import Image
 
+from disalign_det.data import generate_synthetic_lvis
+from disalign_det.data.samplers import LOG_BATCHES_ENV
 from disalign_det.engine import DisAlignCheckpointer
 
 TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
@@ -51,18 +58,19 @@ tn.cli(sys.argv[2:])
 """
 
 
-def _config_file(tmp_path, tiny_dataset, config, opts):
+def _config_file(tmp_path, tiny_dataset, config, opts, name="tiny_train"):
     """A tiny config file that registers the tiny dataset itself (for the child process)."""
-    lvis_format = repr(((("tiny_train", tiny_dataset["train_json"], tiny_dataset["image_root"])),))
-    cfg = tiny_cfg(config, "", ["DATASETS.LVIS_FORMAT", lvis_format, *opts])
+    lvis_format = repr((((name, tiny_dataset["train_json"], tiny_dataset["image_root"])),))
+    opts = ["DATASETS.LVIS_FORMAT", lvis_format, "DATASETS.TRAIN", repr((name,)), *opts]
+    cfg = tiny_cfg(config, "", opts)
     path = tmp_path / "config.yaml"
     path.write_text(cfg.dump())
     return str(path)
 
 
-def _killed_run(config_file, output_dir, kill_after):
+def _killed_run(config_file, output_dir, kill_after, log_batches=""):
     """Start train_net in a child process that SIGKILLs itself after iteration ``kill_after``."""
-    env = dict(os.environ, KILL_AFTER_ITER=str(kill_after))
+    env = dict(os.environ, KILL_AFTER_ITER=str(kill_after), **{LOG_BATCHES_ENV: log_batches})
     argv = ["--config-file", config_file, "OUTPUT_DIR", output_dir]
     return subprocess.Popen(
         [sys.executable, "-c", KILLED_RUN, TRAIN_NET, *argv],
@@ -73,11 +81,19 @@ def _killed_run(config_file, output_dir, kill_after):
     )
 
 
-def _in_process_run(config_file, output_dir, resume):
+def _in_process_run(config_file, output_dir, resume, log_batches="", trainers=None):
     # The same thread count as the child (KILLED_RUN): floating-point reductions, hence the bits
     # of the result, depend on it.
     torch.set_num_threads(2)
     tn = load_script("tools/train_net.py")
+    if trainers is not None:
+
+        class Recorded(tn.Trainer):
+            def __init__(self, cfg):
+                super().__init__(cfg)
+                trainers.append(self)
+
+        tn.Trainer = Recorded
     argv = [
         "--config-file",
         config_file,
@@ -85,17 +101,39 @@ def _in_process_run(config_file, output_dir, resume):
         "OUTPUT_DIR",
         output_dir,
     ]
-    tn.main(tn.default_argument_parser().parse_args(argv))
+    old = os.environ.get(LOG_BATCHES_ENV)
+    os.environ[LOG_BATCHES_ENV] = log_batches
+    try:
+        tn.main(tn.default_argument_parser().parse_args(argv))
+    finally:
+        if old is None:
+            del os.environ[LOG_BATCHES_ENV]
+        else:
+            os.environ[LOG_BATCHES_ENV] = old
 
 
-def _check_resume_is_exact(tmp_path, config_file, max_iter, period):
-    """Uninterrupted run vs. run killed after the first checkpoint and resumed: every tensor of
-    model_final.pth (model, BatchNorm statistics) and the optimizer state are bit-identical."""
+def _check_resume_is_exact(tmp_path, config_file, max_iter, period, kill_after=None):
+    """Uninterrupted run vs. run killed after iteration ``kill_after`` and resumed from the last
+    checkpoint before it: every tensor of model_final.pth (model, BatchNorm statistics) and the
+    optimizer state are bit-identical.
+
+    ``kill_after``: None (right after the first checkpoint) or a function of the uninterrupted
+    run's trainer returning the iteration. Returns the final model state, the batches (image ids
+    per iteration, ``{iteration: [image_id, ...]}``) of the uninterrupted, killed and resumed runs,
+    and the kill iteration."""
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-    last = period - 1  # iteration index of the first checkpoint
-    # The child's interpreter start overlaps with the uninterrupted run in this process.
-    child = _killed_run(config_file, killed, kill_after=last)
-    _in_process_run(config_file, full, resume=False)
+    logs = {k: str(tmp_path / f"batches_{k}.jsonl") for k in ("full", "killed", "resumed")}
+    trainers = []
+    if kill_after is None:
+        kill_after = period - 1
+        # The child's interpreter start overlaps with the uninterrupted run in this process.
+        child = _killed_run(config_file, killed, kill_after, logs["killed"])
+        _in_process_run(config_file, full, False, log_batches=logs["full"], trainers=trainers)
+    else:
+        _in_process_run(config_file, full, False, log_batches=logs["full"], trainers=trainers)
+        kill_after = kill_after(trainers[0])
+        child = _killed_run(config_file, killed, kill_after, logs["killed"])
+    last = (kill_after + 1) // period * period - 1  # iteration index of the last checkpoint
     _, stderr = child.communicate(timeout=300)
     assert child.returncode == -signal.SIGKILL, stderr.decode()[-3000:]
     ckpt = f"model_{last:07d}.pth"
@@ -103,19 +141,34 @@ def _check_resume_is_exact(tmp_path, config_file, max_iter, period):
         assert f.read() == ckpt
     assert not os.path.exists(os.path.join(killed, "model_final.pth"))
 
-    _in_process_run(config_file, killed, resume=True)
+    _in_process_run(config_file, killed, resume=True, log_batches=logs["resumed"])
     a = torch.load(os.path.join(full, "model_final.pth"), weights_only=True)
     b = torch.load(os.path.join(killed, "model_final.pth"), weights_only=True)
     assert a["iteration"] == b["iteration"] == max_iter - 1
     assert a["model"].keys() == b["model"].keys()
     for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
+        assert torch.equal(v, b["model"][k]), (k, f"killed after iteration {kill_after}")
     opt_a = a["trainer"]["_trainer"]["optimizer"]["state"]
     opt_b = b["trainer"]["_trainer"]["optimizer"]["state"]
     assert opt_a.keys() == opt_b.keys() and len(opt_a) > 0
     for i, state in opt_a.items():
         assert torch.equal(state["momentum_buffer"], opt_b[i]["momentum_buffer"]), i
-    return a["model"]
+    batches = {k: _read_batches(path) for k, path in logs.items()}
+    # Each run logged the iterations it trained, in order.
+    assert list(batches["full"]) == list(range(max_iter))
+    assert list(batches["killed"]) == list(range(kill_after + 1))
+    assert list(batches["resumed"]) == list(range(last + 1, max_iter))
+    return a["model"], batches, kill_after
+
+
+def _read_batches(path):
+    ret = {}
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            assert row["rank"] == 0 and row["iter"] not in ret, row
+            ret[row["iter"]] = row["image_ids"]
+    return ret
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +192,7 @@ def test_stage_two_resumes_bit_identical(tiny_dataset, stage_one_weights, tmp_pa
         "SOLVER.CHECKPOINT_PERIOD", "2",
     ]  # fmt: skip
     config = _config_file(tmp_path, tiny_dataset, "synthetic/disalign_synth.yaml", opts)
-    final = _check_resume_is_exact(tmp_path, config, max_iter=4, period=2)
+    final, _, _ = _check_resume_is_exact(tmp_path, config, max_iter=4, period=2)
     # Stage two did train the calibration in those iterations.
     assert not torch.equal(
         final["roi_heads.box_predictor.logit_scale"],
@@ -153,6 +206,102 @@ def test_stage_one_resumes_bit_identical(tiny_dataset, tmp_path):
     opts = ["SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "1"]
     config = _config_file(tmp_path, tiny_dataset, "synthetic/mask_rcnn_synth.yaml", opts)
     _check_resume_is_exact(tmp_path, config, max_iter=2, period=1)
+
+
+@pytest.fixture(scope="module")
+def mixed_dataset(tmp_path_factory):
+    """A tiny generated LVIS-format train split with both orientations: a third of the images
+    padded to landscape (80 x 64), a third to portrait (64 x 80), a third left square (detectron2
+    groups those with portrait). The padding is at the right / bottom, so annotations still fit."""
+    out = str(tmp_path_factory.mktemp("mixed_lvis"))
+    paths = generate_synthetic_lvis(
+        out, seed=1, num_classes=TINY_CLASSES, num_train_images=30, num_val_images=12, image_size=64
+    )
+    with open(paths["train_json"]) as f:
+        data = json.load(f)
+    for k, img in enumerate(data["images"]):
+        if k % 3 == 2:
+            continue
+        path = os.path.join(paths["image_root"], "train2017", os.path.basename(img["coco_url"]))
+        pixels = np.asarray(Image.open(path).convert("RGB"))
+        pad = ((0, 0), (0, 16)) if k % 3 == 0 else ((0, 16), (0, 0))
+        pixels = np.pad(pixels, pad + ((0, 0),))
+        Image.fromarray(pixels).save(path, quality=95)
+        img["height"], img["width"] = pixels.shape[:2]
+    with open(paths["train_json"], "w") as f:
+        json.dump(data, f)
+    paths["orientation"] = {img["id"]: img["width"] > img["height"] for img in data["images"]}
+    return paths
+
+
+def _waiting_at(trainer, iterations):
+    """For each batch boundary in ``iterations``: whether an image of this run's index stream waits
+    in an orientation bucket there (what detectron2's grouping loses on resume)."""
+    bs = trainer.data_loader.batch_sampler
+    buckets, n, ret = {}, 0, {}
+    for idx in bs.sampler:
+        g = int(bs.group_ids[idx])
+        buckets[g] = buckets.get(g, 0) + 1
+        if buckets[g] == bs.batch_size:
+            buckets[g], n = 0, n + 1
+            if n in iterations:
+                ret[n] = sum(buckets.values()) > 0
+            if n >= max(iterations):
+                return ret
+
+
+def _check_mixed_resume(tmp_path, mixed_dataset, config, opts, period=3):
+    """With 2 data-loader workers, kill at a random iteration strictly between two checkpoints,
+    the first of which has an image waiting in an orientation bucket; weights, optimizer and
+    per-iteration image ids must match the uninterrupted run."""
+    max_iter = 3 * period
+    opts = [
+        *opts,
+        "DATALOADER.NUM_WORKERS", "2",
+        "SOLVER.MAX_ITER", str(max_iter),
+        "SOLVER.CHECKPOINT_PERIOD", str(period),
+    ]  # fmt: skip
+    config = _config_file(tmp_path, mixed_dataset, config, opts, name="mixed_train")
+
+    def kill_after(trainer):
+        # Checkpoints after iterations period - 1 and 2 * period - 1: resuming from one starts
+        # with batch period or 2 * period.
+        waiting = _waiting_at(trainer, {period, 2 * period})
+        starts = [n for n, w in sorted(waiting.items()) if w]
+        assert starts, f"no image waits at a checkpoint ({waiting}): choose another SEED"
+        start = random.choice(starts)
+        return random.randint(start, start + period - 2)
+
+    final, batches, killed_at = _check_resume_is_exact(
+        tmp_path, config, max_iter, period, kill_after=kill_after
+    )
+    full = batches["full"]
+    msg = f"killed after iteration {killed_at}"
+    assert {**batches["killed"], **batches["resumed"]} == full, msg
+    assert {i: full[i] for i in batches["killed"]} == batches["killed"], msg
+    # Full batches of one orientation, both orientations trained on.
+    orientation = mixed_dataset["orientation"]
+    assert all(len(ids) == 2 and len({orientation[i] for i in ids}) == 1 for ids in full.values())
+    assert {orientation[ids[0]] for ids in full.values()} == {True, False}
+    return final
+
+
+@pytest.mark.slow
+def test_stage_one_resumes_exactly_with_workers_and_both_orientations(mixed_dataset, tmp_path):
+    # Repeat-factor sampling: its stream (stochastic rounding per epoch) must replay too.
+    _check_mixed_resume(tmp_path, mixed_dataset, "synthetic/mask_rcnn_synth_rfs.yaml", [])
+
+
+@pytest.mark.slow
+def test_stage_two_resumes_exactly_with_workers_and_both_orientations(
+    mixed_dataset, stage_one_weights, tmp_path
+):
+    opts = ["MODEL.WEIGHTS", stage_one_weights, "SOLVER.BASE_LR", "0.5"]
+    final = _check_mixed_resume(tmp_path, mixed_dataset, "synthetic/disalign_synth.yaml", opts)
+    assert not torch.equal(
+        final["roi_heads.box_predictor.logit_scale"],
+        torch.ones_like(final["roi_heads.box_predictor.logit_scale"]),
+    )
 
 
 def _failing_save(obj, f, *args, **kwargs):

@@ -9,11 +9,7 @@ import os
 import weakref
 
 import torch
-from detectron2.data import (
-    MetadataCatalog,
-    build_detection_test_loader,
-    build_detection_train_loader,
-)
+from detectron2.data import MetadataCatalog, build_detection_test_loader
 from detectron2.engine import (
     AMPTrainer,
     DefaultTrainer,
@@ -29,6 +25,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..data import check_num_classes
+from ..data.samplers import GroupedBatchSampler, build_resumable_train_loader
 from ..evaluation import build_lvis_evaluator
 from ..modeling import install_class_weights
 from ..modeling.freeze import apply_freeze
@@ -40,15 +37,14 @@ logger = logging.getLogger(__name__)
 
 
 class ResumableSampler(torch.utils.data.Sampler):
-    """Wraps an infinite training sampler (``TrainingSampler``, ``RepeatFactorTrainingSampler``)
-    and skips the first ``start`` indices of this process's stream, so that a resumed run sees the
-    same images at the same iterations as an uninterrupted one. ``start`` is set by
-    :meth:`Trainer.resume_or_load` before the first batch is drawn.
+    """Wraps an infinite training sampler and skips the first ``start`` indices of this process's
+    stream (set by :meth:`Trainer.resume_or_load` to iterations x images per process).
 
-    ``start`` is iterations x images per process: exact when every batch takes the next images
-    of the stream, i.e. without aspect-ratio grouping or when all images fall in one group (as in
-    the generated datasets). With LVIS's mixed aspect ratios the resumed stream is approximate:
-    images waiting in the other group's bucket at the checkpoint are not replayed."""
+    For loaders built with detectron2's ``build_detection_train_loader`` (e.g. by a subclass's
+    ``build_train_loader``). Exact only without data-loader workers and with images of one
+    aspect-ratio group: detectron2 groups after the workers, so images waiting in the other group's
+    bucket at the checkpoint are lost. :meth:`Trainer.build_train_loader` uses
+    :class:`~disalign_det.data.samplers.GroupedBatchSampler` instead, which is exact."""
 
     def __init__(self, sampler):
         self.sampler = sampler
@@ -144,17 +140,23 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        """detectron2's train loader with a :class:`ResumableSampler`, a mapper whose errors name
-        the image, and a private generator for the DataLoader's base seed (see
-        :func:`_use_private_generator`)."""
+        """detectron2's train loader (dataset, mapper, sampler from the config) with exact resumes:
+        aspect-ratio grouping by a :class:`~disalign_det.data.samplers.GroupedBatchSampler` in the
+        main process and per-image augmentation seeds with workers (see
+        :mod:`disalign_det.data.samplers`), a mapper whose errors name the image, and a private
+        generator for the DataLoader's base seed (see :func:`_private_generator`)."""
         from detectron2.data.build import _train_loader_from_config
 
         kwargs = _train_loader_from_config(cfg)
-        kwargs["sampler"] = ResumableSampler(kwargs["sampler"])
-        kwargs["mapper"] = NamedErrorMapper(kwargs["mapper"])
-        loader = build_detection_train_loader(**kwargs)
-        _use_private_generator(loader)
-        return loader
+        return build_resumable_train_loader(
+            kwargs["dataset"],
+            mapper=NamedErrorMapper(kwargs["mapper"]),
+            sampler=kwargs["sampler"],
+            total_batch_size=kwargs["total_batch_size"],
+            aspect_ratio_grouping=kwargs["aspect_ratio_grouping"],
+            num_workers=kwargs["num_workers"],
+            generator=_private_generator(),
+        )
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -233,12 +235,19 @@ class Trainer(DefaultTrainer):
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
         if self.start_iter > 0:
-            per_process = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
-            sampler = _find_resumable_sampler(self.data_loader)
-            if sampler is not None:
+            batch_sampler = _find_loader_part(self.data_loader, GroupedBatchSampler)
+            sampler = _find_loader_part(self.data_loader, ResumableSampler)
+            if batch_sampler is not None:
+                # Batch i feeds iteration i on every rank.
+                batch_sampler.start = self.start_iter
+            elif sampler is not None:
+                per_process = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
                 sampler.start = self.start_iter * per_process
             else:
-                logger.warning("Resuming without a ResumableSampler: the data order restarts.")
+                logger.warning(
+                    "Resuming without a GroupedBatchSampler or ResumableSampler: the data order "
+                    "restarts."
+                )
 
 
 class _GatherRNGStates(HookBase):
@@ -295,7 +304,7 @@ def _walk_loader(loader):
                 stack.append(child)
 
 
-def _use_private_generator(loader):
+def _private_generator():
     # Creating a DataLoader iterator draws its workers' base seed from the global torch RNG unless
     # the DataLoader has a generator. That draw happens on the first batch: at iteration 0 in an
     # uninterrupted run but right after the RNG state was restored in a resumed one, so it would
@@ -303,9 +312,7 @@ def _use_private_generator(loader):
     # generator is seeded from the global RNG now, at build time, which an uninterrupted and a
     # resumed run reach in the same state (same SEED and rank: default_setup).
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-    for obj in _walk_loader(loader):
-        if isinstance(obj, torch.utils.data.DataLoader) and obj.generator is None:
-            obj.generator = torch.Generator().manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
 
 
 def model_on_cuda(model):
@@ -313,8 +320,8 @@ def model_on_cuda(model):
     return p is not None and p.is_cuda
 
 
-def _find_resumable_sampler(loader):
-    return next((o for o in _walk_loader(loader) if isinstance(o, ResumableSampler)), None)
+def _find_loader_part(loader, cls):
+    return next((o for o in _walk_loader(loader) if isinstance(o, cls)), None)
 
 
 def _jsonable(x):
