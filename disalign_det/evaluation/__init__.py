@@ -72,7 +72,7 @@ def build_lvis_evaluator(cfg, dataset_name, output_folder=None):
     fixed_k = int(node.FIXED_AP_DETS_PER_CLASS) if fixed else 0
     backend = node.BACKEND if node is not None else "lvis"
     if fixed:
-        if 0 <= max_dets < DEFAULT_MAX_DETS_PER_IMAGE:
+        if 0 <= max_dets <= DEFAULT_MAX_DETS_PER_IMAGE:
             raise ValueError(
                 f"TEST.LVIS_EVAL.FIXED_AP=True but TEST.DETECTIONS_PER_IMAGE={max_dets} caps the "
                 "model per image: call apply_fixed_ap_config(cfg) before building the model "

@@ -113,11 +113,14 @@ class PerClassTopK:
     Memory: at most ``categories x k`` kept entries plus ``chunk`` buffered ones, 24 bytes each.
     """
 
-    def __init__(self, k, chunk=1 << 20):
+    #: Detections buffered before a merge (tests lower it to exercise merging).
+    DEFAULT_CHUNK = 1 << 20
+
+    def __init__(self, k, chunk=None):
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
         self.k = int(k)
-        self.chunk = max(int(chunk), 1)
+        self.chunk = max(int(self.DEFAULT_CHUNK if chunk is None else chunk), 1)
         self.num_seen = 0
         # Kept entries, then buffered chunks not yet merged into them.
         self._cats = np.zeros(0, np.int64)
