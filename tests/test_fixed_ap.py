@@ -119,7 +119,7 @@ def _instances(dets):
 
 
 def _evaluate(gt_path, outputs, out_dir, k, max_dets=300):
-    """Run the streaming evaluator with Fixed AP; returns (results, per-class rows, results json)."""
+    """Run the streaming evaluator with Fixed AP: (results, per-class rows, results json)."""
     name = f"fixed_ap_{uuid.uuid4().hex[:8]}"
     MetadataCatalog.get(name).set(json_file=gt_path)
     ev = StreamingLVISEvaluator(
