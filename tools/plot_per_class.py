@@ -18,11 +18,8 @@ import argparse
 import logging
 import math
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from disalign_det.evaluation.per_class import read_per_class_table  # noqa: E402
+from disalign_det.evaluation.per_class import read_per_class_table
 
 logger = logging.getLogger("disalign_det.plot_per_class")
 
@@ -142,9 +139,8 @@ def main(argv=None):
     )
     plot(pairs, labels, args.task, args.out)
     for group, (ma, mb, n) in group_means(pairs).items():
-        print(
-            f"{group:>4}: {labels[0]} {ma:6.2f}  {labels[1]} {mb:6.2f}  ({mb - ma:+.2f}, {n} classes)"
-        )
+        change = f"{mb - ma:+.2f}, {n} classes"
+        print(f"{group:>4}: {labels[0]} {ma:6.2f}  {labels[1]} {mb:6.2f}  ({change})")
     print(f"wrote {args.out}")
     return pairs
 
