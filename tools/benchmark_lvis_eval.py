@@ -7,7 +7,13 @@ detections as detectron2 ``Instances`` with full-image masks (640x480 by default
 evaluator path in its own subprocess:
 
 * ``stock``: ``detectron2.evaluation.LVISEvaluator`` (process() per image, then evaluate());
-* ``ours``: ``disalign_det.evaluation.StreamingLVISEvaluator``.
+* ``ours``: ``disalign_det.evaluation.StreamingLVISEvaluator`` (LVIS API, the default backend);
+* ``fast``: the same evaluator with ``backend="fast"`` (``TEST.LVIS_EVAL.BACKEND``, our
+  vectorised ``LVISEval``, bit-identical);
+* ``faster``: the same evaluator with ``backend="faster_coco_eval"``.
+
+The metrics of ``stock``, ``fast`` and ``faster`` are compared with those of ``ours``: "identical"
+or the largest absolute difference, per size.
 
 Each worker reports, per stage, wall time and peak RSS of the worker process (Linux ``VmHWM``,
 reset with ``/proc/self/clear_refs`` at every stage start, so each stage's peak is its own):
@@ -23,6 +29,7 @@ Examples::
 
     python tools/benchmark_lvis_eval.py --sizes 200,500,1000
     python tools/benchmark_lvis_eval.py --sizes 19809 --paths ours --timeout 3600
+    python tools/benchmark_lvis_eval.py --sizes 100,200,400 --paths ours,faster
 """
 
 import disalign_det  # noqa: F401  isort:skip  (compat shims before detectron2 / lvis)
@@ -32,7 +39,6 @@ import json
 import logging
 import math
 import os
-import re
 import resource
 import shutil
 import subprocess
@@ -44,6 +50,8 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 
+from disalign_det.utils.memory import current_rss_mb, peak_rss_mb, reset_peak_rss
+
 logger = logging.getLogger("benchmark_lvis_eval")
 
 LVIS_VAL_IMAGES = 19809
@@ -54,7 +62,7 @@ FREQUENCY_SPLIT = (("r", 337), ("c", 461), ("f", 405))
 GROUP_WEIGHT = {"r": 1.0, "c": 4.0, "f": 20.0}
 NUM_TEMPLATES = 16
 STAGES = ("init", "collect", "gather+write", "bbox", "segm")
-PATHS = ("stock", "ours")
+PATHS = ("stock", "ours", "fast", "faster")
 
 
 # ---------------------------------------------------------------------------- synthetic data
@@ -221,24 +229,6 @@ def model_output(seed, image_id, template, freqs, height, width):
 
 
 # ---------------------------------------------------------------------------- measurement
-def _proc_status_mb(field):
-    with open("/proc/self/status") as f:
-        return int(re.search(field + r":\s+(\d+)", f.read()).group(1)) / 1024
-
-
-def _vm_hwm_mb():
-    return _proc_status_mb("VmHWM")
-
-
-def _reset_hwm():
-    """Reset this process's peak RSS to its current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:  # not resettable: stage peaks become running maxima (documented in output)
-        pass
-
-
 class StageRecorder:
     """Wall time and peak RSS of consecutive stages of this process."""
 
@@ -250,7 +240,7 @@ class StageRecorder:
     def start(self, name):
         self.stop()
         self._name = name
-        _reset_hwm()
+        reset_peak_rss()  # not resettable: stage peaks become running maxima
         self._start = time.perf_counter()
 
     def add_time(self, name, seconds):
@@ -261,7 +251,7 @@ class StageRecorder:
             return
         stage = self.stages.setdefault(self._name, {"time_s": 0.0, "peak_mb": 0.0})
         stage["time_s"] += time.perf_counter() - self._start
-        stage["peak_mb"] = max(stage["peak_mb"], _vm_hwm_mb())
+        stage["peak_mb"] = max(stage["peak_mb"], peak_rss_mb())
         self._name = None
 
 
@@ -310,13 +300,17 @@ def run_worker(args):
     kwargs = {"max_dets_per_image": args.dets} if _STOCK_TAKES_MAX_DETS else {}
     output_dir = args.output_dir or None
     # Interpreter + torch + detectron2 + the template pool: the same for both paths.
-    baseline_mb = _proc_status_mb("VmRSS")
+    baseline_mb = current_rss_mb()
     recorder.start("init")
     if args.worker == "stock":
         evaluator = LVISEvaluator(name, distributed=False, output_dir=output_dir, **kwargs)
     else:
         evaluator = StreamingLVISEvaluator(
-            name, distributed=False, output_dir=output_dir, max_dets_per_image=args.dets
+            name,
+            distributed=False,
+            output_dir=output_dir,
+            max_dets_per_image=args.dets,
+            backend={"fast": "fast", "faster": "faster_coco_eval"}.get(args.worker, "lvis"),
         )
     evaluator.reset()
 
@@ -447,11 +441,24 @@ def _same_metrics(a, b):
     )
 
 
+def _max_abs_diff(a, b):
+    """{task: (largest |a - b| over the metrics, its metric)} in AP points."""
+    out = {}
+    for task in a:
+        if task not in b:
+            continue
+        diffs = [(abs(a[task][k] - b[task][k]), k) for k in a[task] if k in b[task]]
+        out[task] = max(diffs)
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="200,500,1000", help="comma-separated image counts")
     parser.add_argument("--images", type=int, help="a single size (overrides --sizes)")
-    parser.add_argument("--paths", default="stock,ours", help="stock, ours or both")
+    parser.add_argument(
+        "--paths", default="stock,ours", help="comma-separated: stock, ours, fast, faster"
+    )
     parser.add_argument("--dets", type=int, default=300, help="detections per image")
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=640)
@@ -499,13 +506,16 @@ def main():
                 logger.info("%s: %.0f s, peak %.0f MB", path, result["wall_s"], result["peak_mb"])
                 results.append(result)
                 by_path[path] = result
-        if len(by_path) == 2:
-            same = _same_metrics(by_path["stock"]["metrics"], by_path["ours"]["metrics"])
-            logger.info("metrics identical for stock and ours at %d images: %s", size, same)
+        for other in ("stock", "fast", "faster"):
+            if other not in by_path or "ours" not in by_path:
+                continue
+            a, b = by_path["ours"]["metrics"], by_path[other]["metrics"]
+            same = _same_metrics(a, b)
+            logger.info("metrics identical for ours and %s at %d images: %s", other, size, same)
             if not same:
-                logger.error(
-                    "stock: %s\nours: %s", by_path["stock"]["metrics"], by_path["ours"]["metrics"]
-                )
+                diff = _max_abs_diff(a, b)
+                logger.warning("ours vs %s, largest |difference| (AP points): %s", other, diff)
+                by_path[other]["max_abs_diff"] = diff
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
     if args.save:  # this run's reports only

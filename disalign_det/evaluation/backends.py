@@ -3,6 +3,9 @@
 ``"lvis"`` (default): the LVIS API (``lvis.LVISEval``, through
 :class:`~disalign_det.evaluation.lvis_evaluation.LeanLVISEval`), the reference numbers.
 
+``"fast"``: :class:`~disalign_det.evaluation.fast_lvis_eval.FastLVISEval`, the LVIS API with its
+Python bookkeeping vectorised; bit-identical numbers (tested), several times faster.
+
 ``"faster_coco_eval"``: ``faster_coco_eval.COCOeval_faster`` (C++ matching and accumulation) with
 ``lvis_style=True`` (federated negatives / not-exhaustive handling, r/c/f groups). Its numbers are
 *not* guaranteed identical to the LVIS API's: see ``docs/eval_backends.md`` for the measured
@@ -25,11 +28,17 @@ from collections import Counter
 
 import numpy as np
 
-__all__ = ["BACKENDS", "evaluate", "summarize_precision"]
+__all__ = ["BACKENDS", "check", "evaluate", "summarize_precision"]
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("lvis", "faster_coco_eval")
+BACKENDS = ("lvis", "fast", "faster_coco_eval")
+
+
+def check(backend):
+    """Raise for an unknown backend, naming the config key."""
+    if backend not in BACKENDS:
+        raise ValueError(f"TEST.LVIS_EVAL.BACKEND must be one of {BACKENDS}, got {backend!r}")
 _METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 
 

@@ -166,8 +166,8 @@ def evaluate_results_on_lvis(
         iou_type (str): "bbox" or "segm".
         max_dets_per_image (int or None): per-image limit, None for the LVIS default (300), -1
             for none (Fixed AP).
-        backend (str): "lvis" (the LVIS API, default) or "faster_coco_eval" (opt-in, see
-            :mod:`disalign_det.evaluation.backends`).
+        backend (str): "lvis" (the LVIS API, default), "fast" (:mod:`.fast_lvis_eval`,
+            bit-identical) or "faster_coco_eval" (not identical); see :mod:`.backends`.
         per_class (dict or None): filled with {category id: AP in percent, NaN without ground
             truth} when given.
 
@@ -183,13 +183,20 @@ def evaluate_results_on_lvis(
         max_dets_per_image = DEFAULT_MAX_DETS_PER_IMAGE
 
     logger.info("Evaluating with max detections per image = %d", max_dets_per_image)
-    if backend != "lvis":
+    if backend == "faster_coco_eval":
         metrics, cat_ids, precision = backends.evaluate(
             backend, lvis_gt, lvis_results, iou_type, max_dets_per_image
         )
     else:
-        results = LVISResults(lvis_gt, lvis_results, max_dets=max_dets_per_image)
-        lvis_eval = LeanLVISEval(lvis_gt, results, iou_type)
+        if backend == "fast":
+            from .fast_lvis_eval import FastLVISEval, lean_lvis_results
+
+            results = lean_lvis_results(lvis_gt, lvis_results, max_dets_per_image)
+            lvis_eval = FastLVISEval(lvis_gt, results, iou_type)
+        else:
+            backends.check(backend)
+            results = LVISResults(lvis_gt, lvis_results, max_dets=max_dets_per_image)
+            lvis_eval = LeanLVISEval(lvis_gt, results, iou_type)
         if max_dets_per_image < 0:
             lvis_eval.params.max_dets = max_dets_per_image  # only names the AR keys
         lvis_eval.run()
