@@ -39,6 +39,8 @@ def check(backend):
     """Raise for an unknown backend, naming the config key."""
     if backend not in BACKENDS:
         raise ValueError(f"TEST.LVIS_EVAL.BACKEND must be one of {BACKENDS}, got {backend!r}")
+
+
 _METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 
 
