@@ -230,27 +230,39 @@ def model_output(seed, image_id, template, freqs, height, width):
 
 # ---------------------------------------------------------------------------- measurement
 class StageRecorder:
-    """Wall time and peak RSS of consecutive stages of this process."""
+    """Wall time, CPU time (all threads of the process) and peak RSS of consecutive stages.
+
+    CPU time is the robust measure on a shared machine, where wall time includes waiting for a
+    core.
+    """
 
     def __init__(self):
         self.stages = {}
         self._name = None
         self._start = None
+        self._cpu_start = None
+
+    def _stage(self, name):
+        return self.stages.setdefault(name, {"time_s": 0.0, "cpu_s": 0.0, "peak_mb": 0.0})
 
     def start(self, name):
         self.stop()
         self._name = name
         reset_peak_rss()  # not resettable: stage peaks become running maxima
         self._start = time.perf_counter()
+        self._cpu_start = time.process_time()
 
-    def add_time(self, name, seconds):
-        self.stages.setdefault(name, {"time_s": 0.0, "peak_mb": 0.0})["time_s"] += seconds
+    def add_time(self, name, seconds, cpu_seconds=0.0):
+        stage = self._stage(name)
+        stage["time_s"] += seconds
+        stage["cpu_s"] += cpu_seconds
 
     def stop(self):
         if self._name is None:
             return
-        stage = self.stages.setdefault(self._name, {"time_s": 0.0, "peak_mb": 0.0})
+        stage = self._stage(self._name)
         stage["time_s"] += time.perf_counter() - self._start
+        stage["cpu_s"] += time.process_time() - self._cpu_start
         stage["peak_mb"] = max(stage["peak_mb"], peak_rss_mb())
         self._name = None
 
@@ -315,16 +327,17 @@ def run_worker(args):
     evaluator.reset()
 
     recorder.start("collect")
-    generate_s = 0.0
+    generate_s = generate_cpu_s = 0.0
     for image_id in range(1, args.images + 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         output = model_output(
             args.seed, image_id, templates[image_id % NUM_TEMPLATES], freqs, height, width
         )
         generate_s += time.perf_counter() - t0
+        generate_cpu_s += time.process_time() - c0
         evaluator.process([{"image_id": image_id}], [{"instances": output}])
         del output
-    recorder.add_time("collect", -generate_s)
+    recorder.add_time("collect", -generate_s, -generate_cpu_s)
 
     recorder.start("gather+write")
     results = evaluator.evaluate()
@@ -399,6 +412,46 @@ def print_table(results):
         total = sum(r["stages"][s]["time_s"] for s in STAGES if s in r["stages"])
         row += [f"{total:.1f}", f"{r['peak_mb']:.0f}", f"{r['peak_mb'] - r['baseline_mb']:.0f}"]
         print(_fmt_row(row, widths))
+
+
+POST_INFERENCE = ("gather+write", "bbox", "segm")
+
+
+def _post(r, key):
+    return sum(r["stages"][s].get(key, float("nan")) for s in POST_INFERENCE if s in r["stages"])
+
+
+def print_post_inference(results, target):
+    """What follows inference (gather + results file + box and mask metrics), per path and size,
+    with the speed-up over ``ours`` at the same size, and extrapolated to ``target`` images."""
+    print("\nPost-inference (gather+write + bbox + segm); speed-up = ours / path, same size:")
+    widths = [6, 7, 8, 8, 8, 9, 10]
+    header = ["path", "images", "wall s", "cpu s", "peak MB", "x (cpu)", "x (wall)"]
+    print(_fmt_row(header, widths))
+    ours = {r["images"]: r for r in results if r["path"] == "ours"}
+    for r in results:
+        base = ours.get(r["images"])
+        cpu, wall = _post(r, "cpu_s"), _post(r, "time_s")
+        peak = max(r["stages"][s]["peak_mb"] for s in POST_INFERENCE if s in r["stages"])
+        x_cpu = f"{_post(base, 'cpu_s') / cpu:.2f}" if base else "-"
+        x_wall = f"{_post(base, 'time_s') / wall:.2f}" if base else "-"
+        row = [r["path"], r["images"], f"{wall:.1f}", f"{cpu:.1f}", f"{peak:.0f}", x_cpu, x_wall]
+        print(_fmt_row(row, widths))
+    print(f"extrapolated to {target} images (least squares over the sizes):")
+    fits = {}
+    for path in PATHS:
+        runs = [r for r in results if r["path"] == path]
+        if not runs:
+            continue
+        xs = [r["images"] for r in runs]
+        cpu = _fit(xs, [_post(r, "cpu_s") for r in runs], target)
+        wall = _fit(xs, [_post(r, "time_s") for r in runs], target)
+        peaks = [max(r["stages"][s]["peak_mb"] for s in POST_INFERENCE) for r in runs]
+        fits[path] = (wall, cpu, _fit(xs, peaks, target))
+    for path, (wall, cpu, peak) in fits.items():
+        x = f"{fits['ours'][1] / cpu:.2f}" if "ours" in fits else "-"
+        xw = f"{fits['ours'][0] / wall:.2f}" if "ours" in fits else "-"
+        print(_fmt_row([path, target, f"{wall:.0f}", f"{cpu:.0f}", f"{peak:.0f}", x, xw], widths))
 
 
 def _fit(xs, ys, at):
@@ -530,6 +583,7 @@ def main():
     print_table(results)
     if results:
         print_extrapolation(results, args.target)
+        print_post_inference(results, args.target)
 
 
 if __name__ == "__main__":
