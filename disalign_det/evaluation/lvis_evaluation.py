@@ -573,10 +573,13 @@ class StreamingLVISEvaluator(LVISEvaluator):
             _append_results,
             verified_categories(self._lvis_api),
         )
-        per_class = self._per_class.setdefault(fixed_ap.fixed_task_name(task), {})
-        return evaluate_results_on_lvis(
+        name = fixed_ap.fixed_task_name(task)
+        per_class = self._per_class.setdefault(name, {})
+        metrics = evaluate_results_on_lvis(
             self._lvis_api, results, task, -1, backend=self._backend, per_class=per_class
         )
+        self._logger.info("Fixed AP results (%s): \n%s", name, create_small_table(metrics))
+        return metrics
 
     def _evaluate_task(self, task, paths):
         """Load only the fields ``task`` needs from the shards and evaluate them."""
