@@ -68,6 +68,7 @@ def add_disalign_config(cfg):
     # holds a smaller explicit cap); standard AP stays at 300 per image.
     _C.TEST.LVIS_EVAL.FIXED_AP = False
     _C.TEST.LVIS_EVAL.FIXED_AP_DETS_PER_CLASS = 10000  # K
-    # Metric backend: "lvis" (the LVIS API) or "faster_coco_eval" (opt-in, not bit-identical).
+    # Metric backend: "lvis" (the LVIS API), "fast" (vectorised, bit-identical) or
+    # "faster_coco_eval" (opt-in C++, not bit-identical).
     _C.TEST.LVIS_EVAL.BACKEND = "lvis"
     return cfg
