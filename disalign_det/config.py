@@ -60,4 +60,15 @@ def add_disalign_config(cfg):
     # instance_count) is read from the json. Example on the command line:
     #   DATASETS.LVIS_FORMAT "(('my_train', 'a/train.json', 'a/images/'),)"
     _C.DATASETS.LVIS_FORMAT = ()
+
+    # LVIS evaluation options (disalign_det.evaluation; docs/eval_backends.md).
+    _C.TEST.LVIS_EVAL = CN()
+    # Also report Fixed AP (Dave et al. 2021) as "bbox_fixed"/"segm_fixed": top-K detections per
+    # class over the dataset, no per-image cap. Sets TEST.DETECTIONS_PER_IMAGE to -1 (raises if it
+    # holds a smaller explicit cap); standard AP stays at 300 per image.
+    _C.TEST.LVIS_EVAL.FIXED_AP = False
+    _C.TEST.LVIS_EVAL.FIXED_AP_DETS_PER_CLASS = 10000  # K
+    # Metric backend: "lvis" (the LVIS API), "fast" (vectorised, bit-identical) or
+    # "faster_coco_eval" (opt-in C++, not bit-identical).
+    _C.TEST.LVIS_EVAL.BACKEND = "lvis"
     return cfg

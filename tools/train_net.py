@@ -25,6 +25,7 @@ from detectron2.utils import comm
 from disalign_det import add_disalign_config
 from disalign_det.data import check_num_classes
 from disalign_det.engine import Trainer, launch
+from disalign_det.evaluation import apply_fixed_ap_config
 
 logger = logging.getLogger("disalign_det.train_net")
 
@@ -36,6 +37,7 @@ def setup(args):
         raise FileNotFoundError(f"--config-file {args.config_file!r} does not exist")
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    apply_fixed_ap_config(cfg)  # TEST.LVIS_EVAL.FIXED_AP: no per-image cap at inference
     cfg.freeze()
     # Validate before default_setup: it writes OUTPUT_DIR/config.yaml, which must not replace the
     # config of an earlier run in that folder with one that cannot run.

@@ -50,9 +50,6 @@ Differences from the stock evaluator, all deliberate:
 """
 
 import copy
-import ctypes
-import functools
-import gc
 import inspect
 import itertools
 import json
@@ -72,6 +69,10 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 from lvis import LVISEval, LVISResults
+
+from ..utils.memory import release_memory
+from . import backends, fixed_ap
+from .per_class import per_class_ap_from_precision, per_class_table_for
 
 __all__ = [
     "LVIS_METRICS",
@@ -106,27 +107,6 @@ def _accepts_kwarg(fn, name):
 
 
 _STOCK_TAKES_MAX_DETS = _accepts_kwarg(LVISEvaluator.__init__, "max_dets_per_image")
-
-
-def _release_freed_memory():
-    """Collect garbage and hand freed heap pages back to the OS, so the next pass starts low.
-
-    Between passes millions of small objects die; without ``malloc_trim`` glibc tends to keep the
-    pages, and the RSS peak of the next pass would sit on top of the previous one.
-    """
-    gc.collect()
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.lru_cache(maxsize=None)
-def _malloc_trim():
-    try:
-        # The running process's own symbols include libc's; no library search needed.
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows): nothing to trim
-        return None
 
 
 class LeanLVISEval(LVISEval):
@@ -171,7 +151,9 @@ def _nan_metrics():
     return {metric: float("nan") for metric in LVIS_METRICS}
 
 
-def evaluate_results_on_lvis(lvis_gt, lvis_results, iou_type, max_dets_per_image=None):
+def evaluate_results_on_lvis(
+    lvis_gt, lvis_results, iou_type, max_dets_per_image=None, *, backend="lvis", per_class=None
+):
     """Evaluate a list of LVIS-format results with the LVIS API, as detectron2 does.
 
     Same numbers as ``detectron2.evaluation.lvis_evaluation._evaluate_predictions_on_lvis``, but
@@ -182,7 +164,12 @@ def evaluate_results_on_lvis(lvis_gt, lvis_results, iou_type, max_dets_per_image
         lvis_gt (lvis.LVIS): the ground truth.
         lvis_results (list[dict]): results; consumed (the LVIS API adds fields in place).
         iou_type (str): "bbox" or "segm".
-        max_dets_per_image (int or None): per-image limit, None for the LVIS default (300).
+        max_dets_per_image (int or None): per-image limit, None for the LVIS default (300), -1
+            for none (Fixed AP).
+        backend (str): "lvis" (the LVIS API, default), "fast" (:mod:`.fast_lvis_eval`,
+            bit-identical) or "faster_coco_eval" (not identical); see :mod:`.backends`.
+        per_class (dict or None): filled with {category id: AP in percent, NaN without ground
+            truth} when given.
 
     Returns:
         dict: {metric: score * 100} for :data:`LVIS_METRICS`; NaN for all when there is no result.
@@ -196,12 +183,30 @@ def evaluate_results_on_lvis(lvis_gt, lvis_results, iou_type, max_dets_per_image
         max_dets_per_image = DEFAULT_MAX_DETS_PER_IMAGE
 
     logger.info("Evaluating with max detections per image = %d", max_dets_per_image)
-    results = LVISResults(lvis_gt, lvis_results, max_dets=max_dets_per_image)
-    lvis_eval = LeanLVISEval(lvis_gt, results, iou_type)
-    lvis_eval.run()
-    lvis_eval.print_results()
-    summary = lvis_eval.get_results()
-    metrics = {metric: float(summary[metric] * 100) for metric in LVIS_METRICS}
+    if backend == "faster_coco_eval":
+        metrics, cat_ids, precision = backends.evaluate(
+            backend, lvis_gt, lvis_results, iou_type, max_dets_per_image
+        )
+    else:
+        if backend == "fast":
+            from .fast_lvis_eval import FastLVISEval, lean_lvis_results
+
+            results = lean_lvis_results(lvis_gt, lvis_results, max_dets_per_image)
+            lvis_eval = FastLVISEval(lvis_gt, results, iou_type)
+        else:
+            backends.check(backend)
+            results = LVISResults(lvis_gt, lvis_results, max_dets=max_dets_per_image)
+            lvis_eval = LeanLVISEval(lvis_gt, results, iou_type)
+        if max_dets_per_image < 0:
+            lvis_eval.params.max_dets = max_dets_per_image  # only names the AR keys
+        lvis_eval.run()
+        lvis_eval.print_results()
+        summary = lvis_eval.get_results()
+        metrics = {metric: float(summary[metric] * 100) for metric in LVIS_METRICS}
+        cat_ids, precision = lvis_eval.params.cat_ids, lvis_eval.eval["precision"]
+    if per_class is not None:
+        ap = per_class_ap_from_precision(precision)
+        per_class.update({int(c): float(a * 100) for c, a in zip(cat_ids, ap)})
     logger.info("Evaluation results for %s: \n%s", iou_type, create_small_table(metrics))
     return metrics
 
@@ -319,6 +324,11 @@ class StreamingLVISEvaluator(LVISEvaluator):
         *,
         max_dets_per_image=None,
         shard_dir=None,
+        fixed_ap_dets_per_class=0,
+        backend="lvis",
+        per_class_dir=None,
+        per_class_basename="per_class_ap",
+        train_counts=None,
     ):
         """
         Args:
@@ -329,6 +339,14 @@ class StreamingLVISEvaluator(LVISEvaluator):
             shard_dir (str or None): where to write the per-process shard files. Default:
                 ``<output_dir>/lvis_eval_shards`` if ``output_dir`` is a local path, else a
                 temporary directory. Must be visible to rank 0 for the low-memory gather.
+            fixed_ap_dets_per_class (int): K > 0 also reports Fixed AP (top K detections per
+                category over the dataset, no per-image cap) as tasks ``"bbox_fixed"`` /
+                ``"segm_fixed"``; 0 (default) does not.
+            backend (str): "lvis" (default) or "faster_coco_eval"; see :mod:`.backends`.
+            per_class_dir (str or None): where to write the per-class table
+                (``<per_class_basename>.json`` / ``.csv``); None writes none.
+            train_counts (tuple or None): ``(image_count, instance_count)``, lists indexed by the
+                model's contiguous class, for the table's training-frequency columns.
         """
         kwargs = {"max_dets_per_image": max_dets_per_image} if _STOCK_TAKES_MAX_DETS else {}
         super().__init__(dataset_name, tasks, distributed, output_dir, **kwargs)
@@ -338,6 +356,15 @@ class StreamingLVISEvaluator(LVISEvaluator):
         self._shard_dir = shard_dir
         self._writer = None
         self._proposals = []
+        if backend not in backends.BACKENDS:
+            raise ValueError(
+                f"TEST.LVIS_EVAL.BACKEND must be one of {backends.BACKENDS}, got {backend!r}"
+            )
+        self._fixed_k = int(fixed_ap_dets_per_class or 0)
+        self._backend = backend
+        self._per_class_dir = per_class_dir
+        self._per_class_basename = per_class_basename
+        self._train_counts = train_counts
 
         if hasattr(self._metadata, "thing_dataset_id_to_contiguous_id"):
             # LVIS evaluator used on COCO-style categories: map back to the dataset's ids.
@@ -495,22 +522,76 @@ class StreamingLVISEvaluator(LVISEvaluator):
             num_dets,
             sum(s["num_images"] for s in shard_infos),
         )
-        for task in sorted(tasks):
-            if num_dets == 0:
-                self._logger.warning("No predictions from the model! %s metrics are NaN.", task)
-                self._results[task] = _nan_metrics()
-                continue
-            if task == "segm" and not has_mask:
-                self._logger.warning("Task 'segm' requested but the model predicted no masks.")
-                continue
-            self._results[task] = self._evaluate_task(task, paths)
-            _release_freed_memory()
+        self._per_class = {}
+        positions = None
+        for fixed in (False, True) if self._fixed_k > 0 else (False,):
+            for task in sorted(tasks):
+                name = fixed_ap.fixed_task_name(task) if fixed else task
+                if num_dets == 0:
+                    self._logger.warning("No predictions from the model! %s metrics are NaN.", name)
+                    self._results[name] = _nan_metrics()
+                    continue
+                if task == "segm" and not has_mask:
+                    self._logger.warning("Task 'segm' requested but the model predicted no masks.")
+                    continue
+                if not fixed:
+                    self._results[name] = self._evaluate_task(task, paths)
+                else:
+                    if positions is None:
+                        # One selection for both tasks: it depends on the scores only.
+                        positions, _ = fixed_ap.select_top_per_class(
+                            paths, self._fixed_k, iter_shard
+                        )
+                    self._results[name] = self._evaluate_fixed_task(task, paths, positions)
+                release_memory()
+        self._write_per_class_table()
+
+    def _write_per_class_table(self):
+        if not self._per_class_dir or not self._per_class:
+            return
+        rows = per_class_table_for(
+            self._lvis_api, self._per_class, self._train_counts, self._to_dataset_category
+        )
+        from .per_class import write_per_class_table
+
+        write_per_class_table(self._per_class_dir, rows, self._per_class_basename)
+
+    def _evaluate_fixed_task(self, task, paths, positions):
+        """Fixed AP of ``task`` from the kept ``positions`` (see :mod:`.fixed_ap`)."""
+        self._logger.info(
+            "Fixed AP (%s): %d detections kept (top %d per category), no per-image cap",
+            task,
+            len(positions),
+            self._fixed_k,
+        )
+        results = fixed_ap.load_fixed_ap_results(
+            paths,
+            task,
+            positions,
+            self._lvis_api,
+            iter_shard,
+            _append_results,
+            verified_categories(self._lvis_api),
+        )
+        name = fixed_ap.fixed_task_name(task)
+        per_class = self._per_class.setdefault(name, {})
+        metrics = evaluate_results_on_lvis(
+            self._lvis_api, results, task, -1, backend=self._backend, per_class=per_class
+        )
+        self._logger.info("Fixed AP results (%s): \n%s", name, create_small_table(metrics))
+        return metrics
 
     def _evaluate_task(self, task, paths):
         """Load only the fields ``task`` needs from the shards and evaluate them."""
         results = load_lvis_results(paths, task, self._lvis_api, self._max_dets_per_image)
+        per_class = self._per_class.setdefault(task, {})
         return evaluate_results_on_lvis(
-            self._lvis_api, results, task, max_dets_per_image=self._max_dets_per_image
+            self._lvis_api,
+            results,
+            task,
+            max_dets_per_image=self._max_dets_per_image,
+            backend=self._backend,
+            per_class=per_class,
         )
 
 
@@ -604,6 +685,20 @@ def _repeated_images(paths):
     return repeated
 
 
+def verified_categories(lvis_gt):
+    """{image id: set of the category ids ``LVISEval._prepare`` evaluates in that image}.
+
+    The negative ones plus those of the ground truth it loads (a known category and
+    0 < area < inf, ``get_ann_ids``' default).
+    """
+    verified = {img["id"]: set(img["neg_category_ids"]) for img in lvis_gt.load_imgs(None)}
+    known = set(lvis_gt.get_cat_ids())
+    for ann in lvis_gt.load_anns(None):
+        if ann["category_id"] in known and 0 < ann["area"] < float("inf"):
+            verified[ann["image_id"]].add(ann["category_id"])
+    return verified
+
+
 class _FederatedSelector:
     """The detections of an image that LVISResults keeps and LVISEval then evaluates.
 
@@ -617,15 +712,7 @@ class _FederatedSelector:
         self.spare = None
         self.num_seen = 0
         self.num_kept = 0
-        # Per image, the categories LVISEval._prepare evaluates: the negative ones plus those of
-        # the ground truth it loads (a known category and 0 < area < inf, get_ann_ids' default).
-        self._verified = {
-            img["id"]: set(img["neg_category_ids"]) for img in lvis_gt.load_imgs(None)
-        }
-        known = set(lvis_gt.get_cat_ids())
-        for ann in lvis_gt.load_anns(None):
-            if ann["category_id"] in known and 0 < ann["area"] < float("inf"):
-                self._verified[ann["image_id"]].add(ann["category_id"])
+        self._verified = verified_categories(lvis_gt)
 
     def __call__(self, image_id, record):
         """Indices into ``record``'s detections, in the order LVISResults would keep them."""
