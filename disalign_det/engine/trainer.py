@@ -144,6 +144,12 @@ class Trainer(DefaultTrainer):
             # parameters then get no gradient on that process.
             find_unused_parameters=cfg.MODEL.DISALIGN.FREEZE != "none",
         )
+        if cfg.SOLVER.AMP.ENABLED and not model_on_cuda(model):
+            # detectron2's AMPTrainer asserts CUDA at the first step, naming no config key.
+            raise ValueError(
+                "SOLVER.AMP.ENABLED True needs a CUDA device (detectron2's AMPTrainer is "
+                f"CUDA-only; MODEL.DEVICE is {cfg.MODEL.DEVICE!r}): set SOLVER.AMP.ENABLED False."
+            )
         self._trainer = (_AMPTrainer if cfg.SOLVER.AMP.ENABLED else _SimpleTrainer)(
             model, data_loader, optimizer
         )
