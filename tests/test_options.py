@@ -256,3 +256,82 @@ def test_async_metric_writing():
         trainer.concurrent_executor.shutdown(wait=True)
         assert storage.latest()["total_loss"][0] == pytest.approx(3.0)
     assert torch.allclose(model.w.detach(), torch.full((3,), 0.9))  # the step was applied
+
+
+def _rpn_inputs():
+    from detectron2.structures import ImageList
+
+    g = torch.Generator().manual_seed(0)
+    images = ImageList(torch.zeros(2, 3, 64, 64), [(64, 64), (64, 64)])
+    features = {"res4": torch.randn(2, 8, 4, 4, generator=g)}
+    gts = []
+    for _ in range(2):
+        inst = Instances((64, 64))
+        xy = torch.rand(3, 2, generator=g) * 30
+        inst.gt_boxes = Boxes(torch.cat([xy, xy + 24], dim=1))
+        gts.append(inst)
+    return images, features, gts
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        ["MODEL.RPN.LOSS_WEIGHT", "0.5", "MODEL.RPN.BBOX_REG_LOSS_WEIGHT", "2.0"],
+        ["MODEL.RPN.BBOX_REG_LOSS_TYPE", "giou"],
+        ["MODEL.RPN.SMOOTH_L1_BETA", "0.3"],
+    ],
+    ids=["LOSS_WEIGHT", "BBOX_REG_LOSS_TYPE", "SMOOTH_L1_BETA"],
+)
+def test_rpn_options(opts):
+    from detectron2.modeling.proposal_generator import build_proposal_generator
+
+    shape = {"res4": ShapeSpec(channels=8, stride=16)}
+    stock_cfg, ours_cfg = _cfg(opts), _cfg(opts + ["MODEL.PROPOSAL_GENERATOR.NAME", "DisAlignRPN"])
+    torch.manual_seed(0)
+    stock = build_proposal_generator(stock_cfg, shape)
+    ours = build_proposal_generator(ours_cfg, shape)
+    ours.load_state_dict(stock.state_dict())
+    results = []
+    for rpn in (stock, ours):
+        torch.manual_seed(1)  # anchor sampling
+        with EventStorage(0):
+            results.append(rpn(*_rpn_inputs()))
+    (pa, la), (pb, lb) = results
+    assert la.keys() == lb.keys() == {"loss_rpn_cls", "loss_rpn_loc"}
+    for k in la:
+        assert torch.allclose(la[k], lb[k]), k
+    for a, b in zip(pa, pb):
+        assert torch.equal(a.proposal_boxes.tensor, b.proposal_boxes.tensor)
+
+
+def test_cascade_stages_keep_their_options():
+    from detectron2.modeling.roi_heads import build_roi_heads
+
+    opts = [
+        "MODEL.ROI_HEADS.IN_FEATURES",
+        "['res4']",
+        "MODEL.ROI_BOX_HEAD.NAME",
+        "FastRCNNConvFCHead",
+        "MODEL.ROI_BOX_HEAD.NUM_FC",
+        "1",
+        "MODEL.ROI_BOX_HEAD.FC_DIM",
+        "16",
+        "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG",
+        "True",
+        "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE",
+        "giou",
+        "TEST.DETECTIONS_PER_IMAGE",
+        "7",
+        "MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS",
+        "((10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (40.0, 40.0, 20.0, 20.0))",
+    ]
+    shape = {"res4": ShapeSpec(channels=8, stride=16)}
+    stock = build_roi_heads(_cfg(opts + ["MODEL.ROI_HEADS.NAME", "CascadeROIHeads"]), shape)
+    ours = build_roi_heads(_cfg(opts + ["MODEL.ROI_HEADS.NAME", "DisAlignCascadeROIHeads"]), shape)
+    assert len(stock.box_predictor) == len(ours.box_predictor) == 3
+    for a, b in zip(stock.box_predictor, ours.box_predictor):
+        assert isinstance(b, DisAlignFastRCNNOutputLayers)
+        assert a.box2box_transform.weights == b.box2box_transform.weights
+        assert a.bbox_pred.out_features == b.bbox_pred.out_features == 4  # class-agnostic
+        for attr in ("box_reg_loss_type", "test_topk_per_image", "smooth_l1_beta"):
+            assert getattr(a, attr) == getattr(b, attr), attr
