@@ -335,3 +335,27 @@ def test_cascade_stages_keep_their_options():
         assert a.bbox_pred.out_features == b.bbox_pred.out_features == 4  # class-agnostic
         for attr in ("box_reg_loss_type", "test_topk_per_image", "smooth_l1_beta"):
             assert getattr(a, attr) == getattr(b, attr), attr
+
+
+def test_mask_head_norm_and_loss_weight():
+    cfg = _cfg(["MODEL.ROI_MASK_HEAD.CONV_DIM", "32", "MODEL.ROI_MASK_HEAD.NUM_CONV", "2"])
+    cfg.MODEL.ROI_MASK_HEAD.NORM = "GN"
+    shape = ShapeSpec(channels=8, width=14, height=14)
+    losses, state = [], None
+    for cls in (MaskRCNNConvUpsampleHead, DisAlignMaskRCNNConvUpsampleHead):
+        torch.manual_seed(0)
+        head = cls(cfg, shape, loss_weight=2.5)
+        if state is not None:
+            head.load_state_dict(state, strict=False)
+        state = head.state_dict()
+        assert any(isinstance(m, torch.nn.GroupNorm) for m in head.modules())
+        x, instances = _mask_inputs()
+        with EventStorage(0):
+            head.train()
+            losses.append(head(x, instances)["loss_mask"])
+    assert torch.allclose(losses[0], losses[1], atol=1e-6)
+    torch.manual_seed(0)
+    plain = MaskRCNNConvUpsampleHead(cfg, shape)
+    x, instances = _mask_inputs()
+    with EventStorage(0):
+        assert torch.allclose(losses[0], 2.5 * plain(x, instances)["loss_mask"], atol=1e-6)
