@@ -107,6 +107,7 @@ d2_main_wheel() {
   else
     local work src start
     work="$(mktemp -d)"
+    trap 'rm -rf "$work"' EXIT  # this function runs in a subshell: cleans up on failure too
     tar -xzf "$D2_ARCHIVE" -C "$work"
     src="$(dirname "$(ls "$work"/*/setup.py | head -n1)")"
     log "detectron2 main: compiling $src with its C++ ops (MAX_JOBS=${MAX_JOBS:-2}; 6-11 min on 2 cores)"
@@ -129,9 +130,11 @@ d2_main_wheel() {
   echo "$wheel"
 }
 
-if [[ "$MODE" == main ]] && ! "$PY" -c 'import detectron2._C' 2>/dev/null; then
+if [[ "$MODE" == main ]]; then
   # ViTDet backbones need timm (and fairscale for activation checkpointing).
   "${PIP[@]}" install -q "timm" "fairscale"
+fi
+if [[ "$MODE" == main ]] && ! "$PY" -c 'import detectron2._C' 2>/dev/null; then
   WHEEL="$(d2_main_wheel)"
   if "$PY" -m pip show -q pb1-detectron2 2>/dev/null; then
     log "removing the pure-Python pb1-detectron2 (two distributions would own 'detectron2')"
