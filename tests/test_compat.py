@@ -66,3 +66,40 @@ def test_standin_is_needed_before_detectron2_layers():
     assert out.returncode == 0, out.stderr
     if not compat.has_compiled_ops():
         assert "detectron2._C" in out.stdout
+
+
+def test_feature_tests_agree_on_one_detectron2():
+    # The two supported installs: v0.6 (pure Python) lacks every feature of main, and main has
+    # them all; a mix means a feature test looks at the wrong thing.
+    from disalign_det.compat import features
+
+    found = {
+        name: getattr(features, name)()
+        for name in (
+            "launch_supports_cpu",
+            "default_trainer_has_state_dict",
+            "trainer_supports_async_write_metrics",
+            "has_federated_loss",
+        )
+    }
+    assert len(set(found.values())) == 1, found
+    assert all(found.values()) == compat.has_compiled_ops(), found
+
+
+def test_local_process_group_helper_matches_comm(tmp_path):
+    # One process, gloo: the helper sets up the group that comm.get_local_rank/_size read.
+    import torch.distributed as dist
+    from detectron2.utils import comm
+
+    from disalign_det.compat import features
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", world_size=1, rank=0)
+    try:
+        before = getattr(comm, "_LOCAL_PROCESS_GROUP", None)
+        if before is None:
+            features.create_local_process_group(1)
+        assert comm.get_local_size() == 1 and comm.get_local_rank() == 0
+    finally:
+        if getattr(comm, "_LOCAL_PROCESS_GROUP", None) is not None and before is None:
+            comm._LOCAL_PROCESS_GROUP = None
+        dist.destroy_process_group()

@@ -60,9 +60,11 @@ def set_rng_state(state):
 
 class DisAlignCheckpointer(DetectionCheckpointer):
     """
-    * Saves are atomic: written to a temporary file in the same folder, flushed, then renamed over
-      the target (and ``last_checkpoint`` likewise), so a kill during a save never leaves a
-      half-written checkpoint behind.
+    * Saves go through the checkpointer's ``path_manager`` (iopath), like detectron2's, so an
+      ``OUTPUT_DIR`` on a registered remote backend works. Where the backend is the local disk they
+      are atomic: written to a temporary file in the same folder, flushed, then renamed over the
+      target (and ``last_checkpoint`` likewise), so a kill during a save never leaves a
+      half-written checkpoint behind. Other backends get what their ``open(path, "wb")`` gives.
     * Every save stores the RNG states (``rng_state``); :meth:`load` restores them when the
       checkpoint is resumed (``checkpointables`` non-empty), so a resumed run draws the same random
       numbers as an uninterrupted one. Only the main process saves: in multi-process training the
@@ -95,12 +97,20 @@ class DisAlignCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info("Saving checkpoint to %s", save_file)
-        _atomic_write(save_file, lambda f: torch.save(data, f), binary=True)
+        self._write(save_file, lambda f: torch.save(data, f), binary=True)
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename):
         path = os.path.join(self.save_dir, "last_checkpoint")
-        _atomic_write(path, lambda f: f.write(last_filename_basename), binary=False)
+        self._write(path, lambda f: f.write(last_filename_basename), binary=False)
+
+    def _write(self, path, write, binary):
+        local = _local_path(self.path_manager, path)
+        if local is not None:
+            _atomic_write(local, write, binary)
+        else:
+            with self.path_manager.open(path, "wb" if binary else "w") as f:
+                write(f)
 
     # ---- loading --------------------------------------------------------------------------
     def _load_file(self, filename):
@@ -196,6 +206,21 @@ def _check_calibration_fits(calibrated, model_state):
             "DisAlignMaskRCNNConvUpsampleHead, MODEL.DISALIGN.BOX_CALIBRATION / "
             "MASK_CALIBRATION True)."
         )
+
+
+def _local_path(path_manager, path):
+    """The local file system path of ``path`` if ``path_manager`` resolves it to the local disk
+    (iopath's ``NativePathHandler``: plain paths and ``file://``), else None (remote backends)."""
+    from iopath.common.file_io import NativePathHandler
+
+    try:
+        # iopath's handler lookup is private (name-mangled); without it, only plain paths count.
+        handler = path_manager._PathManager__get_path_handler(path)
+    except AttributeError:
+        handler = None if "://" in path else NativePathHandler()
+    if not isinstance(handler, NativePathHandler):
+        return None
+    return path[len("file://") :] if path.startswith("file://") else path
 
 
 def _atomic_write(path, write, binary):

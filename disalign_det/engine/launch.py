@@ -1,9 +1,10 @@
 """``launch`` that also trains with several processes on CPU-only machines (gloo).
 
-On machines with CUDA it is detectron2's own ``launch`` (NCCL), unchanged. Detectron2 v0.6 asserts
-CUDA in every spawned worker; on CPU this module spawns the workers itself, joins them with the
-gloo backend and sets up detectron2's local process group (feature-detected: current detectron2
-has ``comm.create_local_process_group``, v0.6 keeps the group in ``comm._LOCAL_PROCESS_GROUP``).
+It is detectron2's own ``launch`` (NCCL on GPUs) wherever that can run: always on machines with
+CUDA, and on CPU-only machines with detectron2 main, whose workers use gloo without CUDA. Only
+detectron2 v0.6 on a CPU-only machine (it asserts CUDA in every spawned worker) uses the workers of
+this module, which join with gloo and set up detectron2's local process group
+(``disalign_det.compat.features.launch_supports_cpu``; this path goes with v0.6).
 """
 
 import logging
@@ -14,6 +15,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.engine import launch as d2_launch
 from detectron2.utils import comm
+
+from ..compat import features
 
 __all__ = ["launch", "DEFAULT_TIMEOUT"]
 
@@ -44,7 +47,9 @@ def launch(
     """Same signature as ``detectron2.engine.launch``; ``num_gpus_per_machine`` counts processes
     per machine on CPU-only machines."""
     world_size = num_machines * num_gpus_per_machine
-    if world_size <= 1 or torch.cuda.is_available():
+    if world_size > 1 and dist_url is None and num_machines == 1:
+        dist_url = "auto"  # a free local port (detectron2 would fall back to env://)
+    if world_size <= 1 or torch.cuda.is_available() or features.launch_supports_cpu():
         return d2_launch(
             main_func,
             num_gpus_per_machine,
@@ -54,7 +59,7 @@ def launch(
             args=args,
             timeout=timeout,
         )
-    if dist_url is None or dist_url == "auto":
+    if dist_url is None or dist_url == "auto":  # (None: several machines, see above)
         if num_machines != 1:
             raise ValueError("--dist-url auto works on one machine only; give tcp://HOST:PORT")
         dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
@@ -78,15 +83,7 @@ def _cpu_worker(
         rank=global_rank,
         timeout=timeout,
     )
-    if hasattr(comm, "create_local_process_group"):
-        comm.create_local_process_group(num_per_machine)
-    else:
-        assert comm._LOCAL_PROCESS_GROUP is None
-        for i in range(world_size // num_per_machine):
-            ranks = list(range(i * num_per_machine, (i + 1) * num_per_machine))
-            group = dist.new_group(ranks)
-            if i == machine_rank:
-                comm._LOCAL_PROCESS_GROUP = group
+    features.create_local_process_group(num_per_machine)
     comm.synchronize()
     try:
         main_func(*args)

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import weakref
+from collections.abc import Mapping
 
 import torch
 from detectron2.data import MetadataCatalog, build_detection_test_loader
@@ -56,22 +57,47 @@ class ResumableSampler(torch.utils.data.Sampler):
 
 class _NamedNonFiniteLoss:
     """Raises FloatingPointError naming the iteration and each non-finite loss, on the process
-    that computed it and before the optimizer step (so the model is not updated with it).
-    detectron2 checks only the sum of the losses averaged over processes, on the main process,
-    and prints numpy reprs (``np.float64(nan)``)."""
+    that computed it, in the main thread, right after the forward pass: before the backward pass
+    and the optimizer step, so the model and its checkpoints are never updated with it.
 
-    def _write_metrics(self, loss_dict, *args, **kwargs):
-        values = {k: float(v.detach().float().mean()) for k, v in loss_dict.items()}
+    detectron2 checks only the sum of the losses averaged over processes, on the main process,
+    and prints numpy reprs (``np.float64(nan)``). Its check is in ``_write_metrics``, which
+    detectron2 main can run in a worker thread (``async_write_metrics=True``): there the error
+    was lost in a future and the step applied. So the check is a forward hook on the trained model
+    (``run_step`` calls it in the main thread on v0.6 and main alike); it only looks at the
+    loss dicts of training-mode forwards."""
+
+    def __init__(self, model, *args, **kwargs):
+        super().__init__(model, *args, **kwargs)
+        self_ref = weakref.ref(self)
+
+        def check(module, inputs, output):
+            trainer = self_ref()
+            if trainer is not None and module.training and isinstance(output, Mapping):
+                trainer._check_losses(output)
+
+        self._loss_check_handle = model.register_forward_hook(check)
+
+    def _check_losses(self, loss_dict):
+        tensors = [v for v in loss_dict.values() if isinstance(v, torch.Tensor)]
+        if not tensors:
+            return
+        # One synchronisation for all losses; the per-loss values only on failure.
+        if bool(torch.stack([v.detach().float().mean() for v in tensors]).isfinite().all()):
+            return
+        values = {
+            k: float(v.detach().float().mean())
+            for k, v in loss_dict.items()
+            if isinstance(v, torch.Tensor)
+        }
         bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-        if bad:
-            raise FloatingPointError(
-                f"Loss became infinite or NaN at iteration={self.iter}: "
-                + ", ".join(f"{k}={v}" for k, v in bad.items())
-                + f" (all losses: {values}). The optimizer step was skipped and the last "
-                "checkpoint is intact; lower SOLVER.BASE_LR, raise SOLVER.WARMUP_ITERS or check "
-                "the training data."
-            )
-        super()._write_metrics(loss_dict, *args, **kwargs)
+        raise FloatingPointError(
+            f"Loss became infinite or NaN at iteration={self.iter}: "
+            + ", ".join(f"{k}={v}" for k, v in bad.items())
+            + f" (all losses: {values}). The optimizer step was skipped and the last "
+            "checkpoint is intact; lower SOLVER.BASE_LR, raise SOLVER.WARMUP_ITERS or check "
+            "the training data."
+        )
 
 
 class _SimpleTrainer(_NamedNonFiniteLoss, SimpleTrainer):
@@ -116,6 +142,12 @@ class Trainer(DefaultTrainer):
             # parameters then get no gradient on that process.
             find_unused_parameters=cfg.MODEL.DISALIGN.FREEZE != "none",
         )
+        if cfg.SOLVER.AMP.ENABLED and not model_on_cuda(model):
+            # detectron2's AMPTrainer asserts CUDA at the first step, naming no config key.
+            raise ValueError(
+                "SOLVER.AMP.ENABLED True needs a CUDA device (detectron2's AMPTrainer is "
+                f"CUDA-only; MODEL.DEVICE is {cfg.MODEL.DEVICE!r}): set SOLVER.AMP.ENABLED False."
+            )
         self._trainer = (_AMPTrainer if cfg.SOLVER.AMP.ENABLED else _SimpleTrainer)(
             model, data_loader, optimizer
         )
@@ -215,15 +247,19 @@ class Trainer(DefaultTrainer):
         return ret
 
     def state_dict(self):
-        # detectron2 v0.6's DefaultTrainer checkpoints only the iteration and the hooks (LR
-        # scheduler), not the optimizer: a resumed run restarted SGD momentum from zero. Current
-        # detectron2 stores the inner trainer's state under "_trainer", as here.
-        ret = super().state_dict()
+        # The iteration and hook states (LR scheduler) of TrainerBase, plus the inner trainer's
+        # state (optimizer, AMP grad scaler) under "_trainer": what detectron2 main's
+        # DefaultTrainer stores; v0.6's stored no optimizer (a resumed run restarted SGD momentum
+        # from zero). TrainerBase is called directly, the same code on both versions
+        # (compat.features.default_trainer_has_state_dict).
+        ret = TrainerBase.state_dict(self)
         ret["_trainer"] = self._trainer.state_dict()
         return ret
 
     def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
+        # Not super(): main's DefaultTrainer.load_state_dict requires "_trainer" (KeyError on a
+        # checkpoint written by v0.6's DefaultTrainer); v0.6's ignores it.
+        TrainerBase.load_state_dict(self, state_dict)
         if "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
         else:

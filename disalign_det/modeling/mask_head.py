@@ -180,8 +180,20 @@ class DisAlignMaskRCNNConvUpsampleHead(ClassFrequencyMixin, MaskRCNNConvUpsample
         logits = self._used_channel_logits(feats, gt_classes)
         gt_bool = gt_masks if gt_masks.dtype == torch.bool else gt_masks > 0.5
         self._log_accuracy(logits, gt_bool)
+        self._visualize(logits, gt_bool)
         weights = None if class_weights is None else class_weights[gt_classes]
         return weighted_mask_bce(logits, gt_bool, weights, normalize)
+
+    def _visualize(self, logits, gt_bool):
+        # VIS_PERIOD: the images detectron2's mask_rcnn_loss stores (prediction | ground truth).
+        if self.vis_period <= 0:
+            return
+        storage = get_event_storage()
+        if storage.iter % self.vis_period == 0:
+            vis = torch.cat([logits.detach().sigmoid(), gt_bool.to(logits.dtype)], dim=2)
+            name = "Left: mask prediction;   Right: mask GT"
+            for idx, mask in enumerate(vis):
+                storage.put_image(name + f" ({idx})", torch.stack([mask] * 3, dim=0))
 
     @staticmethod
     def _log_accuracy(logits, gt_bool):

@@ -1,11 +1,15 @@
-"""Compatibility shims: detectron2 v0.6 (pure Python) on today's numpy, Pillow and torch.
+"""Shims: detectron2 v0.6 (pure Python) on today's numpy, Pillow and torch.
+
+Covers: the pure-Python v0.6 from PyPI (``pb1-detectron2``) and lvis 0.5.3. Can go when v0.6 is no
+longer supported *and* lvis stops using the numpy aliases (the ``_C`` stand-in and the Pillow
+constants are never applied on detectron2 main; the numpy aliases still are, for lvis).
 
 Every shim here is *feature-detected*: it applies only when the thing it patches is missing, so on
 an official detectron2 build with a matching numpy/Pillow this module changes nothing. Each shim is
 covered by ``tests/test_compat.py``.
 
 This module must be imported before anything from ``detectron2`` that needs it; ``import
-disalign_det`` does that first.
+disalign_det`` does that first (through ``disalign_det.compat``).
 
 Shims:
 
@@ -141,6 +145,3 @@ def apply_all():
     if _APPLIED:
         logger.debug("disalign_det.compat applied: %s", ", ".join(_APPLIED))
     return applied_shims()
-
-
-apply_all()
