@@ -1,0 +1,1 @@
+"""Small helpers shared by the library, its tools and its benchmarks."""
