@@ -9,8 +9,8 @@ exported model gives the eager model's detections, and time both.
 Writes OUTPUT/model.ts (TorchScript; ``--format onnx``: OUTPUT/model.onnx, needs the ``onnx``
 package) and OUTPUT/export.json (the input format and test-time resize the model expects, the
 order of its outputs). The traced model takes one (3, H, W) float image, already resized to the
-test size, in ``INPUT.FORMAT``, and returns ``(pred_boxes (R, 4), pred_classes (R,), pred_masks
-(R, 1, M, M), scores (R,))`` in that image's coordinates; :class:`ExportedPredictor` does the
+test size, in ``INPUT.FORMAT``, and returns ``(pred_boxes (R, 4), pred_classes (R,),
+pred_masks (R, 1, M, M), scores (R,), image_size (2,))`` in that image's coordinates; :class:`ExportedPredictor` does the
 resize and the pasting of the masks, as ``DefaultPredictor`` does for the eager model.
 
 ``--sample-image`` (files) or, by default, the first images of the config's first test set are
@@ -26,6 +26,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -115,7 +116,9 @@ def sample_images(cfg, paths, num):
 
     if not paths:
         if not cfg.DATASETS.TEST:
-            raise ValueError("Give --sample-image, or a config with DATASETS.TEST to take them from")
+            raise ValueError(
+                "Give --sample-image, or a config with DATASETS.TEST to take them from"
+            )
         paths = [d["file_name"] for d in DatasetCatalog.get(cfg.DATASETS.TEST[0])[:num]]
     return [(p, read_image(p, format="BGR")) for p in paths[:num]]
 
@@ -131,7 +134,11 @@ def trace_model(model, sample_input):
     """(TracingAdapter, traced module) for ``model`` traced on one prepared input."""
     TracingAdapter = export_api()
     adapter = TracingAdapter(model, [{"image": sample_input["image"]}], _raw_inference)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns at each Python branch on a shape (class-agnostic mask or not, empty
+        # or not): constants of the model here. Whether the trace generalises is what the
+        # exported-vs-eager check (and tests/test_export.py, on other sizes and counts) measures.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         traced = torch.jit.trace(adapter, adapter.flattened_inputs)
     return adapter, traced
 
@@ -182,9 +189,9 @@ def outputs_to_instances(outputs, image_size):
     """The traced model's flat outputs -> ``Instances`` of the (resized) input image."""
     from detectron2.structures import Boxes, Instances
 
-    boxes, classes, masks, scores = outputs
+    boxes, classes, masks, scores = outputs[: len(OUTPUT_FIELDS)]
     return Instances(
-        tuple(image_size),
+        tuple(int(x) for x in image_size),
         pred_boxes=Boxes(boxes),
         pred_classes=classes,
         pred_masks=masks,

@@ -25,8 +25,9 @@ ENV_VAR = "DISALIGN_QUIET_WARNINGS"
 # (category, module regex, message regex): matched as by ``warnings.filterwarnings`` (module: the
 # whole name of the module the warning is attributed to; message: from its start).
 THIRD_PARTY_FILTERS = (
-    # torch >= 2.9: every @torch.jit.script at import time of detectron2/fvcore (9 at each start).
-    (FutureWarning, r"torch\.jit\._script", r"`torch\.jit\.script` is deprecated"),
+    # torch >= 2.9: every @torch.jit.script at import time of detectron2/fvcore (9 at each start),
+    # and torch.jit.trace / load of the export tool.
+    (FutureWarning, r"torch\.jit\.\w+", r"`torch\.jit\.\w+` is deprecated"),
     # detectron2's anchor generator calls torch.meshgrid without `indexing`.
     (UserWarning, r"torch\.functional", r"torch\.meshgrid: in an upcoming release"),
     # pycocotools' mask encoding under numpy 2 (once per evaluated image).
