@@ -10,8 +10,9 @@ Writes OUTPUT/model.ts (TorchScript; ``--format onnx``: OUTPUT/model.onnx, needs
 package) and OUTPUT/export.json (the input format and test-time resize the model expects, the
 order of its outputs). The traced model takes one (3, H, W) float image, already resized to the
 test size, in ``INPUT.FORMAT``, and returns ``(pred_boxes (R, 4), pred_classes (R,),
-pred_masks (R, 1, M, M), scores (R,), image_size (2,))`` in that image's coordinates; :class:`ExportedPredictor` does the
-resize and the pasting of the masks, as ``DefaultPredictor`` does for the eager model.
+pred_masks (R, 1, M, M), scores (R,), image_size (2,))`` in that image's coordinates;
+:class:`ExportedPredictor` does the resize and the pasting of the masks, as ``DefaultPredictor``
+does for the eager model.
 
 ``--sample-image`` (files) or, by default, the first images of the config's first test set are
 traced on (first image) and compared on (``--check N``): boxes and scores within 1e-4, the same
