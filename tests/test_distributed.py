@@ -5,6 +5,7 @@ frequencies and GRW weights; a 2-process run resumed from a checkpoint ends bit-
 
 import disalign_det  # noqa: F401  isort:skip
 
+import inspect
 import math
 import os
 import shutil
@@ -13,6 +14,7 @@ import pytest
 import torch
 from conftest import load_script, tiny_cfg
 from detectron2.engine import default_argument_parser
+from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
 from torch.nn.parallel import DistributedDataParallel
@@ -22,16 +24,16 @@ from disalign_det.modeling import is_calibration_parameter
 from disalign_det.modeling.frequency import class_counts_from_cfg
 
 # 2 processes x batch 1 against 1 process x batch 2. The data, the proposals and the sampled RoIs
-# are the same (no flip, every proposal kept, same seed); what differs is the normalisation of the
-# GRW losses. They are weighted means, sum_i w_i l_i / sum_i w_i: one process divides by the weight
-# sum of both images, two processes each by their own image's and DDP averages the two gradients.
-# Hence a tolerance relative to how far training moved each calibration tensor. The mask loss
-# differs most: its weighted mean runs over the foreground RoIs only, whose number varies most
-# between images. Measured (4 iterations): box <= 0.5%, mask <= 13.5% (confidence_layer.bias);
-# max abs difference 0.0092 (mask logit_bias, which moved 0.168).
-REL_TOL = {"box_predictor": 0.02, "mask_head": 0.25}
-# 2 processes against their replay in one process (per-image losses, averaged gradients): only the
-# summation order differs.
+# are the same (no flip, every proposal kept, same seed). The GRW losses are weighted means,
+# sum_i w_i l_i / sum_i w_i, normalised over the global batch: each process divides its sum by
+# the all-reduced weight sum / world size, and DDP averages the gradients, so both runs minimise
+# the same loss and differ only by float summation order. Hence a tolerance relative to how far
+# training moved each calibration tensor. (Normalised per process, as detectron2 does, they
+# differed by up to 0.5% (box) and 13.5% (mask) of that.)
+HAS_SIGMOID = "use_sigmoid_ce" in inspect.signature(FastRCNNOutputLayers.__init__).parameters
+REL_TOL = {"box_predictor": 1e-4, "mask_head": 1e-4}
+# 2 processes against their replay in one process (per-image losses over the global weight sums,
+# averaged gradients): only the summation order differs.
 REPLAY_ATOL = 1e-6
 STAGE_TWO_ITERS = 4
 
@@ -119,10 +121,13 @@ def _calibration(model):
     }
 
 
-def _replay_two_processes(config_file, output_dir, iters):
-    """One process doing what 2 DDP processes of batch 1 do: each image's losses are
-    back-propagated on their own and the gradients averaged (DDP's all-reduce), then one optimizer
-    and one scheduler step per iteration."""
+def _replay_two_processes(config_file, output_dir, iters, monkeypatch):
+    """One process doing what 2 DDP processes of batch 1 do: each image's losses, normalised by
+    the weight sums of both images (the all-reduce), are back-propagated on their own and the
+    gradients averaged (DDP's all-reduce), then one optimizer and one scheduler step per
+    iteration. The weight sums come from a first pass over both images (no backward)."""
+    from disalign_det.modeling.class_weights import ClassFrequencyMixin
+
     tn = load_script("tools/train_net.py")
     argv = ["--config-file", str(config_file), "OUTPUT_DIR", str(output_dir)]
     cfg = tn.setup(default_argument_parser().parse_args(argv))
@@ -130,11 +135,35 @@ def _replay_two_processes(config_file, output_dir, iters):
     trainer.resume_or_load(resume=False)
     model, optimizer = trainer.model, trainer.optimizer
     batches = iter(trainer.data_loader)
+    sums, calls = [], []  # per image: the local weight sum of each loss, in call order
+
+    def record(local):
+        sums[-1].append(local.detach().clone())
+        return local.clamp(min=1e-12)
+
+    def replay(local):
+        k = len(calls[-1])
+        calls[-1].append(k)
+        return (sums[0][k] + sums[1][k]) / 2
+
+    normalizer = {"fn": None}
+    monkeypatch.setattr(
+        ClassFrequencyMixin, "loss_normalizer", staticmethod(lambda: normalizer["fn"])
+    )
     with EventStorage():
         for _ in range(iters):
             batch = next(batches)
+            rng = torch.get_rng_state()
+            sums.clear()
+            normalizer["fn"] = record
+            for image in batch:  # with autograd on: a loss is computed only if it can train
+                sums.append([])
+                model([image])
+            torch.set_rng_state(rng)
+            normalizer["fn"] = replay
             optimizer.zero_grad()
             for image in batch:
+                calls.append([])
                 (sum(model([image]).values()) / len(batch)).backward()
             optimizer.step()
             trainer.scheduler.step()
@@ -188,8 +217,7 @@ def runs(tiny_dataset, tmp_path_factory):
     weights = str(tmp / "s1" / "model_final.pth")
     s2_cfg = _stage_two_cfg(tmp, tiny_dataset, "s2", weights, COMPARABLE)
     flip_cfg = _stage_two_cfg(tmp, tiny_dataset, "flip", weights, ["SOLVER.CHECKPOINT_PERIOD", "2"])
-    results = _run(
-        2,
+    jobs = [
         (s1_cfg, tmp / "s1.pt", None, tmp / "s1"),
         (s2_cfg, tmp / "s2_two.pt", None, tmp / "s2_two"),
         (flip_cfg, tmp / "flip.pt", None, tmp / "flip"),
@@ -199,10 +227,21 @@ def runs(tiny_dataset, tmp_path_factory):
             str(tmp / "flip" / "model_0000001.pth"),
             tmp / "resumed",
         ),
-    )
-    ((one,),) = _run(1, (s2_cfg, tmp / "s2_one.pt", None, tmp / "s2_one"))
-    names = ("stage_one", "two", "flip", "flip_resumed")
-    return dict(zip(names, results), one=one, tmp=tmp, s2_cfg=s2_cfg)
+    ]
+    names = ["stage_one", "two", "flip", "flip_resumed"]
+    one_jobs = [(s2_cfg, tmp / "s2_one.pt", None, tmp / "s2_one")]
+    if HAS_SIGMOID:  # the sigmoid stage two (from the softmax stage one: the same parameters)
+        sigmoid = [*COMPARABLE, "MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE", "True"]
+        sig_cfg = _stage_two_cfg(tmp, tiny_dataset, "sig", weights, sigmoid)
+        jobs.append((sig_cfg, tmp / "sig_two.pt", None, tmp / "sig_two"))
+        names.append("sigmoid")
+        one_jobs.append((sig_cfg, tmp / "sig_one.pt", None, tmp / "sig_one"))
+    results = _run(2, *jobs)
+    ones = _run(1, *one_jobs)
+    out = dict(zip(names, results), one=ones[0][0], tmp=tmp, s2_cfg=s2_cfg)
+    if HAS_SIGMOID:
+        out["sigmoid_one"] = ones[1][0]
+    return out
 
 
 def test_stage_one_trains_with_two_processes(runs):
@@ -231,7 +270,7 @@ def test_class_frequencies_and_grw_weights_identical_on_every_rank(runs):
             assert torch.equal(r["class_weights"][head], w), head
 
 
-def test_stage_two_two_processes_match_one(runs):
+def test_stage_two_two_processes_match_one(runs, monkeypatch):
     one, two = runs["one"], runs["two"]
     # Only the calibration trained, identically on both ranks, from the same initial values.
     frozen = {k: v for k, v in one["parameters"].items() if not is_calibration_parameter(k)}
@@ -244,18 +283,35 @@ def test_stage_two_two_processes_match_one(runs):
         assert torch.equal(two[0]["calibration_init"][k], one["calibration_init"][k]), k
 
     # What 2 processes compute, replayed in this process: equal up to float summation order.
-    replay = _replay_two_processes(runs["s2_cfg"], runs["tmp"] / "replay", STAGE_TWO_ITERS)
+    replay = _replay_two_processes(
+        runs["s2_cfg"], runs["tmp"] / "replay", STAGE_TWO_ITERS, monkeypatch
+    )
     for k, v in replay.items():
         diff = (two[0]["calibration"][k] - v).abs().max().item()
         assert diff <= REPLAY_ATOL, (k, diff)
 
+    _assert_two_match_one(two, one)
+
+
+def _assert_two_match_one(two, one):
     # Against 1 process of batch 2: each calibration tensor's max |difference| within REL_TOL
     # of how far 1 process moved it from the shared initial value.
+    worst = {}
     for k, v in one["calibration"].items():
         moved = (v - one["calibration_init"][k]).abs().max().item()
         diff = (two[0]["calibration"][k] - v).abs().max().item()
+        worst[k] = diff / moved
         assert moved > 1e-3, f"{k} must move for the comparison to mean anything"
         assert diff <= REL_TOL[k.split(".")[1]] * moved, (k, diff, moved)
+    print("largest relative difference 2 x 1 vs 1 x 2:", max(worst.items(), key=lambda kv: kv[1]))
+
+
+@pytest.mark.skipif(not HAS_SIGMOID, reason="this detectron2 (v0.6) has no sigmoid classifier")
+def test_stage_two_sigmoid_two_processes_match_one(runs):
+    one, two = runs["sigmoid_one"], runs["sigmoid"]
+    for k, v in one["calibration"].items():
+        assert torch.equal(two[0]["calibration"][k], two[1]["calibration"][k]), k
+    _assert_two_match_one(two, one)
 
 
 def test_two_process_resume_is_exact(runs):

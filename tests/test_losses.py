@@ -12,7 +12,10 @@ from disalign_det.modeling.losses import (
     grw_class_weights,
     weighted_cross_entropy,
     weighted_mask_bce,
+    weighted_sigmoid_cross_entropy,
 )
+
+K = 4
 
 
 def _reference_weights(counts, rho):
@@ -97,3 +100,70 @@ def test_weighted_mask_bce_equals_formula():
     # Unweighted: the stock Mask R-CNN loss (mean over every pixel).
     assert weighted_mask_bce(logits, gt).item() == pytest.approx(per_pixel.mean().item(), rel=1e-6)
     assert math.isfinite(weighted_mask_bce(logits[:0], gt[:0], w[:0]).item())
+
+
+# --------------------------------------------------------------------------------------------------
+# Normalisation over the global batch (several processes)
+# --------------------------------------------------------------------------------------------------
+
+
+def _split_losses(fn, full_args, part_args):
+    """``fn`` on the whole batch (one process) and the mean of ``fn`` on each part with the
+    weight sums of all parts averaged (what N processes compute, DDP averaging their gradients)."""
+    whole = fn(*full_args)
+    sums = []
+    for args in part_args:  # pass 1: the local weight sums (the all-reduce's inputs)
+        fn(*args, normalize=lambda local: sums.append(local.detach()) or local)
+    mean_sum = sum(sums) / len(sums)
+    parts = [fn(*args, normalize=lambda local: mean_sum) for args in part_args]
+    return whole, sum(parts) / len(parts)
+
+
+def _cases():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(10, K + 1, generator=g)
+    labels = torch.tensor([0, 0, 1, 3, 3, 3, K, K, 2, K])
+    w = grw_class_weights([300, 40, 7, 2], 0.8)
+    masks = torch.randn(7, 5, 5, generator=g)
+    gt = torch.rand(7, 5, 5, generator=g) > 0.5
+    mlabels = torch.tensor([0, 3, 3, 1, 2, 3, 0])
+    splits = (slice(0, 3), slice(3, 10))  # unequal parts: per-part means would differ
+    msplits = (slice(0, 1), slice(1, 7))
+    cases = {}
+    for weights in (None, w):
+        cases[f"ce_{weights is not None}"] = (
+            weighted_cross_entropy, (logits, labels, weights),
+            [(logits[s], labels[s], weights) for s in splits])  # fmt: skip
+        cases[f"sigmoid_{weights is not None}"] = (
+            weighted_sigmoid_cross_entropy, (logits, labels, weights),
+            [(logits[s], labels[s], weights) for s in splits])  # fmt: skip
+        rw = None if weights is None else weights[mlabels]
+        cases[f"mask_{weights is not None}"] = (
+            weighted_mask_bce, (masks, gt, rw),
+            [(masks[s], gt[s], None if rw is None else rw[s]) for s in msplits])  # fmt: skip
+    return cases
+
+
+@pytest.mark.parametrize("name", sorted(_cases()))
+def test_global_normalisation_makes_the_loss_independent_of_the_split(name):
+    fn, full, parts = _cases()[name]
+    whole, split = _split_losses(fn, full, parts)
+    torch.testing.assert_close(split, whole, rtol=1e-6, atol=0)
+    # Normalised per part (the local mean), the split changes the loss.
+    local = sum(fn(*args) for args in parts) / len(parts)
+    assert (local - whole).abs() > 1e-3 * whole.abs()
+    # With the local sum as the normaliser, the result is the local weighted mean.
+    for args in parts:
+        torch.testing.assert_close(fn(*args, normalize=lambda s: s), fn(*args), rtol=1e-6, atol=0)
+
+
+def test_empty_part_still_takes_part_in_the_all_reduce():
+    calls = []
+    for fn, args in (
+        (weighted_cross_entropy, (torch.zeros(0, K + 1), torch.zeros(0, dtype=torch.long))),
+        (weighted_sigmoid_cross_entropy, (torch.zeros(0, K + 1), torch.zeros(0, dtype=torch.long))),
+        (weighted_mask_bce, (torch.zeros(0, 5, 5), torch.zeros(0, 5, 5))),
+    ):
+        loss = fn(*args, normalize=lambda s: calls.append(s) or s + 1)
+        assert loss.item() == 0.0
+    assert [c.item() for c in calls] == [0.0, 0.0, 0.0]

@@ -14,7 +14,9 @@ import logging
 
 import torch
 
-from .losses import check_rho, grw_class_weights
+from detectron2.utils import comm
+
+from .losses import check_rho, global_normalizer, grw_class_weights
 
 __all__ = ["ClassFrequencyMixin", "install_class_weights", "set_class_frequencies"]
 
@@ -23,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 class ClassFrequencyMixin:
     """Shared by the box predictor and the mask head: the ``class_weights`` buffer of a loss that
-    may be GRW-weighted, its validation and its installation.
+    may be GRW-weighted, its validation and its installation, and the normaliser of the loss.
 
     ``class_weights`` is a (K + 1,) non-persistent buffer (background last): all ones for the
     unweighted loss; for "grw" it holds the GRW weights once installed. It is not saved: it is a
@@ -87,6 +89,13 @@ class ClassFrequencyMixin:
                 "disalign_det.modeling.set_class_frequencies(model, counts) before training."
             )
         return self.class_weights
+
+    @staticmethod
+    def loss_normalizer():
+        """``normalize`` for the weighted-mean losses: over the global batch with several
+        processes (:func:`~.losses.global_normalizer`), None (the local mean, unchanged bit for
+        bit, no communication) with one."""
+        return global_normalizer if comm.get_world_size() > 1 else None
 
 
 def _frequency_modules(model):

@@ -7,20 +7,30 @@ frequencies n_j,
 
 and the background (the LAST logit, as in detectron2) gets weight 1. The classification loss is the
 softmax cross-entropy weighted by w of each sample's label, normalised by the sum of the sample
-weights (PyTorch's weighted-mean semantics).
+weights (PyTorch's weighted-mean semantics). With detectron2's sigmoid classifier (and its federated
+loss), each RoI's K binary terms are weighted by the weight of the RoI's label, again a weighted
+mean over RoIs.
+
+Every weighted mean takes an optional ``normalize``: a function of the local sum of weights (a
+0-dim tensor) returning the denominator to use. With several processes it is
+:func:`global_normalizer`, so that the mean runs over the global batch; None (one process) keeps
+the local computation exactly as it was.
 """
 
 import logging
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 __all__ = [
     "check_rho",
+    "global_normalizer",
     "grw_class_weights",
     "weighted_cross_entropy",
     "weighted_mask_bce",
+    "weighted_sigmoid_cross_entropy",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,26 +82,96 @@ def grw_class_weights(counts, rho: float) -> torch.Tensor:
     return torch.cat([w, w.new_ones(1)]).to(torch.float32)
 
 
-def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights=None):
+def global_normalizer(local_weight_sum: torch.Tensor) -> torch.Tensor:
+    """Denominator of a weighted mean over the global batch, for ``normalize``.
+
+    Each process returns ``sum_local(w l) / (sum_all(w) / world_size)``; DDP averages the
+    gradients over the processes, so the gradient is that of ``sum_all(w l) / sum_all(w)``, the
+    loss of one process holding the whole batch. The all-reduce is of the detached weight sum
+    (weights are constants); every process must call it, with a zero sum if it has no sample.
+    """
+    total = local_weight_sum.detach().clone()
+    dist.all_reduce(total)
+    return total / dist.get_world_size()
+
+
+def _empty(x, normalize):
+    # 0 connected to ``x`` (keeps the graph alive), after taking part in the all-reduce.
+    if normalize is not None:
+        normalize(x.new_zeros(()))
+    return x.sum() * 0.0
+
+
+def weighted_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, weights=None, normalize=None
+):
     """Softmax cross-entropy weighted per class, weighted-mean reduction.
 
     Args:
         logits: (R, K + 1) class logits.
         labels: (R,) int64 labels in [0, K] (K = background).
         weights: (K + 1,) class weights, or None for plain cross-entropy.
+        normalize: see the module docstring (None: the local weighted mean).
 
     Returns:
         Scalar tensor: sum_i w[y_i] CE_i / sum_i w[y_i]; 0 (connected to ``logits``) when R == 0.
     """
     if labels.numel() == 0:
         # F.cross_entropy gives NaN (0 / 0) for an empty batch; keep the graph alive instead.
-        return logits.sum() * 0.0
+        return _empty(logits, normalize)
     if weights is not None:
         weights = weights.to(dtype=logits.dtype, device=logits.device)
-    return F.cross_entropy(logits, labels, weight=weights, reduction="mean")
+    if normalize is None:
+        return F.cross_entropy(logits, labels, weight=weights, reduction="mean")
+    # reduction="none" with weights gives w[y_i] CE_i.
+    per_roi = F.cross_entropy(logits, labels, weight=weights, reduction="none")
+    local = weights[labels].sum() if weights is not None else logits.new_tensor(len(labels))
+    return per_roi.sum() / normalize(local)
 
 
-def weighted_mask_bce(mask_logits: torch.Tensor, gt_masks: torch.Tensor, roi_weights=None):
+def weighted_sigmoid_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, weights=None, class_mask=None, normalize=None
+):
+    """Sigmoid cross-entropy of detectron2's sigmoid classifier (``USE_SIGMOID_CE``; with
+    ``class_mask`` its federated loss), each RoI weighted by the class weight of its label.
+
+    Args:
+        logits: (R, K + 1) class logits; the (K + 1)-th column exists for the layout only and is
+            ignored (no competing background logit: a background RoI has K negative targets).
+        labels: (R,) int64 labels in [0, K] (K = background).
+        weights: (K + 1,) class weights (GRW, background last), or None.
+        class_mask: (K,) 0/1 float, the federated loss's classes (the RoIs' labels plus sampled
+            negatives), or None for all K classes.
+        normalize: see the module docstring (None: the local weighted mean).
+
+    Returns:
+        Scalar tensor ``sum_i w[y_i] sum_{j<K} m_j BCE(z_ij, [y_i = j]) / sum_i w[y_i]``; with
+        ``weights=None`` the same divided by R, exactly detectron2's loss (also for all-ones
+        weights: multiplying by 1 and summing R ones are exact). 0 (connected to ``logits``) when
+        R == 0.
+    """
+    if labels.numel() == 0:
+        return _empty(logits, normalize)
+    num_rois, num_classes = logits.shape[0], logits.shape[1] - 1
+    target = logits.new_zeros(num_rois, num_classes + 1)
+    target[range(num_rois), labels] = 1
+    loss = F.binary_cross_entropy_with_logits(
+        logits[:, :-1], target[:, :num_classes], reduction="none"
+    )
+    if class_mask is not None:
+        loss = loss * class_mask.view(1, num_classes).expand(num_rois, num_classes).float()
+    if weights is None:
+        if normalize is None:
+            return loss.sum() / num_rois
+        return loss.sum() / normalize(logits.new_tensor(num_rois))
+    roi_weights = weights.to(dtype=logits.dtype, device=logits.device)[labels]
+    local = roi_weights.sum()
+    return (loss * roi_weights[:, None]).sum() / (local if normalize is None else normalize(local))
+
+
+def weighted_mask_bce(
+    mask_logits: torch.Tensor, gt_masks: torch.Tensor, roi_weights=None, normalize=None
+):
     """Per-pixel binary cross-entropy of mask logits, averaged per RoI, then a weighted mean.
 
     Args:
@@ -99,16 +179,22 @@ def weighted_mask_bce(mask_logits: torch.Tensor, gt_masks: torch.Tensor, roi_wei
         gt_masks: (R, M, M) targets in [0, 1].
         roi_weights: (R,) weight of each RoI (GRW weight of its ground-truth class), or None for
             the stock Mask R-CNN loss (mean over all pixels of all RoIs).
+        normalize: see the module docstring (None: the local weighted mean).
 
     Returns:
         Scalar tensor; 0 (connected to ``mask_logits``) when R == 0.
     """
     if mask_logits.shape[0] == 0:
-        return mask_logits.sum() * 0.0
+        return _empty(mask_logits, normalize)
     gt_masks = gt_masks.to(dtype=mask_logits.dtype)
     if roi_weights is None:
-        return F.binary_cross_entropy_with_logits(mask_logits, gt_masks, reduction="mean")
+        if normalize is None:
+            return F.binary_cross_entropy_with_logits(mask_logits, gt_masks, reduction="mean")
+        loss = F.binary_cross_entropy_with_logits(mask_logits, gt_masks, reduction="sum")
+        return loss / normalize(mask_logits.new_tensor(mask_logits.numel()))
     per_roi = F.binary_cross_entropy_with_logits(mask_logits, gt_masks, reduction="none")
     per_roi = per_roi.flatten(1).mean(dim=1)
     roi_weights = roi_weights.to(dtype=mask_logits.dtype, device=mask_logits.device)
-    return (per_roi * roi_weights).sum() / roi_weights.sum().clamp(min=1e-12)
+    local = roi_weights.sum()
+    denominator = local if normalize is None else normalize(local)
+    return (per_roi * roi_weights).sum() / denominator.clamp(min=1e-12)

@@ -164,8 +164,12 @@ class DisAlignMaskRCNNConvUpsampleHead(ClassFrequencyMixin, MaskRCNNConvUpsample
             gt_masks.append(
                 inst.gt_masks.crop_and_resize(inst.proposal_boxes.tensor, side).to(feats.device)
             )
+        normalize = self.loss_normalizer()
         if not gt_masks:
-            # No foreground RoI: a zero that keeps every calibration parameter in the graph.
+            # No foreground RoI: a zero that keeps every calibration parameter in the graph (and
+            # takes part in the other processes' all-reduce of the weight sum).
+            if normalize is not None:
+                normalize(feats.new_zeros(()))
             zero = feats.sum() * 0.0
             for p in self.parameters():
                 if p.requires_grad:
@@ -177,7 +181,7 @@ class DisAlignMaskRCNNConvUpsampleHead(ClassFrequencyMixin, MaskRCNNConvUpsample
         gt_bool = gt_masks if gt_masks.dtype == torch.bool else gt_masks > 0.5
         self._log_accuracy(logits, gt_bool)
         weights = None if class_weights is None else class_weights[gt_classes]
-        return weighted_mask_bce(logits, gt_bool, weights)
+        return weighted_mask_bce(logits, gt_bool, weights, normalize)
 
     @staticmethod
     def _log_accuracy(logits, gt_bool):
