@@ -73,8 +73,8 @@ def deployed(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("deploy")
     paths = generate_synthetic_lvis(
-        str(root / "data"), seed=3, num_classes=NUM_CLASSES, num_train_images=24,
-        num_val_images=4, image_size=64,
+        str(root / "data"), seed=3, num_classes=NUM_CLASSES, num_train_images=30,
+        num_val_images=12, image_size=64,
     )  # fmt: skip
     register_lvis_format(TRAIN, paths["train_json"], paths["image_root"])
     register_lvis_format(VAL, paths["val_json"], paths["image_root"])
@@ -184,7 +184,7 @@ def test_visualize_without_training_json(deployed, tmp_path):
     config_file = tmp_path / "config.yaml"
     config_file.write_text(cfg.dump())
     out = tmp_path / "vis"
-    argv = ["--config-file", str(config_file), "--dataset", VAL, "--num", "4",
+    argv = ["--config-file", str(config_file), "--dataset", VAL, "--num", "12",
             "--confidence", "0", "--output", str(out)]  # fmt: skip
     assert vis.main(argv) == 0
     with open(out / "predictions.json") as f:
