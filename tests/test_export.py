@@ -71,7 +71,14 @@ def _has_sigmoid_classifier():
     return "use_sigmoid_ce" in inspect.signature(FastRCNNOutputLayers.__init__).parameters
 
 
-@pytest.mark.parametrize("case", ["softmax", pytest.param("cosine", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "softmax",
+        pytest.param("cosine", marks=pytest.mark.slow),
+        pytest.param("sigmoid", marks=pytest.mark.slow),
+    ],
+)
 def test_exported_equals_eager(em, tiny_dataset, tmp_path, case):
     config, thresh, extra = CASES[case]
     if case == "sigmoid" and not _has_sigmoid_classifier():
