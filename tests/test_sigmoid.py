@@ -273,3 +273,22 @@ def test_install_class_weights_is_needed_for_sigmoid_grw(sigmoid_stage_one, tmp_
     assert not model.roi_heads.box_predictor.class_weights_installed
     install_class_weights(model, cfg)
     assert model.roi_heads.box_predictor.class_weights_installed
+
+
+@pytest.mark.parametrize("heads", ["DisAlignROIHeads", "DisAlignCascadeROIHeads"])
+def test_federated_model_builds_without_the_training_json(tiny_dataset, tmp_path, heads):
+    import shutil
+
+    from disalign_det.data import register_lvis_format
+
+    json_file = tmp_path / "gone_train.json"
+    shutil.copy(tiny_dataset["train_json"], json_file)
+    name = f"gone_train_{heads}"
+    register_lvis_format(name, str(json_file), tiny_dataset["image_root"])
+    json_file.unlink()  # registered, then gone: as on a machine with the model and no data
+    opts = [*_yaml_opts(True), "DATASETS.TRAIN", f"('{name}',)", "MODEL.ROI_HEADS.NAME", heads,
+            "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", "True"]  # fmt: skip
+    model = Trainer.build_model(tiny_cfg("synthetic/disalign_synth.yaml", str(tmp_path), opts))
+    preds = model.roi_heads.box_predictor
+    for pred in preds if isinstance(preds, torch.nn.ModuleList) else [preds]:
+        assert pred.use_fed_loss and not pred.fed_loss_cls_weights.any()  # deferred to training

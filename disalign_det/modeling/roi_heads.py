@@ -15,15 +15,23 @@ __all__ = ["DisAlignROIHeads", "DisAlignCascadeROIHeads"]
 logger = logging.getLogger(__name__)
 
 
-def _mask_branch_trains(roi_heads, features):
-    """True if the mask loss has anything trainable behind it (mask head or its input features)."""
-    if any(p.requires_grad for p in roi_heads.mask_head.parameters()):
-        return True
-    return any(features[f].requires_grad for f in roi_heads.mask_in_features)
+class _SkipFrozenMaskBranch:
+    """In training, skip the mask branch entirely (no pooling, no loss) when nothing behind the
+    mask loss trains (mask head parameters or its input features), e.g. in a box-only stage two."""
+
+    def _forward_mask(self, features, instances):
+        if self.training and self.mask_on and not self._mask_branch_trains(features):
+            return {}
+        return super()._forward_mask(features, instances)
+
+    def _mask_branch_trains(self, features):
+        if any(p.requires_grad for p in self.mask_head.parameters()):
+            return True
+        return any(features[f].requires_grad for f in self.mask_in_features)
 
 
 @ROI_HEADS_REGISTRY.register()
-class DisAlignROIHeads(StandardROIHeads):
+class DisAlignROIHeads(_SkipFrozenMaskBranch, StandardROIHeads):
     """``StandardROIHeads`` with :class:`DisAlignFastRCNNOutputLayers` as the box predictor.
 
     In training, the mask branch is skipped entirely (no pooling, no loss) when nothing behind the
@@ -36,14 +44,9 @@ class DisAlignROIHeads(StandardROIHeads):
         ret["box_predictor"] = DisAlignFastRCNNOutputLayers(cfg, ret["box_head"].output_shape)
         return ret
 
-    def _forward_mask(self, features, instances):
-        if self.training and self.mask_on and not _mask_branch_trains(self, features):
-            return {}
-        return super()._forward_mask(features, instances)
-
 
 @ROI_HEADS_REGISTRY.register()
-class DisAlignCascadeROIHeads(CascadeROIHeads):
+class DisAlignCascadeROIHeads(_SkipFrozenMaskBranch, CascadeROIHeads):
     """``CascadeROIHeads`` whose every stage's predictor is a :class:`DisAlignFastRCNNOutputLayers`
     (each stage has its own calibration parameters; inference averages the stages' calibrated
     probabilities, as the stock cascade does)."""
@@ -58,8 +61,3 @@ class DisAlignCascadeROIHeads(CascadeROIHeads):
             for head, stock in zip(ret["box_heads"], ret["box_predictors"])
         ]
         return ret
-
-    def _forward_mask(self, features, instances):
-        if self.training and self.mask_on and not _mask_branch_trains(self, features):
-            return {}
-        return super()._forward_mask(features, instances)
