@@ -4,7 +4,6 @@ real ones are what tests/test_train_net.py covers)."""
 
 import json
 import os
-import subprocess
 
 from conftest import load_script
 
@@ -13,14 +12,14 @@ def test_demo_pipeline_commands(tmp_path, monkeypatch, capsys):
     demo = load_script("tools/demo.py")
     calls = []
 
-    def fake_run(cmd, **kwargs):
+    def fake_run(cmd, log_path, name, **kwargs):
         calls.append(cmd)
         out = cmd[cmd.index("OUTPUT_DIR") + 1]
         with open(os.path.join(out, "metrics_final.json"), "w") as f:
             json.dump({"bbox": {"AP": 1.0, "APr": 2.0, "APc": 3.0, "APf": 4.0}}, f)
-        return subprocess.CompletedProcess(cmd, 0)
+        return 0
 
-    monkeypatch.setattr(demo.subprocess, "run", fake_run)
+    monkeypatch.setattr(demo, "stream_child", fake_run)
     assert demo.main(["--out", str(tmp_path)]) == 0
     assert len(calls) == 4
     stage_one, stage_two, eval_one, eval_two = calls

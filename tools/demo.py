@@ -4,8 +4,10 @@ DisAlign stage two from its checkpoint; prints both LVIS metric tables and the c
 
     python tools/demo.py [--out output/demo] [--quick]
 
-Each stage runs ``tools/train_net.py`` in its own process (its log is OUT/<stage>/log.txt); a
-stage whose ``metrics_final.json`` already exists is reused, so a re-run is cheap.
+Each stage runs ``tools/train_net.py`` in its own process (its log is OUT/<stage>/log.txt, its
+console output OUT/<stage>/stdout.txt); a stage whose ``metrics_final.json`` already exists is
+reused, so a re-run is cheap. While a stage runs, its training iterations (ETA, current loss) and
+its evaluation are shown as a live bar on a terminal, as plain lines otherwise (CI, files).
 """
 
 import argparse
@@ -17,6 +19,15 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# Set before disalign_det is imported, here and in the stages' processes (inherited).
+os.environ.setdefault("DISALIGN_QUIET_WARNINGS", "1")
+
+from disalign_det.engine.progress import (  # noqa: E402
+    _default_interval,
+    parse_line,
+    progress_style,
+    render_bar,
+)
 from disalign_det.report import load_metrics, metrics_table  # noqa: E402
 
 STAGE_ONE = "configs/LVIS/synthetic/mask_rcnn_synth.yaml"
@@ -46,12 +57,62 @@ def run_stage(name, config, out_dir, opts, eval_only=False):
     print(f"[demo] {name}: {' '.join(cmd)}", flush=True)
     os.makedirs(out_dir, exist_ok=True)
     start = time.time()
-    with open(os.path.join(out_dir, "stdout.txt"), "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    if proc.returncode != 0:
-        raise SystemExit(f"[demo] {name} failed (exit {proc.returncode}); see {out_dir}/stdout.txt")
+    returncode = stream_child(cmd, os.path.join(out_dir, "stdout.txt"), name)
+    if returncode != 0:
+        raise SystemExit(f"[demo] {name} failed (exit {returncode}); see {out_dir}/stdout.txt")
     print(f"[demo] {name}: done in {time.time() - start:.0f} s", flush=True)
     return load_metrics(metrics)
+
+
+def stream_child(cmd, log_path, name, out=None, interval=None):
+    """Run ``cmd``, its output going to ``log_path``, except its progress lines
+    (``disalign_det.engine.progress``), which are shown on ``out`` (default stdout): redrawn as
+    one live bar on a terminal, else printed at most every ``interval`` seconds (default
+    ``DISALIGN_PROGRESS_INTERVAL``) plus each finished phase. The log keeps those printed lines.
+    Returns the exit status."""
+    out = out if out is not None else sys.stdout
+    style = progress_style(out)
+    interval = _default_interval() if interval is None else float(interval)
+    env = dict(os.environ)
+    # The child is not on a terminal: it writes plain lines, often enough for a live bar here.
+    env.update(DISALIGN_PROGRESS="lines", DISALIGN_PROGRESS_INTERVAL="0.5")
+    last_shown = {}
+    drawn = False
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=env,
+            text=True,
+            bufsize=1,
+        )
+        for line in proc.stdout:
+            p = parse_line(line)
+            if p is None:
+                log.write(line)
+                continue
+            final = p["n"] >= p["total"]
+            if style == "bar":
+                bar = render_bar(p["desc"], p["n"], p["total"], p["elapsed"], p["eta"], p["rest"])
+                out.write("\r\033[K  " + bar + ("\n" if final else ""))
+                drawn = not final
+                out.flush()
+            elif style == "lines":
+                now = time.monotonic()
+                if final or now - last_shown.get(p["desc"], -float("inf")) >= interval:
+                    last_shown[p["desc"]] = now
+                    out.write(f"  {line.strip()}\n")
+                    out.flush()
+                    log.write(line)
+                    continue
+            if final:
+                log.write(line)
+        returncode = proc.wait()
+    if drawn:
+        out.write("\n")
+    return returncode
 
 
 def main(argv=None):

@@ -15,17 +15,20 @@ On machines without CUDA, --num-gpus N starts N CPU processes (gloo).
 import logging
 import os
 
-import disalign_det  # noqa: F401  isort: skip  (shims and registrations first)
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
-from detectron2.engine import default_argument_parser, default_setup
-from detectron2.evaluation import verify_results
-from detectron2.utils import comm
+# Known third-party deprecation noise hidden (disalign_det.utils.warnings); before the import.
+os.environ.setdefault("DISALIGN_QUIET_WARNINGS", "1")
 
-from disalign_det import add_disalign_config
-from disalign_det.data import check_num_classes
-from disalign_det.engine import Trainer, launch
-from disalign_det.evaluation import apply_fixed_ap_config
+import disalign_det  # noqa: F401,E402  isort: skip  (shims and registrations first)
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.engine import default_argument_parser, default_setup  # noqa: E402
+from detectron2.evaluation import verify_results  # noqa: E402
+from detectron2.utils import comm  # noqa: E402
+
+from disalign_det import add_disalign_config  # noqa: E402
+from disalign_det.data import check_num_classes  # noqa: E402
+from disalign_det.engine import Trainer, launch  # noqa: E402
+from disalign_det.evaluation import apply_fixed_ap_config  # noqa: E402
 
 logger = logging.getLogger("disalign_det.train_net")
 

@@ -31,6 +31,7 @@ from ..evaluation import build_lvis_evaluator
 from ..modeling import install_class_weights
 from ..modeling.freeze import apply_freeze
 from .checkpoint import DisAlignCheckpointer, get_rng_state
+from .progress import TrainProgressHook, track_loader
 
 __all__ = ["Trainer", "ResumableSampler"]
 
@@ -197,7 +198,7 @@ class Trainer(DefaultTrainer):
 
         kwargs = _test_loader_from_config(cfg, dataset_name)
         kwargs["mapper"] = NamedErrorMapper(kwargs["mapper"])
-        return build_detection_test_loader(**kwargs)
+        return track_loader(build_detection_test_loader(**kwargs), desc=f"eval:{dataset_name}")
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -229,9 +230,15 @@ class Trainer(DefaultTrainer):
         return results if results is not None else getattr(self, "_last_eval_results", None)
 
     def build_hooks(self):
-        """detectron2's hooks, plus (with several processes) :class:`_GatherRNGStates` right
-        before the checkpointer, so that each checkpoint holds every rank's RNG state."""
+        """detectron2's hooks, plus the progress display (:class:`TrainProgressHook`) and (with
+        several processes) :class:`_GatherRNGStates` right before the checkpointer, so that each
+        checkpoint holds every rank's RNG state."""
         ret = super().build_hooks()
+        # Right after the IterationTimer: the bar is drawn before the evaluation hooks run.
+        ret.insert(
+            1 if ret and isinstance(ret[0], hooks.IterationTimer) else 0,
+            TrainProgressHook(self.max_iter),
+        )
         if comm.get_world_size() > 1:
             # The checkpointer exists on the main process only, followed by the EvalHook on all:
             # the same position in the hook order on every rank.
