@@ -16,12 +16,18 @@ missing). :func:`load_project_config` loads a config of a detectron2 project (Vi
 installed detectron2 package does not ship.
 """
 
-from .swap import DEFAULT_FED_LOSS_FREQ_WEIGHT_POWER, load_project_config, use_disalign
+from .swap import (
+    DEFAULT_FED_LOSS_FREQ_WEIGHT_POWER,
+    find_project_config,
+    load_project_config,
+    use_disalign,
+)
 from .train import build_stage_two_model, install_lazy_class_weights, prepare_stage_two
 
 __all__ = [
     "DEFAULT_FED_LOSS_FREQ_WEIGHT_POWER",
     "build_stage_two_model",
+    "find_project_config",
     "install_lazy_class_weights",
     "load_project_config",
     "prepare_stage_two",

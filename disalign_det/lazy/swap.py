@@ -29,7 +29,12 @@ from ..modeling import (
 )
 from ..modeling.freeze import FREEZE_MODES
 
-__all__ = ["DEFAULT_FED_LOSS_FREQ_WEIGHT_POWER", "load_project_config", "use_disalign"]
+__all__ = [
+    "DEFAULT_FED_LOSS_FREQ_WEIGHT_POWER",
+    "find_project_config",
+    "load_project_config",
+    "use_disalign",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -205,22 +210,27 @@ def _project_config_candidates(project, relpath):
     return [os.path.join(r, "projects", project, "configs", relpath) for r in roots]
 
 
-def load_project_config(relpath, project="ViTDet"):
-    """``LazyConfig.load`` of ``projects/<project>/configs/<relpath>`` of a detectron2 checkout
-    (``pip install`` of detectron2 ships ``configs/`` but not the projects' configs).
+def find_project_config(relpath, project="ViTDet"):
+    """Path of ``projects/<project>/configs/<relpath>`` in a detectron2 checkout (``pip install``
+    of detectron2 ships ``configs/`` but not the projects' configs).
 
     The checkout is ``$DETECTRON2_ROOT`` if set, else the folder above the imported ``detectron2``
     package (a source checkout used in place). Raises FileNotFoundError naming what was searched.
     """
-    from detectron2.config import LazyConfig
-
     candidates = _project_config_candidates(project, relpath)
     for path in candidates:
         if os.path.isfile(path):
-            return LazyConfig.load(path)
+            return path
     raise FileNotFoundError(
         f"{project}'s config {relpath!r} was not found (searched: {candidates}). The detectron2 "
         f"package does not install projects/{project}/configs: set {ENV_DETECTRON2_ROOT} to a "
         f"detectron2 source checkout (the folder that has projects/{project}), e.g. "
         f"{ENV_DETECTRON2_ROOT}=$HOME/detectron2."
     )
+
+
+def load_project_config(relpath, project="ViTDet"):
+    """``LazyConfig.load`` of :func:`find_project_config` ``(relpath, project)``."""
+    from detectron2.config import LazyConfig
+
+    return LazyConfig.load(find_project_config(relpath, project))
