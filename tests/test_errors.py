@@ -19,7 +19,7 @@ from detectron2.modeling import build_model
 
 from disalign_det.data import LVISFormatError, check_num_classes, register_lvis_format
 from disalign_det.engine import DisAlignCheckpointer, Trainer
-from disalign_det.modeling import is_calibration_parameter
+from disalign_det.modeling import install_class_weights, is_calibration_parameter
 
 STAGE_TWO = "synthetic/disalign_synth.yaml"
 README = re.escape("See datasets/README.md")
@@ -163,6 +163,7 @@ def test_class_without_training_samples_warns_and_keeps_weights_finite(
     cfg = tiny_cfg(STAGE_TWO, opts=["DATASETS.TRAIN", f"('{name}',)"])
     with caplog.at_level(logging.WARNING, logger="disalign_det"):
         model = Trainer.build_model(cfg)
+        install_class_weights(model, cfg)  # what Trainer does when training starts
     warnings = [r.getMessage() for r in caplog.records if "zero training samples" in r.getMessage()]
     assert warnings and all(
         re.search(r"1 class\(es\) have zero training samples \(contiguous ids \[1\]\); their "

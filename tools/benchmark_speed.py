@@ -160,13 +160,14 @@ def make_cfg(config_set: str, stage: str, workdir: str):
 def build_model(cfg, state=None):
     """``Trainer.build_model`` (stage two: frozen but the calibration) with ``state`` loaded."""
     from disalign_det.engine import Trainer
-    from disalign_det.modeling import is_calibration_parameter
+    from disalign_det.modeling import install_class_weights, is_calibration_parameter
 
     log = logging.getLogger("disalign_det.engine.trainer")
     level = log.level
     log.setLevel(logging.WARNING)  # build_model logs the whole model at INFO
     try:
         model = Trainer.build_model(cfg)
+        install_class_weights(model, cfg)  # the GRW weights its training steps need
     finally:
         log.setLevel(level)
     if state is not None:

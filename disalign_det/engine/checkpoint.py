@@ -11,7 +11,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
-from ..modeling.freeze import is_calibration_parameter
+from ..modeling.freeze import is_calibration_parameter, is_disalign_state
 
 __all__ = ["DisAlignCheckpointer", "get_rng_state", "set_rng_state"]
 
@@ -114,11 +114,15 @@ class DisAlignCheckpointer(DetectionCheckpointer):
             ) from e
 
     def _load_model(self, checkpoint):
-        if self.strict_stage_one and not checkpoint.get("matching_heuristics", False):
-            self._check_stage_one(checkpoint["model"])
+        if not checkpoint.get("matching_heuristics", False):
+            # A DisAlign checkpoint (it has calibration) must fit the config exactly, too.
+            calibrated = [k for k in checkpoint["model"] if is_calibration_parameter(k)]
+            if self.strict_stage_one or calibrated:
+                self._check_stage_one(checkpoint["model"])
+            _check_calibration_fits(calibrated, self.model.state_dict())
         incompatible = super()._load_model(checkpoint)
         if self.strict_stage_one:
-            missing = [k for k in incompatible.missing_keys if not is_calibration_parameter(k)]
+            missing = [k for k in incompatible.missing_keys if not is_disalign_state(k)]
             if missing:
                 raise ValueError(
                     f"The checkpoint lacks {len(missing)} parameter(s) of this model that stage "
@@ -173,6 +177,25 @@ class DisAlignCheckpointer(DetectionCheckpointer):
                     if rank > 0:
                         seed_all_rng(int(torch.randint(0, 2**31 - 1, ())) + rank)
         return checkpoint
+
+
+def _check_calibration_fits(calibrated, model_state):
+    """ValueError if checkpoint keys ``calibrated`` (its calibration) are not in ``model_state``:
+    a DisAlign checkpoint loaded into a config without (some of) its calibration."""
+
+    def strip(k):
+        return k[len("module.") :] if k.startswith("module.") else k
+
+    keys = {strip(k) for k in model_state}
+    extra = [k for k in calibrated if strip(k) not in keys]
+    if extra:
+        raise ValueError(
+            f"The checkpoint is a DisAlign checkpoint with {len(extra)} calibration tensor(s) this "
+            f"model lacks (e.g. {extra[:4]}): its config has no such calibration. Use the config "
+            "it was trained with (MODEL.ROI_HEADS.NAME DisAlignROIHeads, MODEL.ROI_MASK_HEAD.NAME "
+            "DisAlignMaskRCNNConvUpsampleHead, MODEL.DISALIGN.BOX_CALIBRATION / "
+            "MASK_CALIBRATION True)."
+        )
 
 
 def _atomic_write(path, write, binary):

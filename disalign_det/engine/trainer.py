@@ -30,6 +30,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..data import check_num_classes
 from ..evaluation import build_lvis_evaluator
+from ..modeling import install_class_weights
 from ..modeling.freeze import apply_freeze
 from .checkpoint import DisAlignCheckpointer, get_rng_state
 
@@ -108,6 +109,7 @@ class Trainer(DefaultTrainer):
         check_num_classes(cfg)  # registers DATASETS.LVIS_FORMAT first
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
+        install_class_weights(model, cfg)  # GRW weights: training only, never at build time
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model(

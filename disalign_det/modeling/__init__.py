@@ -5,6 +5,7 @@ DisAlignMaskRCNNConvUpsampleHead; ``PROPOSAL_GENERATOR_REGISTRY``: DisAlignRPN).
 from . import losses  # noqa: F401
 from .box_predictor import DisAlignFastRCNNOutputLayers
 from .calibration import CosineLinear, calibrate_logits
+from .class_weights import install_class_weights, set_class_frequencies
 from .freeze import CALIBRATION_PARAMETER_NAMES, apply_freeze, is_calibration_parameter
 from .losses import grw_class_weights, weighted_cross_entropy, weighted_mask_bce
 from .mask_head import DisAlignMaskRCNNConvUpsampleHead
@@ -22,7 +23,9 @@ __all__ = [
     "apply_freeze",
     "calibrate_logits",
     "grw_class_weights",
+    "install_class_weights",
     "is_calibration_parameter",
+    "set_class_frequencies",
     "weighted_cross_entropy",
     "weighted_mask_bce",
 ]

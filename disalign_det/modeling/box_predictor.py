@@ -14,9 +14,9 @@ from detectron2.layers import cat
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, _log_classification_stats
 from torch import nn
 
-from .calibration import CosineLinear, add_calibration, calibrate_logits, checked_class_weights
-from .frequency import class_counts_from_cfg
-from .losses import grw_class_weights, weighted_cross_entropy
+from .calibration import CosineLinear, add_calibration, calibrate_logits
+from .class_weights import ClassFrequencyMixin
+from .losses import weighted_cross_entropy
 
 __all__ = ["DisAlignFastRCNNOutputLayers"]
 
@@ -26,7 +26,7 @@ _CLS_LOSSES = ("ce", "grw")
 _POSTHOC = ("none", "norcal", "tau_norm")
 
 
-class DisAlignFastRCNNOutputLayers(FastRCNNOutputLayers):
+class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
     """``FastRCNNOutputLayers`` with DisAlign's adaptive calibration of the class logits,
     generalized re-weighting in the classification loss, an optional cosine classifier and the
     training-free test-time alternatives (NorCal-style logit adjustment, tau-normalisation).
@@ -44,11 +44,13 @@ class DisAlignFastRCNNOutputLayers(FastRCNNOutputLayers):
         confidence_init_std: float = 0.01,
         cls_loss: str = "ce",
         class_weights=None,
+        rho: float = 0.8,
         cosine: bool = False,
         cosine_scale: float = 20.0,
         posthoc: str = "none",
         posthoc_power: float = 1.0,
         class_counts=None,
+        class_counts_fallback=None,
         **kwargs,
     ):
         """
@@ -58,11 +60,17 @@ class DisAlignFastRCNNOutputLayers(FastRCNNOutputLayers):
                 (``logit_bias``) and the confidence layer s(x) = sigmoid(w.x + b).
             confidence_init_std: std of the normal init of the confidence layer's weight.
             cls_loss: "ce" or "grw" (weighted cross-entropy with ``class_weights``).
-            class_weights: (K + 1,) GRW weights (background last); required for "grw".
+            class_weights: (K + 1,) GRW weights (background last) for "grw"; without them they
+                are installed when training starts (:func:`~.class_weights.install_class_weights`).
+            rho: the GRW exponent used when the weights are installed from class counts.
             cosine: replace ``cls_score`` by a cosine classifier with temperature ``cosine_scale``.
             posthoc: test-time adjustment "none", "norcal" or "tau_norm".
             posthoc_power: gamma of "norcal" / tau of "tau_norm".
-            class_counts: (K,) training frequencies n_j; required for "norcal".
+            class_counts: (K,) training frequencies n_j for "norcal". Stored with the model (the
+                persistent buffer ``class_counts``), so its checkpoint alone reproduces inference.
+            class_counts_fallback: for "norcal" without ``class_counts``: ``(dataset names,
+                source)`` whose json categories carry the training counts (LVIS val jsons do),
+                read at the first inference if neither a checkpoint nor training installed them.
         """
         super().__init__(input_shape, **kwargs)
         num_classes = self.num_classes
@@ -74,12 +82,9 @@ class DisAlignFastRCNNOutputLayers(FastRCNNOutputLayers):
         if calibrate:
             add_calibration(self, num_classes, nn.Linear(in_features, 1), confidence_init_std)
         self.cls_loss = cls_loss
-        class_weights = checked_class_weights(
-            cls_loss, _CLS_LOSSES, "MODEL.DISALIGN.CLS_LOSS", class_weights, num_classes
+        self._init_class_weights(
+            cls_loss, _CLS_LOSSES, "MODEL.DISALIGN.CLS_LOSS", class_weights, num_classes, rho
         )
-        # Computed once at build time; not persistent: it is a function of the training data and
-        # rho, not a learned state, so checkpoints stay loadable across datasets.
-        self.register_buffer("class_weights", class_weights, persistent=False)
 
         if posthoc not in _POSTHOC:
             raise ValueError(f"MODEL.DISALIGN.POSTHOC must be one of {_POSTHOC}, got {posthoc!r}")
@@ -89,20 +94,18 @@ class DisAlignFastRCNNOutputLayers(FastRCNNOutputLayers):
                 "the cosine classifier (MODEL.ROI_BOX_HEAD.COSINE_CLASSIFIER) is normalised "
                 "already."
             )
+        self.posthoc = posthoc
+        self.posthoc_power = float(posthoc_power)
         if posthoc == "norcal":
-            if class_counts is None or len(class_counts) != num_classes:
+            if class_counts is None and class_counts_fallback is None:
                 raise ValueError(
                     "MODEL.DISALIGN.POSTHOC='norcal' needs the K training class counts"
                 )
-            counts = torch.as_tensor(class_counts, dtype=torch.float32).clamp(min=1.0)
-            # Relative frequencies n_j / mean(n): dividing by them only re-balances the classes;
-            # the foreground as a whole keeps its mass against the background for gamma = 1.
-            counts = counts / counts.mean()
-        else:
-            counts = torch.ones(num_classes)
-        self.posthoc = posthoc
-        self.posthoc_power = float(posthoc_power)
-        self.register_buffer("class_counts", counts, persistent=False)
+            # Raw counts n_j, saved in checkpoints (inference needs them); zeros = not known yet.
+            self.register_buffer("class_counts", torch.zeros(num_classes))
+            self.class_counts_fallback = class_counts_fallback
+            if class_counts is not None:
+                self._set_class_counts(class_counts)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -116,13 +119,41 @@ class DisAlignFastRCNNOutputLayers(FastRCNNOutputLayers):
             cosine_scale=cfg.MODEL.ROI_BOX_HEAD.COSINE_SCALE,
             posthoc=d.POSTHOC,
             posthoc_power=d.POSTHOC_POWER,
+            rho=d.RHO,
+            # Read only if inference finds no counts in the model (see _norcal_counts).
+            class_counts_fallback=(tuple(cfg.DATASETS.TEST), d.FREQUENCY_SOURCE),
         )
-        if d.CLS_LOSS == "grw" or d.POSTHOC == "norcal":
-            counts = class_counts_from_cfg(cfg)
-            if d.CLS_LOSS == "grw":
-                ret["class_weights"] = grw_class_weights(counts, d.RHO)
-            ret["class_counts"] = counts
         return ret
+
+    # ---- class frequencies (see class_weights.py) -------------------------------------------
+    @property
+    def needs_class_frequencies(self):
+        return self.uses_grw or self.posthoc == "norcal"
+
+    def set_class_frequencies(self, counts, rho=None):
+        super().set_class_frequencies(counts, rho)
+        if self.posthoc == "norcal":
+            self._set_class_counts(counts)
+
+    def _set_class_counts(self, counts):
+        counts = torch.as_tensor(counts, dtype=torch.float32).flatten()
+        if counts.numel() != self.num_classes:
+            raise ValueError(
+                "MODEL.DISALIGN.POSTHOC='norcal' needs the K training class counts: "
+                f"K = {self.num_classes}, got {counts.numel()}"
+            )
+        self.class_counts.copy_(counts.to(self.class_counts.device))
+
+    def _norcal_counts(self):
+        """(K,) relative training frequencies n_j / mean(n) for NorCal: from the model (its
+        checkpoint, or installed when training started), else from the categories of the first
+        test dataset's json (LVIS val jsons carry the training image/instance counts)."""
+        if not bool((self.class_counts > 0).any()):
+            self._set_class_counts(_counts_from_test_json(*self.class_counts_fallback or ((), "")))
+        counts = self.class_counts.clamp(min=1.0)
+        # Relative frequencies n_j / mean(n): dividing by them only re-balances the classes;
+        # the foreground as a whole keeps its mass against the background for gamma = 1.
+        return counts / counts.mean()
 
     def _class_logits(self, x):
         """x: (R, D) -> (R, K + 1) uncalibrated logits (tau-normalised at inference if asked)."""
@@ -176,8 +207,7 @@ class DisAlignFastRCNNOutputLayers(FastRCNNOutputLayers):
 
         losses = {}
         if scores.requires_grad:
-            weights = self.class_weights if self.cls_loss == "grw" else None
-            losses["loss_cls"] = weighted_cross_entropy(scores, gt_classes, weights)
+            losses["loss_cls"] = weighted_cross_entropy(scores, gt_classes, self.grw_weights())
         if proposal_deltas.requires_grad:
             if len(proposals):
                 proposal_boxes = cat([p.proposal_boxes.tensor for p in proposals], dim=0)
@@ -203,7 +233,34 @@ class DisAlignFastRCNNOutputLayers(FastRCNNOutputLayers):
         if self.posthoc == "norcal":
             # p'_j ∝ p_j / n_j ** gamma for the foreground (n_j relative to its mean), background
             # untouched, renormalised.
-            fg = probs[:, :-1] / self.class_counts.pow(self.posthoc_power)
+            fg = probs[:, :-1] / self._norcal_counts().pow(self.posthoc_power)
             probs = torch.cat([fg, probs[:, -1:]], dim=1)
             probs = probs / probs.sum(dim=1, keepdim=True)
         return probs.split(num_inst_per_image, dim=0)
+
+
+def _counts_from_test_json(dataset_names, source):
+    """(K,) training counts ``source`` from the categories of the first of ``dataset_names``."""
+    from detectron2.data import MetadataCatalog
+
+    from ..data import lvis_category_info
+
+    hint = (
+        "MODEL.DISALIGN.POSTHOC='norcal' needs the training class counts: the checkpoint has none "
+        "(roi_heads.box_predictor.class_counts; a model trained with POSTHOC 'norcal' stores "
+        "them) and "
+    )
+    if not dataset_names:
+        raise ValueError(hint + "DATASETS.TEST is empty, so no test json can supply them.")
+    name = dataset_names[0]
+    json_file = MetadataCatalog.get(name).get("json_file")
+    if not json_file:
+        raise ValueError(hint + f"DATASETS.TEST[0]='{name}' has no LVIS-format json_file.")
+    info = lvis_category_info(json_file)
+    if info.counted_from_annotations:
+        raise ValueError(
+            hint + f"the categories of {json_file} (DATASETS.TEST[0]='{name}') carry no "
+            "image_count/instance_count (LVIS val jsons carry the training counts)."
+        )
+    logger.info("NorCal: training class counts (%s) from the categories of %s", source, json_file)
+    return getattr(info, source)

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-__all__ = ["add_calibration", "calibrate_logits", "checked_class_weights", "CosineLinear"]
+__all__ = ["add_calibration", "calibrate_logits", "CosineLinear"]
 
 
 def calibrate_logits(logits, confidence_logit, logit_scale, logit_bias):
@@ -35,19 +35,6 @@ def add_calibration(module, num_classes, confidence_layer, init_std):
     nn.init.normal_(confidence_layer.weight, std=init_std)
     nn.init.constant_(confidence_layer.bias, 0.0)
     module.confidence_layer = confidence_layer
-
-
-def checked_class_weights(loss, choices, key, class_weights, num_classes):
-    """The (K + 1,) class-weight buffer for ``loss`` (validated against ``choices`` and named by
-    config ``key``): the GRW weights for "grw", ones otherwise."""
-    if loss not in choices:
-        raise ValueError(f"{key} must be one of {choices}, got {loss!r}")
-    if loss != "grw":
-        return torch.ones(num_classes + 1)
-    if class_weights is None or len(class_weights) != num_classes + 1:
-        got = None if class_weights is None else len(class_weights)
-        raise ValueError(f"{key}='grw' needs K + 1 = {num_classes + 1} class weights, got {got}")
-    return torch.as_tensor(class_weights, dtype=torch.float32)
 
 
 class CosineLinear(nn.Module):

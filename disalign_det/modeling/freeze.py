@@ -4,18 +4,31 @@ import logging
 
 from torch import nn
 
-__all__ = ["CALIBRATION_PARAMETER_NAMES", "is_calibration_parameter", "apply_freeze"]
+__all__ = [
+    "CALIBRATION_PARAMETER_NAMES",
+    "is_calibration_parameter",
+    "is_disalign_state",
+    "apply_freeze",
+]
 
 logger = logging.getLogger(__name__)
 
 # Module/parameter names that hold DisAlign's calibration (beta, gamma, s(x)).
 CALIBRATION_PARAMETER_NAMES = ("logit_scale", "logit_bias", "confidence_layer")
+# Persistent buffers of the DisAlign heads (NorCal's training class counts): absent from a stage-one
+# checkpoint, like the calibration parameters.
+DISALIGN_BUFFER_NAMES = ("class_counts",)
 FREEZE_MODES = ("none", "all_but_calibration", "all_but_classifier")
 
 
 def is_calibration_parameter(name: str) -> bool:
     """True for a parameter name (as in ``model.named_parameters()``) of the calibration."""
     return any(part in CALIBRATION_PARAMETER_NAMES for part in name.split("."))
+
+
+def is_disalign_state(name: str) -> bool:
+    """True for a state-dict key that only DisAlign models have (calibration or its buffers)."""
+    return is_calibration_parameter(name) or name.split(".")[-1] in DISALIGN_BUFFER_NAMES
 
 
 def _is_classifier_parameter(name: str) -> bool:

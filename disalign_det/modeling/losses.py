@@ -16,9 +16,23 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["grw_class_weights", "weighted_cross_entropy", "weighted_mask_bce"]
+__all__ = [
+    "check_rho",
+    "grw_class_weights",
+    "weighted_cross_entropy",
+    "weighted_mask_bce",
+]
 
 logger = logging.getLogger(__name__)
+
+
+def check_rho(rho) -> float:
+    """``rho`` as a float; ValueError naming ``MODEL.DISALIGN.RHO`` unless it is finite and >= 0."""
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho):
+        raise ValueError(f"MODEL.DISALIGN.RHO must be a finite number >= 0, got {rho!r}")
+    if rho < 0:
+        raise ValueError(f"MODEL.DISALIGN.RHO must be >= 0, got {rho}")
+    return float(rho)
 
 
 def grw_class_weights(counts, rho: float) -> torch.Tensor:
@@ -35,10 +49,7 @@ def grw_class_weights(counts, rho: float) -> torch.Tensor:
     A class with zero samples would get an infinite weight; its count is clamped to the smallest
     positive count (or 1) with a warning instead.
     """
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho):
-        raise ValueError(f"MODEL.DISALIGN.RHO must be a finite number >= 0, got {rho!r}")
-    if rho < 0:
-        raise ValueError(f"MODEL.DISALIGN.RHO must be >= 0, got {rho}")
+    rho = check_rho(rho)
     n = torch.as_tensor(counts, dtype=torch.float64).flatten()
     if n.numel() == 0:
         raise ValueError("grw_class_weights needs at least one class count")

@@ -13,9 +13,9 @@ from detectron2.modeling.roi_heads.mask_head import (
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from .calibration import add_calibration, calibrate_logits, checked_class_weights
-from .frequency import class_counts_from_cfg
-from .losses import grw_class_weights, weighted_mask_bce
+from .calibration import add_calibration, calibrate_logits
+from .class_weights import ClassFrequencyMixin
+from .losses import weighted_mask_bce
 
 __all__ = ["DisAlignMaskRCNNConvUpsampleHead"]
 
@@ -25,7 +25,7 @@ _MASK_LOSSES = ("bce", "grw")
 
 
 @ROI_MASK_HEAD_REGISTRY.register()
-class DisAlignMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
+class DisAlignMaskRCNNConvUpsampleHead(ClassFrequencyMixin, MaskRCNNConvUpsampleHead):
     """``MaskRCNNConvUpsampleHead`` with DisAlign's adaptive calibration of the mask logits:
 
         m'_k(p) = s(p) (beta_k m_k(p) + gamma_k) + (1 - s(p)) m_k(p),
@@ -52,6 +52,7 @@ class DisAlignMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
         confidence_init_std: float = 0.01,
         mask_loss: str = "bce",
         class_weights=None,
+        rho: float = 0.8,
         num_calibrated_classes=None,
         **kwargs,
     ):
@@ -63,7 +64,9 @@ class DisAlignMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
             confidence_init_std: std of the normal init of the confidence conv's weight.
             mask_loss: "bce" (stock loss) or "grw" (per-RoI loss weighted by the GRW weight of the
                 RoI's ground-truth class, weighted mean).
-            class_weights: (K + 1,) GRW weights (background last); required for "grw".
+            class_weights: (K + 1,) GRW weights (background last) for "grw"; without them they
+                are installed when training starts (:func:`~.class_weights.install_class_weights`).
+            rho: the GRW exponent used when the weights are installed from class counts.
             num_calibrated_classes: K, the number of foreground classes (defaults to num_classes;
                 differs for class-agnostic masks, which still get per-class beta and gamma).
         """
@@ -80,10 +83,9 @@ class DisAlignMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
                 confidence_init_std,
             )
         self.mask_loss = mask_loss
-        class_weights = checked_class_weights(
-            mask_loss, _MASK_LOSSES, "MODEL.DISALIGN.MASK_LOSS", class_weights, K
+        self._init_class_weights(
+            mask_loss, _MASK_LOSSES, "MODEL.DISALIGN.MASK_LOSS", class_weights, K, rho
         )
-        self.register_buffer("class_weights", class_weights, persistent=False)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -93,10 +95,9 @@ class DisAlignMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
             calibrate=d.MASK_CALIBRATION,
             confidence_init_std=d.CONFIDENCE_INIT_STD,
             mask_loss=d.MASK_LOSS,
+            rho=d.RHO,
             num_calibrated_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES,
         )
-        if d.MASK_LOSS == "grw":
-            ret["class_weights"] = grw_class_weights(class_counts_from_cfg(cfg), d.RHO)
         return ret
 
     def _features(self, x):
@@ -153,6 +154,7 @@ class DisAlignMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
         return instances
 
     def _loss(self, feats, instances):
+        class_weights = self.grw_weights()  # raises first if GRW weights are missing
         side = feats.shape[-1]  # M: the predictor is a 1x1 conv, so logits are M x M too
         gt_classes, gt_masks = [], []
         for inst in instances:
@@ -174,7 +176,7 @@ class DisAlignMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
         logits = self._used_channel_logits(feats, gt_classes)
         gt_bool = gt_masks if gt_masks.dtype == torch.bool else gt_masks > 0.5
         self._log_accuracy(logits, gt_bool)
-        weights = self.class_weights[gt_classes] if self.mask_loss == "grw" else None
+        weights = None if class_weights is None else class_weights[gt_classes]
         return weighted_mask_bce(logits, gt_bool, weights)
 
     @staticmethod
