@@ -157,6 +157,7 @@ def save_stage_one(tmp_path, kind):
                 p.normal_(0.0, 0.5 if "cls_score" in name else 0.01)
     model.eval()
     out = tmp_path / f"stage_one_{kind}"
+    out.mkdir()
     DetectionCheckpointer(model, str(out)).save("model_final")
     return model, str(out / "model_final.pth")
 

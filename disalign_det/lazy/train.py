@@ -33,7 +33,7 @@ from ..engine.trainer import (
     _use_private_generator,
     model_on_cuda,
 )
-from ..modeling import apply_freeze
+from ..modeling import apply_freeze, set_class_frequencies
 from .swap import _target
 
 __all__ = [
@@ -109,8 +109,6 @@ def install_lazy_class_weights(model, cfg):
     names = _dataset_names(cfg)
     source = cfg.disalign.get("frequency_source", "instance_count")
     counts = get_class_counts(names, source)
-    from ..modeling import set_class_frequencies  # TEMP until wt-cls is merged
-
     set_class_frequencies(model, counts)
     logger.info("GRW class weights from %s (%s) installed in %d head(s)", names, source, len(needs))
     return counts
