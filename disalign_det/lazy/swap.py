@@ -38,7 +38,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# The power of ViTDet's LVIS configs (and detectron2's MODEL.ROI_BOX_HEAD.FED_LOSS_FREQ_WEIGHT_POWER).
+# The power of ViTDet's LVIS configs (detectron2's MODEL.ROI_BOX_HEAD.FED_LOSS_FREQ_WEIGHT_POWER).
 DEFAULT_FED_LOSS_FREQ_WEIGHT_POWER = 0.5
 # The training datasets, resolved from the root of the final config when it is used (after
 # command-line overrides).
@@ -122,7 +122,8 @@ def use_disalign(
       (CascadeROIHeads): ``FastRCNNOutputLayers`` -> :class:`DisAlignFastRCNNOutputLayers` with
       ``calibrate``, ``cls_loss``, ``rho``; with the federated loss, its class weights are re-bound
       to ``dataloader.train.dataset.names`` (power ``fed_loss_freq_weight_power``).
-    * ``roi_heads.mask_head``: ``MaskRCNNConvUpsampleHead`` -> :class:`DisAlignMaskRCNNConvUpsampleHead`.
+    * ``roi_heads.mask_head``: ``MaskRCNNConvUpsampleHead`` ->
+      :class:`DisAlignMaskRCNNConvUpsampleHead`.
     * ``roi_heads`` -> :class:`DisAlignROIHeads` / :class:`DisAlignCascadeROIHeads` and the ``RPN``
       -> :class:`DisAlignRPN` (same computation; they skip the losses of frozen branches).
     * ``dataloader.train.sampler`` is removed (detectron2's default ``TrainingSampler``) unless
@@ -162,7 +163,9 @@ def use_disalign(
             fed_loss_freq_weight_power,
         )
     else:
-        raise ValueError("use_disalign: model.roi_heads has neither box_predictor nor box_predictors")
+        raise ValueError(
+            "use_disalign: model.roi_heads has neither box_predictor nor box_predictors"
+        )
 
     mask_head = roi_heads.get("mask_head")
     if mask_head is not None:

@@ -1,8 +1,8 @@
 """Training and evaluation of LazyConfig models with the guarantees of the YAML path.
 
 What ``tools/lazyconfig_train_net.py`` runs, reusing the engine of the YAML path: the stage one is
-loaded by :class:`~disalign_det.engine.DisAlignCheckpointer` in strict mode (only DisAlign's own keys
-may be missing), saves are atomic with RNG states, a resumed run continues the data stream, a
+loaded by :class:`~disalign_det.engine.DisAlignCheckpointer` in strict mode (only DisAlign's own
+keys may be missing), saves are atomic with RNG states, a resumed run continues the data stream, a
 non-finite loss stops training naming it before the optimizer step, and CPU multi-process runs
 work (gloo).
 """
@@ -120,7 +120,9 @@ def build_train_loader(cfg):
     (see ``disalign_det.engine.trainer``)."""
     node = cfg.dataloader.train
     build = _target(node)
-    args = {k: instantiate(v) for k, v in node.items() if k not in ("_target_", "dataset", "sampler")}
+    args = {
+        k: instantiate(v) for k, v in node.items() if k not in ("_target_", "dataset", "sampler")
+    }
     dataset = instantiate(node.dataset)
     sampler = instantiate(node.sampler) if node.get("sampler") is not None else None
     if sampler is None:
