@@ -7,7 +7,12 @@ from .box_predictor import DisAlignFastRCNNOutputLayers
 from .calibration import CosineLinear, calibrate_logits
 from .class_weights import install_class_weights, set_class_frequencies
 from .freeze import CALIBRATION_PARAMETER_NAMES, apply_freeze, is_calibration_parameter
-from .losses import grw_class_weights, weighted_cross_entropy, weighted_mask_bce
+from .losses import (
+    grw_class_weights,
+    weighted_cross_entropy,
+    weighted_mask_bce,
+    weighted_sigmoid_cross_entropy,
+)
 from .mask_head import DisAlignMaskRCNNConvUpsampleHead
 from .roi_heads import DisAlignCascadeROIHeads, DisAlignROIHeads
 from .rpn import DisAlignRPN
@@ -28,4 +33,5 @@ __all__ = [
     "set_class_frequencies",
     "weighted_cross_entropy",
     "weighted_mask_bce",
+    "weighted_sigmoid_cross_entropy",
 ]

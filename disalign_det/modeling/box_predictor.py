@@ -1,6 +1,8 @@
 """DisAlign box predictor: detectron2's ``FastRCNNOutputLayers`` plus adaptive calibration and GRW.
 
-Logit layout follows detectron2: (R, K + 1) scores, background LAST. Parameter names of the stock
+Logit layout follows detectron2: (R, K + 1) scores, background LAST. With detectron2 main's sigmoid
+classifier (``use_sigmoid_ce``, optionally ``use_fed_loss``; feature-detected, absent on v0.6) the
+(K + 1)-th column is kept and ignored, as detectron2 does. Parameter names of the stock
 predictor (``cls_score``, ``bbox_pred``) are kept so stage-one checkpoints load unchanged; the
 calibration adds ``logit_scale`` (K,), ``logit_bias`` (K,) and ``confidence_layer`` Linear(D, 1).
 """
@@ -16,7 +18,7 @@ from torch import nn
 
 from .calibration import CosineLinear, add_calibration, calibrate_logits
 from .class_weights import ClassFrequencyMixin
-from .losses import weighted_cross_entropy
+from .losses import weighted_cross_entropy, weighted_sigmoid_cross_entropy
 
 __all__ = ["DisAlignFastRCNNOutputLayers"]
 
@@ -32,7 +34,10 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
     training-free test-time alternatives (NorCal-style logit adjustment, tau-normalisation).
 
     With ``calibrate=False``, ``cls_loss="ce"``, ``cosine=False`` and ``posthoc="none"`` it computes
-    exactly what the stock predictor computes.
+    exactly what the stock predictor computes, for the softmax classifier and (detectron2 main)
+    the sigmoid one with or without the federated loss: the calibration acts on the K foreground
+    logits, inference takes the stage one's probability (softmax or sigmoid), and GRW weights
+    each RoI's terms by the weight of its ground-truth class.
     """
 
     @configurable
@@ -72,7 +77,17 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
                 source)`` whose json categories carry the training counts (LVIS val jsons do),
                 read at the first inference if neither a checkpoint nor training installed them.
         """
+        fed_weights = None
+        if kwargs.get("use_fed_loss"):
+            # detectron2 main computes the federated loss's sampling weights here, from the
+            # training json; a model built for inference must not read it. Defer them to the first
+            # loss (see _fed_loss_class_mask); a checkpoint's ``fed_loss_cls_weights`` wins.
+            fed_weights, K = kwargs.get("get_fed_loss_cls_weights"), kwargs["num_classes"]
+            kwargs["get_fed_loss_cls_weights"] = lambda: torch.zeros(K)
         super().__init__(input_shape, **kwargs)
+        self._get_fed_loss_cls_weights = fed_weights
+        # Absent on detectron2 v0.6 (softmax only).
+        self.sigmoid_ce = bool(getattr(self, "use_sigmoid_ce", False))
         num_classes = self.num_classes
         in_features = self.cls_score.in_features
         if cosine:
@@ -93,6 +108,11 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
                 "MODEL.DISALIGN.POSTHOC='tau_norm' re-normalises the rows of a linear classifier; "
                 "the cosine classifier (MODEL.ROI_BOX_HEAD.COSINE_CLASSIFIER) is normalised "
                 "already."
+            )
+        if posthoc == "norcal" and self.sigmoid_ce:
+            raise ValueError(
+                "MODEL.DISALIGN.POSTHOC='norcal' renormalises softmax probabilities; the sigmoid "
+                "classifier (MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE) has independent ones."
             )
         self.posthoc = posthoc
         self.posthoc_power = float(posthoc_power)
@@ -207,7 +227,15 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
 
         losses = {}
         if scores.requires_grad:
-            losses["loss_cls"] = weighted_cross_entropy(scores, gt_classes, self.grw_weights())
+            weights = self.grw_weights()
+            if self.sigmoid_ce:
+                mask = None
+                if self.use_fed_loss and gt_classes.numel():
+                    mask = self._fed_loss_class_mask(gt_classes)
+                loss = weighted_sigmoid_cross_entropy(scores, gt_classes, weights, mask)
+            else:
+                loss = weighted_cross_entropy(scores, gt_classes, weights)
+            losses["loss_cls"] = loss
         if proposal_deltas.requires_grad:
             if len(proposals):
                 proposal_boxes = cat([p.proposal_boxes.tensor for p in proposals], dim=0)
@@ -225,10 +253,37 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
             )
         return {k: v * self.loss_weight.get(k, 1.0) for k, v in losses.items()}
 
+    def _fed_loss_class_mask(self, gt_classes):
+        """(K,) 0/1 mask of the federated loss's classes: the labels of ``gt_classes`` (R,) plus
+        negatives sampled with the stage one's ``fed_loss_cls_weights`` (detectron2's own
+        ``get_fed_loss_classes``, so the same random draws as the stock loss)."""
+        K = self.num_classes
+        if not bool((self.fed_loss_cls_weights != 0).any()):
+            # Neither a checkpoint nor an earlier iteration provided them: training starts now.
+            if self._get_fed_loss_cls_weights is None:
+                raise ValueError(
+                    "MODEL.ROI_BOX_HEAD.USE_FED_LOSS needs get_fed_loss_cls_weights (or a "
+                    "checkpoint with fed_loss_cls_weights)"
+                )
+            w = torch.as_tensor(self._get_fed_loss_cls_weights(), dtype=torch.float32)
+            self.fed_loss_cls_weights.copy_(w.to(self.fed_loss_cls_weights.device))
+        classes = self.get_fed_loss_classes(
+            gt_classes,
+            num_fed_loss_classes=self.fed_loss_num_classes,
+            num_classes=K,
+            weight=self.fed_loss_cls_weights,
+        )
+        mask = classes.new_zeros(K + 1)
+        mask[classes] = 1
+        return mask[:K]
+
     def predict_probs(self, predictions, proposals):
-        """Softmax over K + 1 (NorCal-adjusted if asked): list of (Ri, K + 1) tensors."""
+        """The stage one's probabilities: softmax over K + 1 (NorCal-adjusted if asked), or the
+        sigmoid of each logit for the sigmoid classifier. List of (Ri, K + 1) tensors."""
         scores, _ = predictions
         num_inst_per_image = [len(p) for p in proposals]
+        if self.sigmoid_ce:
+            return scores.sigmoid().split(num_inst_per_image, dim=0)
         probs = F.softmax(scores, dim=-1)
         if self.posthoc == "norcal":
             # p'_j ∝ p_j / n_j ** gamma for the foreground (n_j relative to its mean), background

@@ -7,7 +7,9 @@ frequencies n_j,
 
 and the background (the LAST logit, as in detectron2) gets weight 1. The classification loss is the
 softmax cross-entropy weighted by w of each sample's label, normalised by the sum of the sample
-weights (PyTorch's weighted-mean semantics).
+weights (PyTorch's weighted-mean semantics). With detectron2's sigmoid classifier (and its federated
+loss), each RoI's K binary terms are weighted by the weight of the RoI's label, again a weighted
+mean over RoIs.
 """
 
 import logging
@@ -21,6 +23,7 @@ __all__ = [
     "grw_class_weights",
     "weighted_cross_entropy",
     "weighted_mask_bce",
+    "weighted_sigmoid_cross_entropy",
 ]
 
 logger = logging.getLogger(__name__)
@@ -89,6 +92,42 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights=N
     if weights is not None:
         weights = weights.to(dtype=logits.dtype, device=logits.device)
     return F.cross_entropy(logits, labels, weight=weights, reduction="mean")
+
+
+def weighted_sigmoid_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, weights=None, class_mask=None
+):
+    """Sigmoid cross-entropy of detectron2's sigmoid classifier (``USE_SIGMOID_CE``; with
+    ``class_mask`` its federated loss), each RoI weighted by the class weight of its label.
+
+    Args:
+        logits: (R, K + 1) class logits; the (K + 1)-th column exists for the layout only and is
+            ignored (no competing background logit: a background RoI has K negative targets).
+        labels: (R,) int64 labels in [0, K] (K = background).
+        weights: (K + 1,) class weights (GRW, background last), or None.
+        class_mask: (K,) 0/1 float, the federated loss's classes (the RoIs' labels plus sampled
+            negatives), or None for all K classes.
+
+    Returns:
+        Scalar tensor ``sum_i w[y_i] sum_{j<K} m_j BCE(z_ij, [y_i = j]) / sum_i w[y_i]``; with
+        ``weights=None`` the same divided by R, exactly detectron2's loss (also for all-ones
+        weights: multiplying by 1 and summing R ones are exact). 0 (connected to ``logits``) when
+        R == 0.
+    """
+    if labels.numel() == 0:
+        return logits.sum() * 0.0
+    num_rois, num_classes = logits.shape[0], logits.shape[1] - 1
+    target = logits.new_zeros(num_rois, num_classes + 1)
+    target[range(num_rois), labels] = 1
+    loss = F.binary_cross_entropy_with_logits(
+        logits[:, :-1], target[:, :num_classes], reduction="none"
+    )
+    if class_mask is not None:
+        loss = loss * class_mask.view(1, num_classes).expand(num_rois, num_classes).float()
+    if weights is None:
+        return loss.sum() / num_rois
+    roi_weights = weights.to(dtype=logits.dtype, device=logits.device)[labels]
+    return (loss * roi_weights[:, None]).sum() / roi_weights.sum()
 
 
 def weighted_mask_bce(mask_logits: torch.Tensor, gt_masks: torch.Tensor, roi_weights=None):
