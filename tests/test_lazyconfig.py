@@ -231,9 +231,9 @@ def test_missing_project_config_names_the_env_var(monkeypatch):
     "kind, classifier",
     [
         ("mask_rcnn", "sigmoid_fed"),
-        ("cascade", "sigmoid_fed"),
-        ("mask_rcnn", "sigmoid"),
-        ("mask_rcnn", "softmax"),
+        pytest.param("cascade", "sigmoid_fed", marks=pytest.mark.slow),
+        pytest.param("mask_rcnn", "sigmoid", marks=pytest.mark.slow),
+        pytest.param("mask_rcnn", "softmax", marks=pytest.mark.slow),
     ],
 )
 def test_identity_at_init_and_only_calibration_trains(tmp_path, tiny1203, kind, classifier):
