@@ -25,6 +25,7 @@ from detectron2.utils import comm
 from disalign_det import add_disalign_config
 from disalign_det.data import check_num_classes
 from disalign_det.engine import Trainer, launch
+from disalign_det.model_zoo import merge_config_file
 
 logger = logging.getLogger("disalign_det.train_net")
 
@@ -34,7 +35,7 @@ def setup(args):
     add_disalign_config(cfg)
     if not os.path.isfile(args.config_file):
         raise FileNotFoundError(f"--config-file {args.config_file!r} does not exist")
-    cfg.merge_from_file(args.config_file)
+    merge_config_file(cfg, args.config_file)  # _BASE_ may be "model_zoo:<path>"
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     # Validate before default_setup: it writes OUTPUT_DIR/config.yaml, which must not replace the
