@@ -86,6 +86,18 @@ def test_delta_is_the_model_zoo_config_plus_the_v05_recipe(backbone):
     assert cfg.MODEL.DISALIGN.FREEZE == "all_but_calibration"
 
 
+@needs_zoo
+def test_box_only_delta_is_the_r50_delta_without_mask_calibration():
+    full = _cfg(os.path.join(V05, "disalign_mask_rcnn_R_50_FPN_1x.yaml"))
+    box = _cfg(os.path.join(V05, "disalign_box_only_R_50_FPN_1x.yaml"))
+    assert box.MODEL.ROI_MASK_HEAD.NAME == "MaskRCNNConvUpsampleHead"
+    assert not box.MODEL.DISALIGN.MASK_CALIBRATION and box.MODEL.DISALIGN.BOX_CALIBRATION
+    box.MODEL.ROI_MASK_HEAD.NAME = full.MODEL.ROI_MASK_HEAD.NAME
+    box.MODEL.DISALIGN.MASK_CALIBRATION = True
+    box.OUTPUT_DIR = full.OUTPUT_DIR
+    assert box == full
+
+
 def test_missing_model_zoo_config_is_a_clear_error(tmp_path):
     path = tmp_path / "delta.yaml"
     path.write_text('_BASE_: "model_zoo:NoSuch/config.yaml"\nSOLVER:\n  MAX_ITER: 3\n')
