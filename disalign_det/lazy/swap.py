@@ -10,7 +10,6 @@ import logging
 import os
 
 from detectron2.config import LazyCall as L
-from detectron2.data.detection_utils import get_fed_loss_cls_weights
 from detectron2.modeling.proposal_generator import RPN
 from detectron2.modeling.roi_heads import (
     CascadeROIHeads,
@@ -96,6 +95,9 @@ class _FedLossClassWeights:
         self.freq_weight_power = freq_weight_power
 
     def __call__(self):
+        # detectron2 main only (v0.6 has no federated loss, hence no such config either).
+        from detectron2.data.detection_utils import get_fed_loss_cls_weights
+
         return get_fed_loss_cls_weights(self.dataset_names, self.freq_weight_power)
 
 
