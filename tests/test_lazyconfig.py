@@ -120,6 +120,7 @@ def tiny1203(tiny_dataset, tmp_path_factory):
         path.write_text(json.dumps(data))
         register_lvis_format(f"tiny1203_{split}", str(path), tiny_dataset["image_root"])
         paths[split] = str(path)
+    paths["image_root"] = tiny_dataset["image_root"]
     return paths
 
 
@@ -330,3 +331,34 @@ def test_entry_point_trains_resumes_and_evaluates(tmp_path, tiny1203):
     assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 3
     with pytest.raises(ValueError, match="train.init_checkpoint"):
         run("--config-file", config, "train.init_checkpoint=", f"train.output_dir={tmp_path}/x")
+
+
+def _two_process_worker(argv, datasets):
+    """Runs in each spawned process: the datasets registered in the test process are not there."""
+    from disalign_det.data import register_lvis_format
+
+    for name, json_file, image_root in datasets:
+        register_lvis_format(name, json_file, image_root)
+    tool = load_script("tools/lazyconfig_train_net.py")
+    tool.main(tool.default_argument_parser().parse_args(argv))
+
+
+@pytest.mark.slow
+def test_entry_point_two_cpu_processes(tmp_path, tiny1203):
+    from disalign_det.engine import launch
+    from disalign_det.evaluation import LVIS_METRICS
+
+    _, ckpt = save_stage_one(tmp_path, "mask_rcnn")
+    out = tmp_path / "run2"
+    base = os.path.join(REPO, "configs", "LVIS", CONFIGS["mask_rcnn"])
+    config = tiny_config(tmp_path, base, output_dir=out, init=ckpt)
+    argv = ["--config-file", config, "--num-gpus", "2", "train.max_iter=2"]
+    datasets = [(f"tiny1203_{s}", tiny1203[s], tiny1203["image_root"]) for s in ("train", "val")]
+    launch(_two_process_worker, 2, args=(argv, datasets))
+    with open(out / "metrics_final.json") as f:
+        metrics = json.load(f)
+    assert all(m in metrics[t] for t in ("bbox", "segm") for m in LVIS_METRICS)
+    final = torch.load(out / "model_final.pth", weights_only=False)
+    assert len(final["rng_states"]) == 2  # every rank's RNG state, for exact resumes
+    before = torch.load(ckpt, weights_only=False)["model"]
+    assert all(torch.equal(final["model"][k], v) for k, v in before.items())

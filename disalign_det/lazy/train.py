@@ -175,7 +175,10 @@ def do_train(cfg, resume=False):
         # A branch can see no foreground in a batch: its calibration gets no gradient there.
         ddp["find_unused_parameters"] = True
     if not model_on_cuda(model):
+        # CPU processes (gloo): no device ids, and no fp16 gradient compression (ViTDet's GPU
+        # bandwidth setting; gloo's all-reduce gains nothing from it).
         ddp["device_ids"] = None
+        ddp["fp16_compression"] = False
     model = create_ddp_model(model, **ddp)
     trainer_cls = _AMPTrainer if cfg.train.amp.enabled else _SimpleTrainer
     trainer = trainer_cls(model, loader, optimizer)
