@@ -169,10 +169,19 @@ def save_stage_one(tmp_path, kind, classifier="sigmoid_fed"):
     cfg = load(tiny_config(tmp_path, _find(STAGE_ONE[kind]), classifier=classifier))
     torch.manual_seed(0)
     model = instantiate(cfg.model)
+    # Spread the scores, with a few classes per RoI above the test threshold (0.02): sigmoid
+    # probabilities of zero-mean logits would all pass it, and NMS over RoIs x 1203 candidates is
+    # slow on a CPU.
+    sigmoid = CLASSIFIERS[classifier].startswith("use_sigmoid_ce=True")
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "cls_score" in name or "bbox_pred" in name:
-                p.normal_(0.0, 0.5 if "cls_score" in name else 0.01)
+            if "cls_score.weight" in name:
+                p.normal_(0.0, 0.1 if sigmoid else 0.5)
+            elif "cls_score.bias" in name:
+                p.fill_(0.0)
+                p[:-1] = -5.0 if sigmoid else 0.0
+            elif "bbox_pred" in name:
+                p.normal_(0.0, 0.01)
     model.eval()
     out = tmp_path / f"stage_one_{kind}_{classifier}"
     out.mkdir()
