@@ -29,6 +29,7 @@ from disalign_det import add_disalign_config  # noqa: E402
 from disalign_det.data import check_num_classes  # noqa: E402
 from disalign_det.engine import Trainer, launch  # noqa: E402
 from disalign_det.evaluation import apply_fixed_ap_config  # noqa: E402
+from disalign_det.model_zoo import merge_config_file  # noqa: E402
 
 logger = logging.getLogger("disalign_det.train_net")
 
@@ -38,7 +39,7 @@ def setup(args):
     add_disalign_config(cfg)
     if not os.path.isfile(args.config_file):
         raise FileNotFoundError(f"--config-file {args.config_file!r} does not exist")
-    cfg.merge_from_file(args.config_file)
+    merge_config_file(cfg, args.config_file)  # _BASE_ may be "model_zoo:<path>"
     cfg.merge_from_list(args.opts)
     apply_fixed_ap_config(cfg)  # TEST.LVIS_EVAL.FIXED_AP: no per-image cap at inference
     cfg.freeze()
