@@ -17,7 +17,7 @@ from disalign_det.data import (
     LVISFormatError,
     check_num_classes,
 )
-from disalign_det.data import datasets as ds
+from disalign_det.data import builtin, synthetic_cache
 from disalign_det.data import (
     ensure_synthetic_dataset,
     generate_synthetic_lvis,
@@ -225,7 +225,7 @@ def test_builtin_synthetic_metadata_needs_no_generation():
     )
     assert MetadataCatalog.get("lvis_synth_val").thing_classes == meta.thing_classes
     # The layout registration spells out must be the generator's.
-    paths = ds._synth_paths("R", "S")
+    paths = synthetic_cache.synth_paths("R", "S")
     assert paths["train_json"] == os.path.join("R", "S", synthetic.TRAIN_JSON)
     assert paths["val_json"] == os.path.join("R", "S", synthetic.VAL_JSON)
     assert paths["image_root"] == os.path.join("R", "S", synthetic.IMAGES_DIR, "")
@@ -249,7 +249,7 @@ def test_lvis_v1_style_registration_reads_frequency_lazily(synth, tmp_path):
     data = copy.deepcopy(synth["train"])
     write_json(tmp_path / "lvis" / "lvis_v1_train.json", data)
     name = uniq("v1like")
-    ds._register_lvis_v1(str(tmp_path), {name: ("lvis/lvis_v1_train.json", "coco/")})
+    builtin.register_lvis_builtin(str(tmp_path), {name: ("lvis/lvis_v1_train.json", "coco/")})
     meta = MetadataCatalog.get(name)
     assert "class_frequency" not in meta.__dict__  # nothing read yet
     cats = data["categories"]
