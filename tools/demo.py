@@ -14,10 +14,9 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from disalign_det.benchmarks.report import load_metrics, metrics_table
 
-from disalign_det.report import load_metrics, metrics_table  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STAGE_ONE = "configs/LVIS/synthetic/mask_rcnn_synth.yaml"
 # LVIS keeps 300 detections per image for 1203 classes (0.25 per class); for the generated data's
