@@ -323,3 +323,34 @@ def test_concurrent_first_use_generates_once_and_consistently(tmp_path):
     assert results[0] == expected and results[1] == expected
     leftovers = [f for f in os.listdir(tmp_path / "lvis_synth") if ".tmp" in f]
     assert not leftovers
+
+
+def test_builtin_lvis_v05_names_classes_and_missing_json():
+    """detectron2's LVIS v0.5 names (1230 classes) with frequency metadata read from the json."""
+    for name in ("lvis_v0.5_train", "lvis_v0.5_val"):
+        meta = MetadataCatalog.get(name)
+        assert len(meta.thing_classes) == 1230 and meta.evaluator_type == "lvis"
+        assert meta.json_file == os.path.join(
+            os.getenv("DETECTRON2_DATASETS", "datasets"), "lvis", f"{name}.json"
+        )
+        if os.path.isfile(meta.json_file):
+            pytest.skip("a real LVIS v0.5 download is present")
+        with pytest.raises(FileNotFoundError, match="datasets/README.md"):
+            meta.class_frequency
+        with pytest.raises(FileNotFoundError, match=f"{name}.json"):
+            DatasetCatalog.get(name)
+
+
+def test_lvis_v05_style_registration_reads_frequency_lazily(synth, tmp_path):
+    (tmp_path / "lvis").mkdir()
+    os.symlink(os.path.dirname(synth["train_image_dir"]), tmp_path / "coco")
+    data = copy.deepcopy(synth["train"])
+    write_json(tmp_path / "lvis" / "lvis_v0.5_val.json", data)
+    name = uniq("v05like")
+    builtin.register_lvis_builtin(str(tmp_path), {name: builtin.LVIS_V05_DATASETS["lvis_v0.5_val"]})
+    meta = MetadataCatalog.get(name)
+    assert "class_frequency" not in meta.__dict__  # nothing read yet
+    cats = data["categories"]
+    assert meta.class_frequency == [c["frequency"] for c in cats]
+    assert meta.instance_count == [c["instance_count"] for c in cats]
+    assert len(DatasetCatalog.get(name)) == len(data["images"])

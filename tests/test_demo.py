@@ -6,11 +6,10 @@ import json
 import os
 import subprocess
 
-from conftest import load_script
+from tools import demo
 
 
 def test_demo_pipeline_commands(tmp_path, monkeypatch, capsys):
-    demo = load_script("tools/demo.py")
     calls = []
 
     def fake_run(cmd, **kwargs):
