@@ -307,6 +307,7 @@ def _ensure_in_child(root, queue):
         queue.put(repr(e))
 
 
+@pytest.mark.slow
 def test_concurrent_first_use_generates_once_and_consistently(tmp_path):
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
