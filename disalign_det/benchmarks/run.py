@@ -63,8 +63,8 @@ class InProcessRunner:
     def __init__(self, threads: Optional[int] = None):
         self.threads = threads
         try:
-            # tools/ is a package: the repository root must be importable (it is the working
-            # directory under pytest and ``python -m``).
+            # tools/ is a package: the repository root must be importable (pytest puts it on the
+            # path, see setup.cfg; ``python -m`` from the root does too).
             self.train_net = importlib.import_module("tools.train_net")
         except ModuleNotFoundError as e:
             raise ModuleNotFoundError(
