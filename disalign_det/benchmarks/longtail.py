@@ -183,7 +183,9 @@ def main(argv=None, runner=None) -> int:
     args = parse_args(argv)
     preset = preset_from_args(args)
     if args.out is None:
-        args.out = os.path.join(REPO_ROOT, "output", "benchmark-quick" if args.quick else "benchmark")
+        args.out = os.path.join(
+            REPO_ROOT, "output", "benchmark-quick" if args.quick else "benchmark"
+        )
     stage_ones = [s for s in args.stage_ones.split(",") if s]
     unknown = [s for s in stage_ones if s not in STAGE_ONES]
     if unknown:

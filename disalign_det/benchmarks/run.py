@@ -32,14 +32,20 @@ class SubprocessRunner:
         self.threads = max(1, int(threads))
 
     def __call__(self, run: Run) -> int:
-        cmd = [sys.executable, os.path.join(REPO_ROOT, "tools", "train_net.py"), *run.command_args()]
+        cmd = [
+            sys.executable,
+            os.path.join(REPO_ROOT, "tools", "train_net.py"),
+            *run.command_args(),
+        ]
         env = dict(os.environ)
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = str(self.threads)
         with open(os.path.join(run.out_dir, "stdout.txt"), "a") as log:
             log.write(f"\n$ {' '.join(cmd)}\n")
             log.flush()
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
+            proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env
+            )
             try:
                 # wait4 gives this child's own CPU time: with runs side by side on a shared
                 # machine, CPU seconds size a preset better than wall time does.
@@ -99,7 +105,11 @@ def _run_record(run: Run) -> dict:
         "<out>" + o[len(root) :] if isinstance(o, str) and o.startswith(root + os.sep) else o
         for o in run.opts
     ]
-    return {"config": os.path.relpath(run.config, REPO_ROOT), "eval_only": run.eval_only, "opts": opts}
+    return {
+        "config": os.path.relpath(run.config, REPO_ROOT),
+        "eval_only": run.eval_only,
+        "opts": opts,
+    }
 
 
 def execute(run: Run, runner: Callable[[Run], int], log: Callable[[str], None]) -> None:
