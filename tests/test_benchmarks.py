@@ -9,7 +9,6 @@ import math
 import os
 import shutil
 from collections import Counter
-
 from dataclasses import replace
 
 import numpy as np

@@ -15,16 +15,15 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from disalign_det.config import add_disalign_config
 from disalign_det.data import (
     LVISFormatError,
+    builtin,
     check_num_classes,
-)
-from disalign_det.data import builtin, synthetic_cache
-from disalign_det.data import (
     ensure_synthetic_dataset,
     generate_synthetic_lvis,
     register_datasets_from_cfg,
     register_lvis_format,
     register_lvis_synth,
     synthetic,
+    synthetic_cache,
     synthetic_categories,
 )
 
