@@ -1,15 +1,19 @@
 #!/usr/bin/env python
-"""Check an LVIS v1.0 download before training: files, json fields, image paths, r/c/f buckets.
+"""Check an LVIS v1.0 or v0.5 download before training: files, json fields, image paths, r/c/f.
 
-    python datasets/prepare_lvis.py [--root DIR] [--check-images N|all] [--splits train val]
+    python datasets/prepare_lvis.py [--root DIR] [--version auto|1.0|0.5] [--check-images N|all]
+                                    [--splits train val]
 
-Expected layout (``DIR`` defaults to ``$DETECTRON2_DATASETS``, else ``datasets``)::
+Expected layout (``DIR`` defaults to ``$DETECTRON2_DATASETS``, else ``datasets``), detectron2's
+own paths for ``lvis_v1_{train,val}`` and ``lvis_v0.5_{train,val}``::
 
-    DIR/lvis/lvis_v1_train.json   DIR/lvis/lvis_v1_val.json
+    DIR/lvis/lvis_v1_train.json   DIR/lvis/lvis_v1_val.json      (v1.0, 1203 classes)
+    DIR/lvis/lvis_v0.5_train.json DIR/lvis/lvis_v0.5_val.json    (v0.5, 1230 classes)
     DIR/coco/train2017/*.jpg      DIR/coco/val2017/*.jpg
 
-Image paths follow detectron2's LVIS loader exactly: ``DIR/coco/`` + the folder and file name at
-the end of each image's ``coco_url`` (LVIS v1 val also uses COCO train2017 images). Exits 0 when
+``--version auto`` (the default) checks every version whose json files are present (v1.0 when none
+is). Image paths follow detectron2's LVIS loader exactly: ``DIR/coco/`` + the folder and file name
+at the end of each image's ``coco_url`` (LVIS val also uses COCO train2017 images). Exits 0 when
 everything checked is in place, 1 with a list naming exactly what is missing otherwise.
 
 Only the standard library is used, so this runs before detectron2 is installed.
@@ -24,12 +28,17 @@ from collections import Counter
 DOWNLOADS = {
     "lvis/lvis_v1_train.json": "https://dl.fbaipublicfiles.com/LVIS/lvis_v1_train.json.zip",
     "lvis/lvis_v1_val.json": "https://dl.fbaipublicfiles.com/LVIS/lvis_v1_val.json.zip",
+    "lvis/lvis_v0.5_train.json": "https://dl.fbaipublicfiles.com/LVIS/lvis_v0.5_train.json.zip",
+    "lvis/lvis_v0.5_val.json": "https://dl.fbaipublicfiles.com/LVIS/lvis_v0.5_val.json.zip",
     "coco/train2017": "http://images.cocodataset.org/zips/train2017.zip",
     "coco/val2017": "http://images.cocodataset.org/zips/val2017.zip",
 }
-# Frequency buckets of the real LVIS v1.0 categories (rare, common, frequent).
-LVIS_V1_BUCKETS = {"r": 337, "c": 461, "f": 405}
-LVIS_V1_NUM_CLASSES = 1203
+# Per version: json name prefix (detectron2's dataset names), class count and the real categories'
+# frequency buckets (rare, common, frequent).
+VERSIONS = {
+    "1.0": {"prefix": "lvis_v1", "num_classes": 1203, "buckets": {"r": 337, "c": 461, "f": 405}},
+    "0.5": {"prefix": "lvis_v0.5", "num_classes": 1230, "buckets": {"r": 454, "c": 461, "f": 315}},
+}
 
 REQUIRED = {
     "images": ("id", "width", "height", "coco_url"),
@@ -57,10 +66,25 @@ def _sample(items, n):
     return [items[int(i * step)] for i in range(n)]
 
 
-def check_split(root, split, check_images, out):
+def json_relpath(version, split):
+    """``lvis/<prefix>_<split>.json``: where detectron2's built-in dataset of that version looks."""
+    return f"lvis/{VERSIONS[version]['prefix']}_{split}.json"
+
+
+def detect_versions(root, splits):
+    """The versions whose json of any of ``splits`` exists under ``root`` (["1.0"] if none)."""
+    found = [
+        v
+        for v in VERSIONS
+        if any(os.path.isfile(os.path.join(root, json_relpath(v, s))) for s in splits)
+    ]
+    return found or ["1.0"]
+
+
+def check_split(root, split, check_images, out, version="1.0"):
     """Check one split; returns a list of problems (strings) and prints a summary to ``out``."""
     problems = []
-    rel = f"lvis/lvis_v1_{split}.json"
+    rel = json_relpath(version, split)
     json_file = os.path.join(root, rel)
     if not os.path.isfile(json_file):
         return [f"missing {json_file} (download {DOWNLOADS[rel]} and unzip it into {root}/lvis/)"]
@@ -128,15 +152,18 @@ def check_split(root, split, check_images, out):
             per_cat.setdefault(a["category_id"], set()).add(a["image_id"])
         freq = Counter(_bucket(len(per_cat.get(i, ()))) for i in ids)
         how = "counted from this split's annotations"
+    spec = VERSIONS[version]
     print(
         f"[{split}] {json_file}: {len(imgs)} images, {len(data['annotations'])} annotations, "
         f"{len(cats)} categories; rare/common/frequent = {freq['r']}/{freq['c']}/{freq['f']} "
         f"({how}); {len(to_check) - len(missing)}/{len(to_check)} checked images found",
         file=out,
     )
-    if len(cats) == LVIS_V1_NUM_CLASSES and any(freq[b] != n for b, n in LVIS_V1_BUCKETS.items()):
+    real = spec["buckets"]
+    if len(cats) == spec["num_classes"] and any(freq[b] != n for b, n in real.items()):
         print(
-            f"[{split}] warning: LVIS v1.0 has r/c/f = 337/461/405; this json differs",
+            f"[{split}] warning: LVIS v{version} has r/c/f = {real['r']}/{real['c']}/{real['f']}; "
+            "this json differs",
             file=out,
         )
     return problems
@@ -154,7 +181,9 @@ def _check_images_arg(value):
 def main(argv=None, out=None):
     """Run the checks; returns the exit status (0 ok, 1 problems found)."""
     out = out or sys.stdout
-    p = argparse.ArgumentParser(description="Check an LVIS v1.0 download (see datasets/README.md)")
+    p = argparse.ArgumentParser(
+        description="Check an LVIS v1.0 / v0.5 download (see datasets/README.md)"
+    )
     p.add_argument(
         "--root",
         default=os.getenv("DETECTRON2_DATASETS", "datasets"),
@@ -168,6 +197,12 @@ def main(argv=None, out=None):
         help="check that N evenly spaced images per split exist (default 200), or 'all'",
     )
     p.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val"])
+    p.add_argument(
+        "--version",
+        choices=["auto", *VERSIONS],
+        default="auto",
+        help="LVIS version to check (default auto: each one whose json files are present)",
+    )
     args = p.parse_args(argv)
 
     if not os.path.isdir(args.root):
@@ -177,16 +212,21 @@ def main(argv=None, out=None):
             file=out,
         )
         return 1
+    versions = detect_versions(args.root, args.splits) if args.version == "auto" else [args.version]
     problems = []
-    for split in args.splits:
-        problems += check_split(args.root, split, args.check_images, out)
+    for version in versions:
+        for split in args.splits:
+            problems += check_split(args.root, split, args.check_images, out, version)
     if problems:
         print(f"FAILED: {len(problems)} problem(s):", file=out)
         for msg in problems:
             print(f"  - {msg}", file=out)
         print("See datasets/README.md for the expected layout.", file=out)
         return 1
-    print(f"OK: LVIS v1.0 under {args.root} is ready ({', '.join(args.splits)})", file=out)
+    for version in versions:
+        print(
+            f"OK: LVIS v{version} under {args.root} is ready ({', '.join(args.splits)})", file=out
+        )
     return 0
 
 

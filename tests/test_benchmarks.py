@@ -1,36 +1,26 @@
-"""Benchmark tools: per-class AP against the LVIS API, seed statistics, and end-to-end smoke runs of
-``tools/benchmark_longtail.py`` and ``tools/benchmark_speed.py`` on tiny inputs (no timing checks).
+"""Benchmark tools: per-class AP against the LVIS API, seed statistics, progress, and end-to-end
+smoke runs of the long-tail benchmark (:mod:`disalign_det.benchmarks`) and
+``tools/benchmark_speed.py`` on tiny inputs (no timing checks).
 """
 
-import importlib.util
+import io
 import json
 import math
 import os
 import shutil
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import REPO, TINY_CLASSES
+from common import TINY_CLASSES, tiny_opts
 from lvis import LVIS, LVISEval, LVISResults
 
-from disalign_det.benchmark import (
-    format_gain,
-    format_stats,
-    gain_stats,
-    lvis_per_class_ap,
-    median,
-    per_class_ap_from_precision,
-    seed_stats,
-)
-
-
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
+from disalign_det.benchmarks import longtail, plan, results
+from disalign_det.benchmarks.progress import Progress, format_duration
+from disalign_det.benchmarks.run import InProcessRunner
+from disalign_det.benchmarks.stats import format_gain, format_stats, gain_stats, median, seed_stats
+from disalign_det.evaluation.per_class import lvis_per_class_ap, per_class_ap_from_precision
 
 # --------------------------------------------------------------------------------------------------
 # Per-class AP
@@ -175,49 +165,85 @@ def test_seed_and_gain_stats():
 
 
 # --------------------------------------------------------------------------------------------------
-# tools/benchmark_longtail.py end to end on the tiny dataset
+# The long-tail benchmark end to end on the tiny dataset
 # --------------------------------------------------------------------------------------------------
 
 
 def _tiny_opts(paths):
-    """Every run of the benchmark on the tiny dataset, sized like conftest.tiny_cfg."""
-    triples = (
-        ("tiny_train", paths["train_json"], paths["image_root"]),
-        ("tiny_val", paths["val_json"], paths["image_root"]),
-    )
-    return (
-        "DATASETS.LVIS_FORMAT", repr(triples),
-        "DATASETS.TRAIN", "('tiny_train',)",
-        "DATASETS.TEST", "('tiny_val',)",
-        "MODEL.ROI_HEADS.NUM_CLASSES", str(TINY_CLASSES),
-        "INPUT.MIN_SIZE_TRAIN", "(64,)",
-        "INPUT.MAX_SIZE_TRAIN", "64",
-        "INPUT.MIN_SIZE_TEST", "64",
-        "INPUT.MAX_SIZE_TEST", "64",
-        "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64",
-        "MODEL.RPN.POST_NMS_TOPK_TEST", "64",
-        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
-        "SOLVER.IMS_PER_BATCH", "2",
-        # A barely trained model keeps many detections; pasting their masks dominates the test.
-        "TEST.DETECTIONS_PER_IMAGE", "20",
-    )  # fmt: skip
+    """Every run of the benchmark on the tiny dataset (registered in the runs' own options)."""
+    # A barely trained model keeps many detections; pasting their masks dominates the test.
+    return tuple(tiny_opts(("tiny_val",), dets_per_image=20, lvis_format=paths))
 
 
 @pytest.fixture(scope="module")
 def longtail_smoke(tiny_dataset, tmp_path_factory):
-    bl = _load_tool("benchmark_longtail")
     out = str(tmp_path_factory.mktemp("longtail"))
     # Power 0 makes NorCal and tau-norm the identity: their rows must equal the stage one's,
     # which checks that the eval-only config delta loads the stage-one weights unchanged.
-    preset = bl.Preset("smoke", seeds=(0,), stage_one_iters=3, stage_two_iters=2,
-                       posthoc_powers=(0.0,), extra_opts=_tiny_opts(tiny_dataset))  # fmt: skip
-    runner = bl.InProcessRunner(threads=1)  # one thread: far faster on a busy shared CPU
-    res = bl.run_benchmark(preset, out, jobs=1, runner=runner, log=lambda m: None, budget=3)
-    return bl, preset, out, runner, res
+    preset = plan.Preset("smoke", seeds=(0,), stage_one_iters=3, stage_two_iters=2,
+                         posthoc_powers=(0.0,), extra_opts=_tiny_opts(tiny_dataset))  # fmt: skip
+    runner = InProcessRunner(threads=1)  # one thread: far faster on a busy shared CPU
+    res = longtail.run_benchmark(preset, out, jobs=1, runner=runner, log=lambda m: None, budget=3)
+    return preset, out, runner, res
 
 
+class _Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_progress_counts_runs_and_estimates_time_left():
+    clock, out = _Clock(), io.StringIO()
+    progress = Progress(4, stream=out, clock=clock, tty=False)
+    assert progress.eta_s() is None  # nothing finished yet: unknown, not zero
+    progress.finished(executed=False)  # a reused run costs nothing: no basis for an estimate
+    assert progress.eta_s() is None
+    clock.t = 60.0
+    progress.finished(executed=True)
+    # 60 s for the one run that ran, two left.
+    assert progress.eta_s() == pytest.approx(120.0)
+    progress.log("x: started")
+    assert out.getvalue().splitlines() == [
+        "[benchmark] progress: 1/4 runs done, elapsed 0s, ETA ?",
+        "[benchmark] progress: 2/4 runs done, elapsed 1m00s, ETA 2m00s",
+        "[benchmark] x: started",
+    ]
+    assert "\r" not in out.getvalue()  # plain lines when not a terminal
+    clock.t = 90.0
+    progress.finished(executed=True)
+    progress.finished(executed=True)
+    assert progress.eta_s() == 0.0 and out.getvalue().endswith(
+        "4/4 runs done, elapsed 1m30s, ETA 0s\n"
+    )
+    assert format_duration(3725) == "1h02m" and format_duration(None) == "?"
+
+
+def test_progress_redraws_one_line_on_a_terminal():
+    clock, out = _Clock(), io.StringIO()
+    progress = Progress(2, stream=out, clock=clock, tty=True)
+    clock.t = 10.0
+    progress.finished(executed=True)
+    progress.log("y: started")
+    progress.finished(executed=True)
+    text = out.getvalue()
+    line1 = "[benchmark] progress: 1/2 runs done, elapsed 10s, ETA 10s"
+    # The progress line is cleared before a log line and drawn again after it; the last one ends
+    # the line.
+    assert text == (
+        "\r\033[K"
+        + line1
+        + "\r\033[K[benchmark] y: started\n"
+        + line1
+        + "\r\033[K[benchmark] progress: 2/2 runs done, elapsed 10s, ETA 0s\n"
+    )
+
+
+@pytest.mark.slow
 def test_longtail_smoke_outputs(longtail_smoke):
-    bl, preset, out, _, res = longtail_smoke
+    preset, out, _, res = longtail_smoke
     assert [r.status for r in res["runs"]] == ["done"] * len(res["runs"])
     expected = [
         "softmax (stage one)", "softmax + DisAlign box-only", "softmax + DisAlign box+mask",
@@ -259,10 +285,11 @@ def test_longtail_smoke_outputs(longtail_smoke):
         assert im.size[0] > 300 and im.size[1] > 200
 
 
+@pytest.mark.slow
 def test_longtail_budget_equals_evaluating_at_the_budget(longtail_smoke, tmp_path):
     """The tables at the LVIS-like budget: re-evaluating a run's saved detections at k per image
     gives exactly the metrics of running the model with TEST.DETECTIONS_PER_IMAGE = k."""
-    bl, _, _, runner, res = longtail_smoke
+    _, _, runner, res = longtail_smoke
     budget = res["budget"]
     assert budget["dets_per_image"] == 3
     assert [r["label"] for r in budget["rows"]] == [r["label"] for r in res["rows"]]
@@ -277,10 +304,10 @@ def test_longtail_budget_equals_evaluating_at_the_budget(longtail_smoke, tmp_pat
     for method in ("stage_one", "disalign_box_mask"):
         run = next(r for r in res["runs"] if r.key == f"seed0/softmax/{method}")
         weights = os.path.join(run.out_dir, "model_final.pth")
-        ref = bl.Run(key=f"ref/{method}", seed=0, stage_one="softmax", method=method, label="",
-                     config=run.config, opts=[*run.opts, "MODEL.WEIGHTS", weights,
-                                              "TEST.DETECTIONS_PER_IMAGE", "3"],
-                     eval_only=True, out_dir=str(tmp_path / method))  # fmt: skip
+        ref = plan.Run(key=f"ref/{method}", seed=0, stage_one="softmax", method=method, label="",
+                       config=run.config, opts=[*run.opts, "MODEL.WEIGHTS", weights,
+                                                "TEST.DETECTIONS_PER_IMAGE", "3"],
+                       eval_only=True, out_dir=str(tmp_path / method))  # fmt: skip
         assert runner(ref) == 0
         with open(os.path.join(ref.out_dir, "metrics_final.json")) as f:
             expected = json.load(f)
@@ -303,17 +330,15 @@ def test_longtail_budget_equals_evaluating_at_the_budget(longtail_smoke, tmp_pat
 
 
 def test_lvis_like_budget():
-    bl = _load_tool("benchmark_longtail")
-    assert bl.lvis_like_budget(1203) == 300
-    assert bl.lvis_like_budget(20) == 5  # the generated dataset
-    assert bl.lvis_like_budget(1) == 1
+    assert results.lvis_like_budget(1203) == 300
+    assert results.lvis_like_budget(20) == 5  # the generated dataset
+    assert results.lvis_like_budget(1) == 1
 
 
 def test_longtail_tables_over_seeds():
     """Statistics and gains over three seeds from made-up metrics (no training)."""
-    bl = _load_tool("benchmark_longtail")
-    preset = bl.Preset("t", seeds=(0, 1, 2), stage_one_iters=10, stage_two_iters=5)
-    runs = [r for chain in bl.build_plan(preset, "/nonexistent", ["softmax"]) for r in chain]
+    preset = plan.Preset("t", seeds=(0, 1, 2), stage_one_iters=10, stage_two_iters=5)
+    runs = [r for chain in plan.build_plan(preset, "/nonexistent", ["softmax"]) for r in chain]
     base = {0: 10.0, 1: 12.0, 2: 11.0}
     for r in runs:
         # DisAlign box+mask: +2 on every seed (significant); box-only: -1, +1, 0 (not); post-hoc:
@@ -325,7 +350,7 @@ def test_longtail_tables_over_seeds():
         if r.eval_only and r.seed == 2:
             metrics["APr"] = -100.0  # the LVIS API's "undefined"
         r.metrics, r.status = {"bbox": dict(metrics), "segm": dict(metrics)}, "done"
-    rows = {row["method"]: row for row in bl.summarise(runs, preset, ["softmax"])}
+    rows = {row["method"]: row for row in results.summarise(runs, preset, ["softmax"])}
     assert rows["stage_one"]["stats"]["bbox"]["AP"]["mean"] == pytest.approx(11.0)
     assert rows["stage_one"]["stats"]["bbox"]["AP"]["std"] == pytest.approx(1.0)
     g = rows["disalign_box_mask"]["gain"]["segm"]["AP"]
@@ -339,20 +364,21 @@ def test_longtail_tables_over_seeds():
         (r.seed, r.method): {t: {m: v + 1 for m, v in d.items()} for t, d in r.metrics.items()}
         for r in runs
     }
-    other = bl.summarise(
+    other = results.summarise(
         runs, preset, ["softmax"], metrics_of=lambda r: shifted[(r.seed, r.method)]
     )
     other = {row["method"]: row for row in other}
     assert other["stage_one"]["stats"]["bbox"]["AP"]["mean"] == pytest.approx(12.0)
     assert other["disalign_box_mask"]["gain"]["segm"]["AP"]["mean"] == pytest.approx(2.0)
-    table = bl.gain_table(list(rows.values()), "bbox")
+    table = results.gain_table(list(rows.values()), "bbox")
     assert "| softmax + DisAlign box-only | +0.0 ± 1.0 (-1.0–+1.0) n.s. |" in table
     assert "| softmax + DisAlign box+mask | +2.0 ± 0.0 (+2.0–+2.0) |" in table
-    assert "11.0 ± 1.0 (10.0–12.0)" in bl.stats_table(list(rows.values()), "segm")
+    assert "11.0 ± 1.0 (10.0–12.0)" in results.stats_table(list(rows.values()), "segm")
 
 
+@pytest.mark.slow
 def test_longtail_posthoc_identity_reproduces_stage_one(longtail_smoke):
-    _, _, _, _, res = longtail_smoke
+    _, _, _, res = longtail_smoke
     rows = {(r["stage_one"], r["method"]): r for r in res["rows"]}
     for g, methods in (("softmax", ("norcal_0", "tau_norm_0")), ("rfs", ("norcal_0",)),
                        ("cosine", ("norcal_0",))):  # fmt: skip
@@ -362,26 +388,28 @@ def test_longtail_posthoc_identity_reproduces_stage_one(longtail_smoke):
                 assert rows[(g, m)]["values"][task] == base[task], (g, m, task)
 
 
+@pytest.mark.slow
 def test_longtail_resumes_and_refuses_other_settings(longtail_smoke):
-    bl, preset, out, runner, _ = longtail_smoke
-    res = bl.run_benchmark(preset, out, jobs=2, runner=runner, log=lambda m: None,
-                           stage_ones=("cosine",))  # fmt: skip
+    preset, out, runner, _ = longtail_smoke
+    res = longtail.run_benchmark(preset, out, jobs=2, runner=runner, log=lambda m: None,
+                                 stage_ones=("cosine",))  # fmt: skip
     assert {r.status for r in res["runs"]} == {"reused"}
-    other = bl.replace(preset, stage_one_iters=4)
+    other = replace(preset, stage_one_iters=4)
     with pytest.raises(SystemExit, match="other settings"):
-        bl.run_benchmark(other, out, jobs=1, runner=runner, log=lambda m: None)
+        longtail.run_benchmark(other, out, jobs=1, runner=runner, log=lambda m: None)
 
 
+@pytest.mark.slow
 def test_longtail_cli_in_child_processes(longtail_smoke, tmp_path, tiny_dataset):
     """The command line with real train_net.py children: only the missing run is executed."""
-    bl, preset, out, _, _ = longtail_smoke
+    preset, out, _, _ = longtail_smoke
     dst = str(tmp_path / "bench")
     shutil.copytree(os.path.join(out, "seed0", "cosine"), os.path.join(dst, "seed0", "cosine"))
     shutil.rmtree(os.path.join(dst, "seed0", "cosine", "norcal_0"))
     argv = ["--out", dst, "--seeds", "0", "--stage-ones", "cosine", "--stage-one-iters", "3",
             "--stage-two-iters", "2", "--posthoc-powers", "0", "--jobs", "1",
             *_tiny_opts(tiny_dataset)]  # fmt: skip
-    assert bl.main(argv) == 0
+    assert longtail.main(argv) == 0
     with open(os.path.join(dst, "benchmark.json")) as f:
         runs = json.load(f)["runs"]
     assert runs["seed0/cosine/norcal_0"]["status"] == "done"
@@ -395,9 +423,11 @@ def test_longtail_cli_in_child_processes(longtail_smoke, tmp_path, tiny_dataset)
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config_set", ["synthetic", "lvis"])
 def test_speed_smoke(config_set, tmp_path, capsys):
-    bs = _load_tool("benchmark_speed")
+    from tools import benchmark_speed as bs
+
     out = str(tmp_path / "speed.json")
     # Small images keep the R50 / 1203-class set quick; one round, one memory iteration.
     argv = ["--config-set", config_set, "--iters", "1", "--warmup", "0", "--mem-iters", "1",

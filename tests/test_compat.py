@@ -54,6 +54,7 @@ def test_apply_all_is_idempotent():
     assert compat.apply_all() == before
 
 
+@pytest.mark.slow
 def test_standin_is_needed_before_detectron2_layers():
     # In a fresh interpreter, importing detectron2.layers first fails on this install unless the
     # shims are applied; with ``import disalign_det`` first it works. On an official build both

@@ -3,10 +3,11 @@
 import glob
 import json
 import os
+import re
 
 import pytest
 import torch
-from conftest import CONFIGS, TINY_CLASSES
+from common import CONFIGS, REPO, TINY_CLASSES
 from detectron2.config import get_cfg
 
 from disalign_det import add_disalign_config
@@ -41,10 +42,32 @@ def lvis_like_train(tmp_path_factory):
     return "lvis_like_train"
 
 
+def _readme_config_table():
+    """Config names (relative to configs/LVIS/) in the README table headed ``| config | what |``."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        lines = f.read().split("\n| config | what |\n", 1)[1].splitlines()
+    listed = []
+    for line in lines[1:]:  # lines[0] is the |---|---| separator
+        if not line.startswith("|"):
+            break
+        first_cell = line.split("|")[1]
+        listed += re.findall(r"`([^`]+)`", first_cell)
+    return listed
+
+
 def test_every_config_is_listed():
+    files = {
+        os.path.relpath(p, CONFIGS)
+        for p in glob.glob(os.path.join(CONFIGS, "**", "*"), recursive=True)
+        if p.endswith((".yaml", ".py"))
+    }
     names = {os.path.relpath(p, CONFIGS) for p in ALL}
     assert "disalign_mask_rcnn.yaml" in names and "synthetic/disalign_synth.yaml" in names
     assert len(names) >= 17
+    listed = _readme_config_table()
+    assert len(listed) == len(set(listed)), "a config is listed twice in the README table"
+    assert set(listed) - files == set(), "README lists configs that do not exist"
+    assert files - set(listed) == set(), "configs missing from the README's config table"
 
 
 @pytest.mark.parametrize("path", ALL, ids=lambda p: os.path.relpath(p, CONFIGS))

@@ -15,16 +15,15 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from disalign_det.config import add_disalign_config
 from disalign_det.data import (
     LVISFormatError,
+    builtin,
     check_num_classes,
-)
-from disalign_det.data import datasets as ds
-from disalign_det.data import (
     ensure_synthetic_dataset,
     generate_synthetic_lvis,
     register_datasets_from_cfg,
     register_lvis_format,
     register_lvis_synth,
     synthetic,
+    synthetic_cache,
     synthetic_categories,
 )
 
@@ -225,7 +224,7 @@ def test_builtin_synthetic_metadata_needs_no_generation():
     )
     assert MetadataCatalog.get("lvis_synth_val").thing_classes == meta.thing_classes
     # The layout registration spells out must be the generator's.
-    paths = ds._synth_paths("R", "S")
+    paths = synthetic_cache.synth_paths("R", "S")
     assert paths["train_json"] == os.path.join("R", "S", synthetic.TRAIN_JSON)
     assert paths["val_json"] == os.path.join("R", "S", synthetic.VAL_JSON)
     assert paths["image_root"] == os.path.join("R", "S", synthetic.IMAGES_DIR, "")
@@ -249,7 +248,7 @@ def test_lvis_v1_style_registration_reads_frequency_lazily(synth, tmp_path):
     data = copy.deepcopy(synth["train"])
     write_json(tmp_path / "lvis" / "lvis_v1_train.json", data)
     name = uniq("v1like")
-    ds._register_lvis_v1(str(tmp_path), {name: ("lvis/lvis_v1_train.json", "coco/")})
+    builtin.register_lvis_builtin(str(tmp_path), {name: ("lvis/lvis_v1_train.json", "coco/")})
     meta = MetadataCatalog.get(name)
     assert "class_frequency" not in meta.__dict__  # nothing read yet
     cats = data["categories"]
@@ -307,6 +306,7 @@ def _ensure_in_child(root, queue):
         queue.put(repr(e))
 
 
+@pytest.mark.slow
 def test_concurrent_first_use_generates_once_and_consistently(tmp_path):
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
@@ -323,3 +323,34 @@ def test_concurrent_first_use_generates_once_and_consistently(tmp_path):
     assert results[0] == expected and results[1] == expected
     leftovers = [f for f in os.listdir(tmp_path / "lvis_synth") if ".tmp" in f]
     assert not leftovers
+
+
+def test_builtin_lvis_v05_names_classes_and_missing_json():
+    """detectron2's LVIS v0.5 names (1230 classes) with frequency metadata read from the json."""
+    for name in ("lvis_v0.5_train", "lvis_v0.5_val"):
+        meta = MetadataCatalog.get(name)
+        assert len(meta.thing_classes) == 1230 and meta.evaluator_type == "lvis"
+        assert meta.json_file == os.path.join(
+            os.getenv("DETECTRON2_DATASETS", "datasets"), "lvis", f"{name}.json"
+        )
+        if os.path.isfile(meta.json_file):
+            pytest.skip("a real LVIS v0.5 download is present")
+        with pytest.raises(FileNotFoundError, match="datasets/README.md"):
+            meta.class_frequency
+        with pytest.raises(FileNotFoundError, match=f"{name}.json"):
+            DatasetCatalog.get(name)
+
+
+def test_lvis_v05_style_registration_reads_frequency_lazily(synth, tmp_path):
+    (tmp_path / "lvis").mkdir()
+    os.symlink(os.path.dirname(synth["train_image_dir"]), tmp_path / "coco")
+    data = copy.deepcopy(synth["train"])
+    write_json(tmp_path / "lvis" / "lvis_v0.5_val.json", data)
+    name = uniq("v05like")
+    builtin.register_lvis_builtin(str(tmp_path), {name: builtin.LVIS_V05_DATASETS["lvis_v0.5_val"]})
+    meta = MetadataCatalog.get(name)
+    assert "class_frequency" not in meta.__dict__  # nothing read yet
+    cats = data["categories"]
+    assert meta.class_frequency == [c["frequency"] for c in cats]
+    assert meta.instance_count == [c["instance_count"] for c in cats]
+    assert len(DatasetCatalog.get(name)) == len(data["images"])

@@ -5,11 +5,10 @@ real ones are what tests/test_train_net.py covers)."""
 import json
 import os
 
-from conftest import load_script
+from tools import demo
 
 
 def test_demo_pipeline_commands(tmp_path, monkeypatch, capsys):
-    demo = load_script("tools/demo.py")
     calls = []
 
     def fake_run(cmd, log_path, name, **kwargs):

@@ -37,6 +37,9 @@ REL_TOL = {"box_predictor": 1e-4, "mask_head": 1e-4}
 REPLAY_ATOL = 1e-6
 STAGE_TWO_ITERS = 4
 
+# Every test here runs two-process (gloo) trainings.
+pytestmark = pytest.mark.slow
+
 
 def _config_file(path, config, output_dir, tiny_dataset, opts=()):
     """Dump a tiny config (with the tiny dataset in DATASETS.LVIS_FORMAT, so that spawned

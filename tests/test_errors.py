@@ -341,6 +341,7 @@ def test_undecodable_image_is_named(tiny_dataset, tmp_path):
         list(Trainer.build_test_loader(cfg, name))
 
 
+@pytest.mark.slow
 def test_non_finite_loss_names_iteration_and_loss(stage_one, tmp_path):
     out = tmp_path / "out"
     opts = ["MODEL.WEIGHTS", stage_one, "SOLVER.CHECKPOINT_PERIOD", "1", "SOLVER.MAX_ITER", "3"]

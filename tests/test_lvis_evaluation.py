@@ -326,6 +326,7 @@ def _gloo_worker(rank, world_size, init_file, name, json_file, inputs_outputs, f
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("force_fallback", [False, True])
 def test_two_gloo_ranks_equal_single_process(dataset, tmp_path, force_fallback):
     import torch.multiprocessing as mp

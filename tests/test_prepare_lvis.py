@@ -8,11 +8,9 @@ import os
 import shutil
 
 import pytest
-from conftest import load_script
+from common import load_script
 
 from disalign_det.data import generate_synthetic_lvis
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_tool():
@@ -111,3 +109,58 @@ def test_missing_fields_and_bad_ids_are_named(root):
 def test_missing_root(tmp_path):
     rc, out = run("--root", str(tmp_path / "nowhere"))
     assert rc == 1 and "does not exist" in out and "DETECTRON2_DATASETS" in out
+
+
+# --------------------------------------------------------------------------------------------------
+# LVIS v0.5 (detectron2's lvis/lvis_v0.5_{train,val}.json)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def root_v05(tmp_path, source):
+    (tmp_path / "lvis").mkdir()
+    shutil.copy(source["train_json"], tmp_path / "lvis" / "lvis_v0.5_train.json")
+    shutil.copy(source["val_json"], tmp_path / "lvis" / "lvis_v0.5_val.json")
+    shutil.copytree(source["image_root"], tmp_path / "coco")
+    return tmp_path
+
+
+def test_v05_download_is_detected_and_checked(root_v05):
+    rc, out = run("--root", str(root_v05), "--check-images", "all")
+    assert rc == 0, out
+    assert str(root_v05 / "lvis" / "lvis_v0.5_train.json") in out
+    assert "OK: LVIS v0.5" in out and "v1.0" not in out
+    # Explicitly asking for v1.0 where only v0.5 lies names the v1.0 files.
+    rc, out = run("--root", str(root_v05), "--version", "1.0")
+    assert rc == 1 and "lvis_v1_train.json.zip" in out and "FAILED: 2 problem(s)" in out
+
+
+def test_v05_missing_json_names_the_file_and_url(root_v05):
+    os.remove(root_v05 / "lvis" / "lvis_v0.5_val.json")
+    rc, out = run("--root", str(root_v05), "--version", "0.5")
+    assert rc == 1
+    assert str(root_v05 / "lvis" / "lvis_v0.5_val.json") in out
+    assert "lvis_v0.5_val.json.zip" in out and "FAILED: 1 problem(s)" in out
+
+
+def test_both_versions_present_are_both_checked(root, source):
+    shutil.copy(source["train_json"], root / "lvis" / "lvis_v0.5_train.json")
+    rc, out = run("--root", str(root), "--splits", "train", "--check-images", "3")
+    assert rc == 0, out
+    assert "OK: LVIS v1.0" in out and "OK: LVIS v0.5" in out
+
+
+def test_real_bucket_counts_are_compared_per_version(tmp_path):
+    """A json with v0.5's 1230 classes whose buckets differ from v0.5's 454/461/315 is flagged."""
+    (tmp_path / "lvis").mkdir()
+    (tmp_path / "coco").mkdir()
+    cats = [
+        {"id": i + 1, "name": f"c{i + 1}", "frequency": "f", "image_count": 200,
+         "instance_count": 300}
+        for i in range(prepare_lvis.VERSIONS["0.5"]["num_classes"])
+    ]  # fmt: skip
+    data = {"images": [], "annotations": [], "categories": cats}
+    (tmp_path / "lvis" / "lvis_v0.5_train.json").write_text(json.dumps(data))
+    rc, out = run("--root", str(tmp_path), "--splits", "train")
+    assert rc == 0, out
+    assert "warning: LVIS v0.5 has r/c/f = 454/461/315; this json differs" in out

@@ -182,6 +182,7 @@ def stage_one_weights(tiny_dataset, tmp_path_factory):
     return os.path.join(out, "stage1.pth")
 
 
+@pytest.mark.slow
 def test_stage_two_resumes_bit_identical(tiny_dataset, stage_one_weights, tmp_path):
     # The default horizontal flip draws from numpy and the 32 sampled RoIs per image from torch,
     # so both RNG streams must continue exactly where the killed run stopped.
@@ -200,6 +201,7 @@ def test_stage_two_resumes_bit_identical(tiny_dataset, stage_one_weights, tmp_pa
     )
 
 
+@pytest.mark.slow
 def test_stage_one_resumes_bit_identical(tiny_dataset, tmp_path):
     # Killed after the first iteration: the second one needs the restored momentum, BatchNorm
     # statistics, RNG states and data position to match.

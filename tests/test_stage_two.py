@@ -46,6 +46,7 @@ def _stage_two_cfg(output_dir, weights, config="synthetic/disalign_synth.yaml", 
 @pytest.mark.parametrize(
     "config", ["synthetic/disalign_synth.yaml", "synthetic/disalign_box_only_synth.yaml"]
 )
+@pytest.mark.slow
 def test_stage_two_starts_from_stage_one_predictions(stage_one, tmp_path, config):
     path, cfg1 = stage_one
     cfg2 = _stage_two_cfg(str(tmp_path), path, config)
@@ -72,6 +73,7 @@ def test_stage_two_starts_from_stage_one_predictions(stage_one, tmp_path, config
     assert total > 10, "the stage-one model must predict something for this test to mean anything"
 
 
+@pytest.mark.slow
 def test_stage_two_trains_only_calibration(stage_one, tmp_path):
     path, _ = stage_one
     cfg = _stage_two_cfg(
@@ -114,6 +116,7 @@ def test_stage_two_trains_only_calibration(stage_one, tmp_path):
     assert not any(k.startswith(("loss_rpn", "loss_box_reg")) for k in losses)
 
 
+@pytest.mark.slow
 def test_stage_two_losses_finite_without_foreground(stage_one, tmp_path):
     path, _ = stage_one
     cfg = _stage_two_cfg(str(tmp_path), path)
@@ -134,6 +137,7 @@ def test_stage_two_losses_finite_without_foreground(stage_one, tmp_path):
     sum(losses.values()).backward()
 
 
+@pytest.mark.slow
 def test_cascade_heads_build_and_train(tiny_dataset, tmp_path):
     opts = [
         "MODEL.ROI_HEADS.NAME",
@@ -172,6 +176,7 @@ def test_freezing_everything_fails_clearly(tiny_dataset):
         Trainer.build_model(cfg)
 
 
+@pytest.mark.slow
 def test_checkpoint_with_other_class_count_fails_clearly(stage_one, tmp_path):
     path, _ = stage_one
     cfg = _stage_two_cfg(str(tmp_path), path, opts=["MODEL.ROI_HEADS.NUM_CLASSES", "7"])

@@ -51,6 +51,7 @@ def _run(vis, tiny_dataset, out, *args):
         return json.load(f)["images"]
 
 
+@pytest.mark.slow
 def test_dataset_images_with_ground_truth(vis, tiny_dataset, tmp_path):
     # confidence 0: a random model's near-uniform scores are all drawn
     images = _run(vis, tiny_dataset, tmp_path, "--dataset", "tiny_val", "--num", "3",
@@ -66,6 +67,7 @@ def test_dataset_images_with_ground_truth(vis, tiny_dataset, tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_input_folder_and_files(vis, tiny_dataset, tmp_path):
     folder = os.path.join(tiny_dataset["image_root"], "val2017")
     files = [os.path.join(folder, f) for f in sorted(os.listdir(folder))[:2]]
@@ -80,6 +82,7 @@ def test_input_folder_and_files(vis, tiny_dataset, tmp_path):
     assert len(whole) == len([f for f in os.listdir(folder) if f.endswith(".jpg")])
 
 
+@pytest.mark.slow
 def test_rare_class_filter(vis, tiny_dataset, tmp_path):
     buckets = get_class_frequency_buckets("tiny_train")
     rare = {k for k, b in enumerate(buckets) if b == "r"}

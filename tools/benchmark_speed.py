@@ -56,16 +56,15 @@ import time
 from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(ROOT, "datasets"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import disalign_det  # noqa: E402,F401  (shims and registrations before detectron2)
-from disalign_det.benchmark import (  # noqa: E402
+from disalign_det.benchmarks.stats import median  # noqa: E402
+from disalign_det.utils.memory import (  # noqa: E402
     current_rss_mb,
-    median,
     peak_rss_mb,
     release_memory,
     reset_peak_rss,

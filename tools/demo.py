@@ -17,7 +17,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 # Set before disalign_det is imported, here and in the stages' processes (inherited).
 os.environ.setdefault("DISALIGN_QUIET_WARNINGS", "1")
@@ -28,7 +27,7 @@ from disalign_det.engine.progress import (  # noqa: E402
     progress_style,
     render_bar,
 )
-from disalign_det.report import load_metrics, metrics_table  # noqa: E402
+from disalign_det.benchmarks.report import load_metrics, metrics_table  # noqa: E402
 
 STAGE_ONE = "configs/LVIS/synthetic/mask_rcnn_synth.yaml"
 # LVIS keeps 300 detections per image for 1203 classes (0.25 per class); for the generated data's

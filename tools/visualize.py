@@ -25,7 +25,6 @@ import sys
 from typing import List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(ROOT, "datasets"))
 # Known third-party deprecation noise hidden (disalign_det.utils.warnings); before the import.
 os.environ.setdefault("DISALIGN_QUIET_WARNINGS", "1")

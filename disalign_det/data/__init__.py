@@ -1,33 +1,56 @@
 """Data: LVIS-format registration with metadata from the json, class frequencies, and a generated
 long-tailed LVIS-format dataset.
 
-Importing this package registers the built-in datasets ``lvis_v1_train`` / ``lvis_v1_val``
-(detectron2's, plus frequency metadata read lazily from the json) and ``lvis_synth_train`` /
-``lvis_synth_val`` (generated on first load) under ``$DETECTRON2_DATASETS`` (default ``datasets``).
-No json is read and nothing is generated at import.
+Modules, leaves first (each imports only those above it):
+
+* :mod:`.frequency`: LVIS's r/c/f rule and per-class counting (pure maths);
+* :mod:`.synthetic`: the long-tailed dataset generator (a library; its command line is
+  ``datasets/prepare_synthetic.py``);
+* :mod:`.lvis_json`: reading and validating LVIS-format json, its class summary;
+* :mod:`.metadata`: metadata filled on first access;
+* :mod:`.lvis_format`: registering any LVIS-format json (``DATASETS.LVIS_FORMAT``);
+* :mod:`.class_counts`: the per-class training frequencies n_j of a config's datasets;
+* :mod:`.synthetic_cache`: the generated dataset, generated on first load;
+* :mod:`.builtin`: the built-in names, registered at import.
+
+Importing this package registers the built-in datasets ``lvis_v1_train`` / ``lvis_v1_val``,
+``lvis_v0.5_train`` / ``lvis_v0.5_val`` (detectron2's, plus frequency metadata read lazily from the
+json) and ``lvis_synth_train`` / ``lvis_synth_val`` (generated on first load) under
+``$DETECTRON2_DATASETS`` (default ``datasets``). No json is read and nothing is generated at import.
 """
 
 from .. import compat  # noqa: F401  (shims before detectron2 / lvis are imported)
-from .datasets import (
-    LVISCategoryInfo,
-    LVISFormatError,
+from .builtin import LVIS_V1_DATASETS, LVIS_V05_DATASETS, register_builtin_datasets
+from .class_counts import class_counts_from_cfg, get_class_counts, get_class_frequency_buckets
+from .frequency import frequency_bucket
+from .lvis_format import (
     check_num_classes,
-    ensure_synthetic_dataset,
-    lvis_category_info,
     num_classes_of,
-    read_lvis_json,
-    register_builtin_datasets,
     register_datasets_from_cfg,
     register_lvis_format,
-    register_lvis_synth,
+)
+from .lvis_json import (
+    LVISCategoryInfo,
+    LVISFormatError,
+    lvis_category_info,
+    read_lvis_json,
     validate_lvis_dict,
 )
-from .frequency import frequency_bucket, get_class_counts, get_class_frequency_buckets
+from .synthetic import generate_synthetic_lvis, synthetic_categories
+from .synthetic_cache import (
+    SYNTH_DATASETS,
+    ensure_synthetic_dataset,
+    register_lvis_synth,
+)
 
 __all__ = [
     "LVISCategoryInfo",
     "LVISFormatError",
+    "LVIS_V05_DATASETS",
+    "LVIS_V1_DATASETS",
+    "SYNTH_DATASETS",
     "check_num_classes",
+    "class_counts_from_cfg",
     "ensure_synthetic_dataset",
     "frequency_bucket",
     "generate_synthetic_lvis",
@@ -43,16 +66,5 @@ __all__ = [
     "synthetic_categories",
     "validate_lvis_dict",
 ]
-
-
-def __getattr__(name):
-    # The generator is imported on first use (PEP 562) so that `python -m
-    # disalign_det.data.synthetic` does not run a module this package already imported.
-    if name in ("generate_synthetic_lvis", "synthetic_categories"):
-        from . import synthetic
-
-        return getattr(synthetic, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 register_builtin_datasets()

@@ -1,0 +1,219 @@
+"""The long-tail benchmark from the plan to the written outputs, and its command line
+(``tools/benchmark_longtail.py``, whose docstring documents it)."""
+
+import argparse
+import copy
+import logging
+import os
+import shutil
+import time
+from dataclasses import replace
+from typing import Callable, Optional, Sequence
+
+from .outputs import write_outputs
+from .plan import PRESETS, REPO_ROOT, STAGE_ONES, TASKS, Preset, Run, build_plan
+from .progress import Progress
+from .results import (
+    budget_metrics,
+    dataset_info,
+    lvis_like_budget,
+    per_class_means,
+    summarise,
+)
+from .run import SubprocessRunner, run_scheduled
+
+__all__ = ["main", "parse_args", "preset_from_args", "run_benchmark"]
+
+logger = logging.getLogger(__name__)
+
+
+def run_benchmark(
+    preset: Preset,
+    out: str,
+    *,
+    stage_ones: Sequence[str] = tuple(STAGE_ONES),
+    jobs: int = 2,
+    runner: Optional[Callable[[Run], int]] = None,
+    plot_task: str = "segm",
+    publish_dir: Optional[str] = None,
+    dry_run: bool = False,
+    log: Optional[Callable[[str], None]] = None,
+    budget: Optional[int] = None,
+) -> dict:
+    """Run (or reuse) every run of ``preset`` and write the table, JSON and plot into ``out``.
+
+    ``budget``: detections per image of the second evaluation (None: :func:`lvis_like_budget` of
+    the number of classes; 0: none). Returns a dict with ``rows``, ``budget`` (None or
+    ``{"dets_per_image", "rows"}``), ``runs``, ``paths`` (md, json, png) and ``wall_s``.
+    """
+    start = time.perf_counter()
+    load_start = os.getloadavg()[0]
+    progress = None
+    out = os.path.abspath(out)
+    jobs = max(1, int(jobs))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    chains = build_plan(preset, out, stage_ones)
+    runs = [r for c in chains for r in c]
+    if log is None:
+        # Console output: log lines plus runs done / total and ETA (redrawn on a terminal).
+        progress = Progress(len(runs))
+        log = progress.log
+    if dry_run:
+        for r in runs:
+            print("python tools/train_net.py " + " ".join(r.command_args()))
+        return {"runs": runs, "rows": [], "budget": None, "paths": {}, "wall_s": 0.0}
+    if preset.name == "quick":
+        log("QUICK preset: 1 seed and short schedules; a smoke run, not a result.")
+    log(
+        f"{len(runs)} runs ({len(chains)} stage ones), {jobs} at a time "
+        f"({threads} thread(s) each), results under {out}"
+    )
+    os.makedirs(out, exist_ok=True)
+    run_scheduled(chains, runner or SubprocessRunner(threads), jobs, log, progress)
+
+    info = dataset_info(preset.extra_opts)
+    rows = summarise(runs, preset, stage_ones)
+    per_class = per_class_means(runs, info, plot_task, stage_ones)
+    if budget is None:
+        budget = lvis_like_budget(len(info.class_names))
+    budget_res = None
+    if 0 < budget < info.max_dets:
+        t0 = time.perf_counter()
+        at_budget = {r.key: budget_metrics(r, info, budget) for r in runs}
+        rows_b = summarise(runs, preset, stage_ones, metrics_of=lambda r: at_budget[r.key])
+        budget_res = {"dets_per_image": budget, "rows": rows_b}
+        log(f"evaluation at {budget} detections per image: {time.perf_counter() - t0:.0f} s")
+    elif budget:
+        log(f"no budget evaluation: {budget} >= TEST.DETECTIONS_PER_IMAGE {info.max_dets}")
+    wall_s = time.perf_counter() - start
+    load = (load_start, os.getloadavg()[0])
+    paths = write_outputs(
+        out, preset, stage_ones, runs, rows, per_class, info, plot_task, wall_s, jobs, threads,
+        load, budget=budget_res,
+    )  # fmt: skip
+    paths = dict(zip(("md", "json", "png"), paths))
+    if publish_dir:
+        os.makedirs(publish_dir, exist_ok=True)
+        for kind in ("md", "png"):
+            dst = os.path.join(publish_dir, f"benchmark.{kind}")
+            shutil.copyfile(paths[kind], dst)
+            paths[f"published_{kind}"] = dst
+    return {"rows": rows, "budget": budget_res, "runs": runs, "paths": paths, "wall_s": wall_s}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Accuracy comparison on the generated long-tail dataset (lvis_synth_*), on "
+        "CPU, in one command (tools/benchmark_longtail.py documents it).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default output/benchmark, output/benchmark-quick with --quick)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="1 seed, short schedules: finishes in < 10 min on 2 idle cores",
+    )
+    parser.add_argument("--seeds", type=str, default=None, help="comma-separated, e.g. 0,1,2")
+    parser.add_argument("--stage-one-iters", type=int, default=None)
+    parser.add_argument("--stage-two-iters", type=int, default=None)
+    parser.add_argument(
+        "--posthoc-powers",
+        type=str,
+        default=None,
+        help="comma-separated gamma/tau values, each reported (default 1)",
+    )
+    parser.add_argument(
+        "--stage-ones",
+        type=str,
+        default=",".join(STAGE_ONES),
+        help=f"subset of {','.join(STAGE_ONES)}",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=2, help="runs side by side (each with cores / jobs threads)"
+    )
+    parser.add_argument(
+        "--plot-task",
+        choices=TASKS,
+        default="segm",
+        help="AP of the per-class plot: segm (mask, default) or bbox",
+    )
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help="copy the plot and the table to docs/benchmark.{png,md}",
+    )
+    parser.add_argument(
+        "--budget",
+        type=int,
+        default=None,
+        help="also evaluate every run at this many detections per image (default: LVIS's 300 "
+        "per 1203 classes scaled to the dataset, 5 for 20 classes; 0: off)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    parser.add_argument(
+        "opts",
+        nargs=argparse.REMAINDER,
+        help="config options appended to every run (KEY VALUE ...)",
+    )
+    return parser.parse_args(argv)
+
+
+def preset_from_args(args) -> Preset:
+    preset = copy.deepcopy(PRESETS["quick" if args.quick else "full"])
+    if args.seeds:
+        preset = replace(preset, seeds=tuple(int(s) for s in args.seeds.split(",")))
+    if args.stage_one_iters:
+        preset = replace(preset, stage_one_iters=args.stage_one_iters)
+    if args.stage_two_iters:
+        preset = replace(preset, stage_two_iters=args.stage_two_iters)
+    if args.posthoc_powers:
+        preset = replace(
+            preset, posthoc_powers=tuple(float(p) for p in args.posthoc_powers.split(","))
+        )
+    if args.opts:
+        preset = replace(preset, extra_opts=tuple(args.opts))
+    return preset
+
+
+def main(argv=None, runner=None) -> int:
+    args = parse_args(argv)
+    preset = preset_from_args(args)
+    if args.out is None:
+        args.out = os.path.join(
+            REPO_ROOT, "output", "benchmark-quick" if args.quick else "benchmark"
+        )
+    stage_ones = [s for s in args.stage_ones.split(",") if s]
+    unknown = [s for s in stage_ones if s not in STAGE_ONES]
+    if unknown:
+        raise SystemExit(f"unknown --stage-ones {unknown}; choose from {list(STAGE_ONES)}")
+    res = run_benchmark(
+        preset,
+        args.out,
+        stage_ones=stage_ones,
+        jobs=args.jobs,
+        runner=runner,
+        plot_task=args.plot_task,
+        publish_dir=os.path.join(REPO_ROOT, "docs") if args.publish else None,
+        dry_run=args.dry_run,
+        budget=args.budget,
+    )
+    if args.dry_run:
+        return 0
+    with open(res["paths"]["md"]) as f:
+        print("\n" + f.read())
+    print(f"[benchmark] total wall time: {res['wall_s'] / 60:.1f} min ({res['wall_s']:.0f} s)")
+    for kind, path in res["paths"].items():
+        print(f"[benchmark] {kind}: {path}")
+    print(f"[benchmark] per-run folders (logs, checkpoints, results): {os.path.abspath(args.out)}")
+    bad = [r for r in res["runs"] if r.status in ("failed", "skipped")]
+    if bad:
+        print(
+            f"[benchmark] {len(bad)} run(s) failed or were skipped: "
+            f"{', '.join(r.key for r in bad)}"
+        )
+        return 1
+    return 0

@@ -1,0 +1,111 @@
+"""Helpers shared by the tests: paths, the tiny-config options (written once here), the tiny
+dataset and loading a ``datasets/`` script.
+
+``conftest.py`` turns :func:`make_tiny_dataset` into the session fixture ``tiny_dataset`` and
+re-exports these names for the test modules that import them from ``conftest``.
+"""
+
+import importlib
+import importlib.util
+import os
+from typing import List, Optional, Sequence
+
+from detectron2.config import get_cfg
+
+from disalign_det import add_disalign_config
+from disalign_det.data import generate_synthetic_lvis, register_lvis_format
+
+__all__ = [
+    "CONFIGS",
+    "REPO",
+    "TINY_CLASSES",
+    "load_script",
+    "make_tiny_dataset",
+    "tiny_cfg",
+    "tiny_opts",
+]
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "configs", "LVIS")
+TINY_CLASSES = 6
+
+
+def load_script(relpath):
+    """The module of a repository script: ``tools/<x>.py`` imported as the package module
+    ``tools.<x>``; ``datasets/<x>.py`` (e.g. ``datasets/prepare_lvis.py``) loaded as a fresh module.
+
+    ``datasets/`` is not a package on purpose: a top-level package of that name would shadow (or be
+    shadowed by) the ``datasets`` library.
+    """
+    folder, name = os.path.split(os.path.splitext(relpath)[0])
+    if folder == "tools":
+        return importlib.import_module(f"tools.{name}")
+    if folder != "datasets":
+        raise ValueError(f"not a tools/ or datasets/ script: {relpath}")
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, relpath))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_tiny_dataset(out: str) -> dict:
+    """Generate the tiny LVIS-format dataset in ``out``, registered as ``tiny_train`` /
+    ``tiny_val`` (6 classes, 30 + 12 images of 64 px); returns the generator's paths."""
+    paths = generate_synthetic_lvis(
+        out, seed=0, num_classes=TINY_CLASSES, num_train_images=30, num_val_images=12, image_size=64
+    )
+    register_lvis_format("tiny_train", paths["train_json"], paths["image_root"])
+    register_lvis_format("tiny_val", paths["val_json"], paths["image_root"])
+    return paths
+
+
+def tiny_opts(
+    test: Sequence[str] = (),
+    *,
+    output_dir: Optional[str] = None,
+    max_iter: Optional[int] = None,
+    dets_per_image: Optional[int] = None,
+    post_nms_topk_test: int = 64,
+    lvis_format: Optional[dict] = None,
+) -> List[str]:
+    """KEY VALUE options shrinking a ``configs/LVIS`` config to the tiny dataset (64 px, 6
+    classes, batch 2). ``test``: DATASETS.TEST names; ``lvis_format``: the tiny dataset's paths, to
+    register it with DATASETS.LVIS_FORMAT (for child processes); others are set only when given."""
+    opts = []
+    if lvis_format is not None:
+        triples = (
+            ("tiny_train", lvis_format["train_json"], lvis_format["image_root"]),
+            ("tiny_val", lvis_format["val_json"], lvis_format["image_root"]),
+        )
+        opts += ["DATASETS.LVIS_FORMAT", repr(triples)]
+    opts += [
+        "DATASETS.TRAIN", "('tiny_train',)",
+        "DATASETS.TEST", repr(tuple(test)),
+        "MODEL.ROI_HEADS.NUM_CLASSES", str(TINY_CLASSES),
+        "INPUT.MIN_SIZE_TRAIN", "(64,)",
+        "INPUT.MAX_SIZE_TRAIN", "64",
+        "INPUT.MIN_SIZE_TEST", "64",
+        "INPUT.MAX_SIZE_TEST", "64",
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64",
+        "MODEL.RPN.POST_NMS_TOPK_TEST", str(post_nms_topk_test),
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
+        "SOLVER.IMS_PER_BATCH", "2",
+    ]  # fmt: skip
+    if dets_per_image is not None:
+        opts += ["TEST.DETECTIONS_PER_IMAGE", str(dets_per_image)]
+    if max_iter is not None:
+        opts += ["SOLVER.MAX_ITER", str(max_iter), "SOLVER.WARMUP_ITERS", "0"]
+    if output_dir is not None:
+        opts += ["OUTPUT_DIR", output_dir]
+    return opts
+
+
+def tiny_cfg(config="synthetic/mask_rcnn_synth.yaml", output_dir="", opts=()):
+    """``configs/LVIS/<config>`` shrunk further for tests (64 px, 6 classes, 3 iterations)."""
+    cfg = get_cfg()
+    add_disalign_config(cfg)
+    cfg.merge_from_file(os.path.join(CONFIGS, config))
+    cfg.merge_from_list(tiny_opts(output_dir=output_dir, max_iter=3))
+    cfg.merge_from_list(["SOLVER.CHECKPOINT_PERIOD", "100000"])
+    cfg.merge_from_list(list(opts))
+    return cfg
