@@ -53,11 +53,14 @@ def bucket_sizes(num_classes: int) -> Tuple[int, int, int]:
     return int(sizes[0]), int(sizes[1]), int(sizes[2])
 
 
-def _parent_styles(n_f: int) -> List[SyntheticClass]:
+def _parent_styles(n_f: int, num_classes: int) -> List[SyntheticClass]:
     # Unique (shape, colour): shapes cycle, the colour advances by one per class and one more per
     # round of shapes, so two parents with the same shape differ in colour.
     if n_f > len(SHAPES) * len(COLOURS):
-        raise ValueError(f"at most {len(SHAPES) * len(COLOURS)} frequent parents, got {n_f}")
+        raise ValueError(
+            f"num_classes={num_classes} needs {n_f} frequent parents but there are only "
+            f"{len(SHAPES) * len(COLOURS)} (shape, colour) pairs: use fewer classes"
+        )
     out = []
     for j in range(n_f):
         rnd, shape = divmod(j, len(SHAPES))
@@ -75,7 +78,7 @@ def family_styles(num_classes: int) -> List[SyntheticClass]:
     differ in their detail. Depends on ``num_classes`` only.
     """
     n_r, n_c, n_f = bucket_sizes(num_classes)
-    parents = _parent_styles(n_f)
+    parents = _parent_styles(n_f, num_classes)
     hosts = [p for p in parents if p.shape in BODIED_SHAPES]
     n_var = n_r + n_c
     capacity = len(hosts) * (len(DETAILS) - 1)
