@@ -10,8 +10,8 @@ import os
 
 import numpy as np
 import pytest
-from lvis import LVIS, LVISEval, LVISResults
 from conftest import load_script
+from lvis import LVIS, LVISEval, LVISResults
 from PIL import Image
 from pycocotools import mask as mask_utils
 

@@ -25,7 +25,9 @@ from disalign_det.data.synthetic import (
 # LVIS v1.0: 337 rare, 461 common, 405 frequent of 1203 (written here independently of the code).
 LVIS_SHARES = {"r": 337 / 1203, "c": 461 / 1203, "f": 405 / 1203}
 # Small enough to render in a few seconds, large enough for > 100-image frequent classes.
-TINY_LT = dict(preset="lvis", num_classes=12, num_train_images=500, num_val_images=40, image_size=64)
+TINY_LT = dict(
+    preset="lvis", num_classes=12, num_train_images=500, num_val_images=40, image_size=64
+)
 
 
 def lvis_bucket(n):
@@ -149,7 +151,6 @@ def test_images_of_both_orientations_and_varied_sizes(tiny_lt):
     for im in train["images"][:20]:
         with Image.open(paths["image_root"] + im["file_name"]) as img:
             assert img.size == (im["width"], im["height"])
-
 
 
 def test_default_lvis_images_hold_several_classes():
