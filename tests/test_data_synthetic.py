@@ -1,4 +1,6 @@
-"""The synthetic LVIS-format generator: determinism, schema, long-tail buckets, exact masks."""
+"""The synthetic LVIS-format generator, basic preset: determinism, schema, buckets, exact masks.
+
+The "lvis" preset (families, orientations, negatives) is tested in test_data_synthetic_lt.py."""
 
 import disalign_det  # noqa: F401  isort:skip  (compat shims before detectron2 / lvis)
 
@@ -8,17 +10,13 @@ import os
 
 import numpy as np
 import pytest
+from conftest import load_script
 from lvis import LVIS, LVISEval, LVISResults
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from disalign_det.data import synthetic
-from disalign_det.data.synthetic import (
-    class_styles,
-    generate_synthetic_lvis,
-    main,
-    synthetic_categories,
-)
+from disalign_det.data.synthetic import class_styles, generate_synthetic_lvis, synthetic_categories
 
 TINY = dict(num_classes=6, num_train_images=130, num_val_images=30, image_size=64)
 
@@ -283,15 +281,29 @@ def test_bad_sizes_are_rejected(tmp_path):
         generate_synthetic_lvis(str(tmp_path), num_classes=60, num_train_images=5)
 
 
+def test_basic_preset_defaults_are_the_documented_ones():
+    params = synthetic.generation_params()
+    assert params["preset"] == "basic"
+    expected = dict(num_classes=20, num_train_images=700, num_val_images=160, image_size=128)
+    assert {k: params[k] for k in expected} == expected
+    assert params["generator_version"] == synthetic.GENERATOR_VERSION
+    with pytest.raises(ValueError, match="unknown synthetic preset 'nope'.*basic.*lvis"):
+        synthetic.generation_params(preset="nope")
+    with pytest.raises(TypeError, match="unknown generator parameter"):
+        synthetic.generation_params(num_clases=3)
+
+
 def test_cli_prints_bucket_summary(tmp_path, capsys):
-    rc = main(
-        ["--out", str(tmp_path), "--num-classes", "5", "--num-train", "120", "--num-val", "10"]
-        + ["--image-size", "48"]
-    )
-    assert rc == 0
+    cli = load_script("datasets/prepare_synthetic.py")
+    argv = ["--out", str(tmp_path), "--num-classes", "5", "--num-train", "120", "--num-val", "10"]
+    assert cli.main(argv + ["--image-size", "48"]) == 0
     out = capsys.readouterr().out
     assert "train: 120 images" in out and "val: 10 images" in out
     cats = synthetic_categories(num_classes=5, num_train_images=120)
     n_f = sum(c["frequency"] == "f" for c in cats)
     assert f"frequent (>100 train images): {n_f} classes" in out
-    assert os.path.isfile(tmp_path / "lvis_synth_train.json")
+    with open(tmp_path / "lvis_synth_train.json") as f:
+        assert json.load(f)["categories"] == cats
+    # Bad options: a clear message and exit status 2, no traceback.
+    assert cli.main(["--out", str(tmp_path / "x"), "--preset", "lvis", "--num-train", "50"]) == 2
+    assert "num_train_images=50 is too small" in capsys.readouterr().err
