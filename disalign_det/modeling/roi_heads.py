@@ -79,7 +79,6 @@ class _Len:
         return self.n
 
 
-
 @ROI_HEADS_REGISTRY.register()
 class DisAlignROIHeads(_SkipFrozenMaskBranch, StandardROIHeads):
     """``StandardROIHeads`` with :class:`DisAlignFastRCNNOutputLayers` as the box predictor.
