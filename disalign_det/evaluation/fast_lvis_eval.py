@@ -29,7 +29,7 @@ import logging
 import numpy as np
 from lvis import LVIS, LVISResults
 
-from .lvis_evaluation import LeanLVISEval
+from .lean_eval import LeanLVISEval
 
 __all__ = ["FastLVISEval", "lean_lvis_results"]
 

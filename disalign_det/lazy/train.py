@@ -26,7 +26,7 @@ from ..engine.trainer import (
     NamedErrorMapper,
     ResumableSampler,
     _AMPTrainer,
-    _find_resumable_sampler,
+    _find_loader_part,
     _GatherRNGStates,
     _jsonable,
     _SimpleTrainer,
@@ -213,7 +213,7 @@ def do_train(cfg, resume=False):
     start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
     if start_iter > 0:
         per_process = cfg.dataloader.train.total_batch_size // comm.get_world_size()
-        sampler = _find_resumable_sampler(loader)
+        sampler = _find_loader_part(loader, ResumableSampler)
         if sampler is not None:
             sampler.start = start_iter * per_process
     trainer.train(start_iter, cfg.train.max_iter)
