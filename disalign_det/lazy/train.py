@@ -29,8 +29,9 @@ from ..engine.trainer import (
     _find_loader_part,
     _GatherRNGStates,
     _jsonable,
+    _private_generator,
     _SimpleTrainer,
-    _use_private_generator,
+    _walk_loader,
     model_on_cuda,
 )
 from ..modeling import apply_freeze, set_class_frequencies
@@ -130,7 +131,11 @@ def build_train_loader(cfg):
     if "mapper" in args:
         args["mapper"] = NamedErrorMapper(args["mapper"])
     loader = build(dataset=dataset, sampler=ResumableSampler(sampler), **args)
-    _use_private_generator(loader)
+    # The DataLoader's worker base seed from a private generator, as in Trainer.build_train_loader
+    # (see engine.trainer._private_generator: exact resumes).
+    for part in _walk_loader(loader):
+        if isinstance(part, torch.utils.data.DataLoader) and part.generator is None:
+            part.generator = _private_generator()
     return loader
 
 
