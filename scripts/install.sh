@@ -156,5 +156,7 @@ fi
 log "installing disalign-det (editable)"
 "${PIP[@]}" install -q --no-build-isolation --no-deps -e "$ROOT"
 "${PIP[@]}" install -q pytest pytest-timeout flake8 isort
+# Optional: the opt-in TEST.LVIS_EVAL.BACKEND "faster_coco_eval" (its tests compare it with the LVIS API).
+"${PIP[@]}" install -q "faster-coco-eval==1.8.0"
 "$PY" -c 'import disalign_det, detectron2; print("[install] disalign_det OK, detectron2", detectron2.__version__, detectron2.__file__)'
 echo "$FINGERPRINT" > "$STAMP"
