@@ -9,8 +9,11 @@ Relative to ``$DETECTRON2_DATASETS`` (default ``datasets``; see ``datasets/READM
   ``class_frequency``, ``class_image_count``, ``image_count`` and ``instance_count`` read lazily
   from the json on first access (LVIS train is ~1 GB: nothing is read at import), and a clear error
   when the files are missing.
-* ``lvis_synth_train`` / ``lvis_synth_val``: the generated dataset (default parameters) in
-  ``lvis_synth/``, generated on first load (:mod:`.synthetic_cache`).
+* ``lvis_synth_train`` / ``lvis_synth_val``: the generated dataset (preset ``basic``, the tiny
+  20-class fixture) in ``lvis_synth/``, generated on first load (:mod:`.synthetic_cache`).
+* ``lvis_synth_lt_train`` / ``lvis_synth_lt_val``: the generated dataset with LVIS's long-tail
+  structure (preset ``lvis``: 60 classes in families of fine-grained variants) in
+  ``lvis_synth_lt/``, generated on first load; what the demo and the benchmark use.
 """
 
 import functools
@@ -22,6 +25,7 @@ from detectron2.data import DatasetCatalog
 from .lvis_format import load_lvis_format
 from .lvis_json import README_HINT, lvis_category_info
 from .metadata import install_lazy_metadata
+from .synthetic import LT_DATASETS, LT_SUBDIR
 from .synthetic_cache import datasets_root, register_lvis_synth
 
 __all__ = ["LVIS_V05_DATASETS", "LVIS_V1_DATASETS", "LVIS_DATASETS", "register_builtin_datasets"]
@@ -77,12 +81,13 @@ _BUILTINS_DONE = False
 
 
 def register_builtin_datasets(root: Optional[str] = None) -> None:
-    """Register ``lvis_v1_{train,val}``, ``lvis_v0.5_{train,val}`` and ``lvis_synth_{train,val}``
-    (once; reads no file)."""
+    """Register ``lvis_v1_{train,val}``, ``lvis_v0.5_{train,val}``, ``lvis_synth_{train,val}`` and
+    ``lvis_synth_lt_{train,val}`` (once; reads no file)."""
     global _BUILTINS_DONE
     if _BUILTINS_DONE:
         return
     root = datasets_root(root)
     register_lvis_builtin(root, LVIS_DATASETS)
     register_lvis_synth(root)
+    register_lvis_synth(root, names=tuple(LT_DATASETS), subdir=LT_SUBDIR, preset="lvis")
     _BUILTINS_DONE = True
