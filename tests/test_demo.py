@@ -28,7 +28,7 @@ def test_demo_pipeline_commands(tmp_path, monkeypatch, capsys):
     assert stage_two[stage_two.index("MODEL.WEIGHTS") + 1] == s1_weights
     for cmd, weights in ((eval_one, s1_weights), (eval_two, "disalign")):
         assert "--eval-only" in cmd
-        assert cmd[cmd.index("TEST.DETECTIONS_PER_IMAGE") + 1] == "5"
+        assert cmd[cmd.index("TEST.DETECTIONS_PER_IMAGE") + 1] == "15"
         assert weights in cmd[cmd.index("MODEL.WEIGHTS") + 1]
     assert "| + DisAlign (stage two) | 1.0 | 2.0 | 3.0 | 4.0 |" in capsys.readouterr().out
 
