@@ -8,7 +8,7 @@ selects ``DisAlignROIHeads`` / ``DisAlignMaskRCNNConvUpsampleHead`` or sets
 
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_disalign_config"]
+__all__ = ["add_disalign_config", "get_inference_cfg"]
 
 
 def add_disalign_config(cfg):
@@ -71,4 +71,24 @@ def add_disalign_config(cfg):
     # Metric backend: "lvis" (the LVIS API), "fast" (vectorised, bit-identical) or
     # "faster_coco_eval" (opt-in C++, not bit-identical).
     _C.TEST.LVIS_EVAL.BACKEND = "lvis"
+    return cfg
+
+
+def get_inference_cfg(config_file, opts=()):
+    """detectron2's default config with the DisAlign keys, ``config_file`` and ``opts`` (KEY VALUE
+    ...) merged, on CPU when it asks for CUDA and there is none: what the inference tools
+    (``tools/export_model.py``, ``tools/visualize.py``) run. Returned unfrozen."""
+    import os
+
+    import torch
+    from detectron2.config import get_cfg
+
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"--config-file {config_file!r} does not exist")
+    cfg = get_cfg()
+    add_disalign_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
     return cfg

@@ -19,6 +19,9 @@ __all__ = [
     "CONFIGS",
     "REPO",
     "TINY_CLASSES",
+    "evaluate_lvis",
+    "ground_truth_as_results",
+    "rasterize",
     "load_script",
     "make_tiny_dataset",
     "tiny_cfg",
@@ -109,3 +112,43 @@ def tiny_cfg(config="synthetic/mask_rcnn_synth.yaml", output_dir="", opts=()):
     cfg.merge_from_list(["SOLVER.CHECKPOINT_PERIOD", "100000"])
     cfg.merge_from_list(list(opts))
     return cfg
+
+
+def rasterize(ann: dict, h: int, w: int):
+    """The ``(h, w)`` bool mask of an LVIS annotation's polygons."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.merge(mask_utils.frPyObjects(ann["segmentation"], h, w))
+    return mask_utils.decode(rle).astype(bool)
+
+
+def ground_truth_as_results(val: dict, category_of=lambda c: c) -> List[dict]:
+    """Every annotation of the LVIS-format dict ``val`` as a score-1 result (box and RLE mask),
+    its category mapped through ``category_of``: a perfect detector, or one confusing classes."""
+    from pycocotools import mask as mask_utils
+
+    images = {im["id"]: im for im in val["images"]}
+    dets = []
+    for a in val["annotations"]:
+        im = images[a["image_id"]]
+        rle = mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], im["height"], im["width"]))
+        rle["counts"] = rle["counts"].decode("ascii")
+        dets.append(
+            {
+                "image_id": a["image_id"],
+                "category_id": category_of(a["category_id"]),
+                "bbox": a["bbox"],
+                "segmentation": rle,
+                "score": 1.0,
+            }
+        )
+    return dets
+
+
+def evaluate_lvis(gt, dets: List[dict], iou_type: str) -> dict:
+    """The stock LVIS API's results (``AP``, ``APr``, ...) of ``dets`` against ``gt`` (LVIS)."""
+    from lvis import LVISEval, LVISResults
+
+    ev = LVISEval(gt, LVISResults(gt, dets), iou_type)
+    ev.run()
+    return ev.get_results()

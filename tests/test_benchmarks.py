@@ -183,7 +183,10 @@ def longtail_smoke(tiny_dataset, tmp_path_factory):
     preset = plan.Preset("smoke", seeds=(0,), stage_one_iters=3, stage_two_iters=2,
                          posthoc_powers=(0.0,), extra_opts=_tiny_opts(tiny_dataset))  # fmt: skip
     runner = InProcessRunner(threads=1)  # one thread: far faster on a busy shared CPU
-    res = longtail.run_benchmark(preset, out, jobs=1, runner=runner, log=lambda m: None, budget=3)
+    # Fixed AP with K = 4 per class over the tiny val set, so the per-class cut is active.
+    res = longtail.run_benchmark(
+        preset, out, jobs=1, runner=runner, log=lambda m: None, budget=3, fixed_ap_k=4
+    )
     return preset, out, runner, res
 
 
@@ -287,51 +290,85 @@ def test_longtail_smoke_outputs(longtail_smoke):
 
 @pytest.mark.slow
 def test_longtail_budget_equals_evaluating_at_the_budget(longtail_smoke, tmp_path):
-    """The tables at the LVIS-like budget: re-evaluating a run's saved detections at k per image
-    gives exactly the metrics of running the model with TEST.DETECTIONS_PER_IMAGE = k."""
+    """The runs are evaluated without a per-image cap (Fixed AP on); re-evaluating their saved
+    detections at k per image gives exactly the metrics of running the model with
+    TEST.DETECTIONS_PER_IMAGE = k, both for the LVIS-like budget (3) and for the runs' own cap
+    (20, the standard tables); the Fixed AP tables are the runs' own bbox_fixed / segm_fixed."""
     _, _, runner, res = longtail_smoke
-    budget = res["budget"]
-    assert budget["dets_per_image"] == 3
-    assert [r["label"] for r in budget["rows"]] == [r["label"] for r in res["rows"]]
+    budget, fixed = res["budget"], res["fixed_ap"]
+    assert budget["dets_per_image"] == 3 and fixed["dets_per_class"] == 4
+    for tables in (budget, fixed):
+        assert [r["label"] for r in tables["rows"]] == [r["label"] for r in res["rows"]]
     with open(res["paths"]["md"]) as f:
         md = f.read()
     assert "## At an LVIS-like detection budget: 3 detections per image" in md
     assert "### Gains at 3 detections per image (mask)" in md
+    assert "## Fixed AP: top 4 detections per class over the test set" in md
+    assert "### Fixed AP gains (mask)" in md
     with open(res["paths"]["json"]) as f:
         data = json.load(f)
     assert data["budget"]["dets_per_image"] == 3 and data["dets_per_image"] == 20
+    assert data["fixed_ap"]["dets_per_class"] == 4
 
-    for method in ("stage_one", "disalign_box_mask"):
-        run = next(r for r in res["runs"] if r.key == f"seed0/softmax/{method}")
-        weights = os.path.join(run.out_dir, "model_final.pth")
-        ref = plan.Run(key=f"ref/{method}", seed=0, stage_one="softmax", method=method, label="",
-                       config=run.config, opts=[*run.opts, "MODEL.WEIGHTS", weights,
-                                                "TEST.DETECTIONS_PER_IMAGE", "3"],
-                       eval_only=True, out_dir=str(tmp_path / method))  # fmt: skip
-        assert runner(ref) == 0
-        with open(os.path.join(ref.out_dir, "metrics_final.json")) as f:
-            expected = json.load(f)
-        row = next(
-            r for r in budget["rows"] if r["method"] == method and r["stage_one"] == "softmax"
-        )
+    def check(row, expected, what):
         for task in ("bbox", "segm"):
             for m in ("AP", "APr", "APc", "APf"):
                 got = row["values"][task][m][0]
                 want = expected[task][m]
                 if want < 0:  # undefined bucket: None in the tables
-                    assert got is None, (method, task, m)
+                    assert got is None, (what, task, m)
                 else:
-                    assert got == pytest.approx(want, abs=1e-9), (method, task, m)
-        # Not vacuous: the run saved more than 3 detections for some image, so the cut bites.
+                    assert got == pytest.approx(want, abs=1e-9), (what, task, m)
+
+    for method in ("stage_one", "disalign_box_mask"):
+        run = next(r for r in res["runs"] if r.key == f"seed0/softmax/{method}")
+        assert run.opts[run.opts.index("TEST.LVIS_EVAL.FIXED_AP") + 1] == "True"
+        pick = lambda rows: next(  # noqa: E731
+            r for r in rows if r["method"] == method and r["stage_one"] == "softmax"
+        )
+        fixed_metrics = {t: run.metrics[f"{t}_fixed"] for t in ("bbox", "segm")}
+        check(pick(fixed["rows"]), fixed_metrics, (method, "fixed"))
+        weights = os.path.join(run.out_dir, "model_final.pth")
+        for k, rows in ((3, budget["rows"]), (20, res["rows"])):
+            ref = plan.Run(key=f"ref/{method}/{k}", seed=0, stage_one="softmax", method=method,
+                           label="", config=run.config,
+                           opts=[*run.opts, "MODEL.WEIGHTS", weights, "TEST.LVIS_EVAL.FIXED_AP",
+                                 "False", "TEST.DETECTIONS_PER_IMAGE", str(k)],
+                           eval_only=True, out_dir=str(tmp_path / f"{method}_{k}"))  # fmt: skip
+            assert runner(ref) == 0
+            with open(os.path.join(ref.out_dir, "metrics_final.json")) as f:
+                check(pick(rows), json.load(f), (method, k))
+        # Not vacuous: the run saved more than 20 detections for some image, so both cuts bite.
         results = os.path.join(run.out_dir, "inference", "tiny_val", "lvis_instances_results.json")
         with open(results) as f:
             per_image = Counter(d["image_id"] for d in json.load(f))
-        assert max(per_image.values()) > 3, method
+        assert max(per_image.values()) > 20, method
+
+
+def test_lvis_like_fixed_ap_k():
+    assert results.lvis_like_fixed_ap_k(19809) == 10000  # LVIS v1 val
+    assert results.lvis_like_fixed_ap_k(200) == 101  # lvis_synth_lt_val
+    assert results.lvis_like_fixed_ap_k(1) == 1
+
+
+def test_eval_opts_go_last_on_every_run(tmp_path):
+    preset = plan.Preset("t", seeds=(0, 1), stage_one_iters=10, stage_two_iters=4,
+                         extra_opts=("TEST.DETECTIONS_PER_IMAGE", "20"))  # fmt: skip
+    extra = ["TEST.LVIS_EVAL.FIXED_AP", "True", "TEST.DETECTIONS_PER_IMAGE", "-1"]
+    chains = plan.build_plan(preset, str(tmp_path), ["softmax", "cosine"], extra)
+    runs = [r for c in chains for r in c]
+    assert len(runs) == 2 * (5 + 4)
+    for r in runs:
+        args = r.command_args()
+        # The eval options come after the preset's (the last value of a key wins in detectron2).
+        assert args.index("-1") > args.index("20"), r.key
+        assert r.config.startswith(plan.SYNTH) and "synthetic_lt" in plan.SYNTH
 
 
 def test_lvis_like_budget():
     assert results.lvis_like_budget(1203) == 300
-    assert results.lvis_like_budget(20) == 5  # the generated dataset
+    assert results.lvis_like_budget(20) == 5  # the basic generated dataset
+    assert results.lvis_like_budget(60) == 15  # the LVIS-like generated dataset
     assert results.lvis_like_budget(1) == 1
 
 

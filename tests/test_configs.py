@@ -117,3 +117,15 @@ def test_official_stage_two_recipe():
     assert stage_one.SOLVER.MAX_ITER == 180000 and stage_one.SOLVER.STEPS == (120000, 160000)
     assert stage_one.MODEL.ROI_HEADS.SCORE_THRESH_TEST == 0.0001
     assert stage_one.INPUT.MIN_SIZE_TRAIN == (640, 672, 704, 736, 768, 800)
+
+
+def test_inference_cfg_falls_back_to_cpu_and_names_a_missing_file(tmp_path):
+    from disalign_det.config import get_inference_cfg
+
+    config = os.path.join(CONFIGS, "disalign_mask_rcnn.yaml")
+    cfg = get_inference_cfg(config, ["MODEL.DEVICE", "cuda", "TEST.DETECTIONS_PER_IMAGE", "7"])
+    assert cfg.MODEL.DEVICE == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert cfg.TEST.DETECTIONS_PER_IMAGE == 7 and cfg.MODEL.DISALIGN.BOX_CALIBRATION
+    assert not cfg.is_frozen()  # the tools still change it
+    with pytest.raises(FileNotFoundError, match="--config-file .*nope.yaml"):
+        get_inference_cfg(str(tmp_path / "nope.yaml"))

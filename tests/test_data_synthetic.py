@@ -10,10 +10,9 @@ import os
 
 import numpy as np
 import pytest
-from conftest import load_script
-from lvis import LVIS, LVISEval, LVISResults
+from common import evaluate_lvis, ground_truth_as_results, load_script, rasterize
+from lvis import LVIS
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from disalign_det.data import synthetic
 from disalign_det.data.synthetic import class_styles, generate_synthetic_lvis, synthetic_categories
@@ -63,11 +62,6 @@ def tiny(tmp_path_factory):
     with open(paths["val_json"]) as f:
         val = json.load(f)
     return paths, train, val
-
-
-def _rasterize(ann, h, w):
-    rle = mask_utils.merge(mask_utils.frPyObjects(ann["segmentation"], h, w))
-    return mask_utils.decode(rle).astype(bool)
 
 
 def test_same_seed_gives_identical_files_and_other_seed_differs(tmp_path, tiny):
@@ -157,7 +151,7 @@ def test_polygons_reproduce_visible_masks_exactly(tiny):
     for image_id, anns in list(by_image.items())[:60]:
         union = np.zeros((64, 64), dtype=np.int32)
         for a in anns:
-            m = _rasterize(a, 64, 64)
+            m = rasterize(a, 64, 64)
             assert a["area"] > 0 and m.sum() == a["area"]
             ys, xs = np.nonzero(m)
             x, y, w, h = a["bbox"]
@@ -183,7 +177,7 @@ def test_solid_objects_have_their_class_colour(tiny):
     checked = 0
     for a in train["annotations"][:200]:
         st = styles[a["category_id"] - 1]
-        m = _rasterize(a, 64, 64)
+        m = rasterize(a, 64, 64)
         if st.texture != "solid" or m.sum() < 30:
             continue
         path = os.path.join(paths["train_image_dir"], f"{a['image_id']:012d}.jpg")
@@ -196,39 +190,19 @@ def test_solid_objects_have_their_class_colour(tiny):
     assert checked > 20
 
 
-def _results_from(val, category_of=lambda c: c):
-    dets = []
-    for a in val["annotations"]:
-        im = next(i for i in val["images"] if i["id"] == a["image_id"])
-        rle = mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], im["height"], im["width"]))
-        rle["counts"] = rle["counts"].decode("ascii")
-        dets.append(
-            {
-                "image_id": a["image_id"],
-                "category_id": category_of(a["category_id"]),
-                "bbox": a["bbox"],
-                "segmentation": rle,
-                "score": 1.0,
-            }
-        )
-    return dets
-
-
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
 def test_lvis_eval_of_ground_truth_is_perfect(tiny, iou_type):
     paths, _, val = tiny
     gt = LVIS(paths["val_json"])
 
     def evaluate(dets):
-        ev = LVISEval(gt, LVISResults(gt, dets), iou_type)
-        ev.run()
-        return ev.get_results()
+        return evaluate_lvis(gt, dets, iou_type)
 
-    res = evaluate(_results_from(val))
+    res = evaluate(ground_truth_as_results(val))
     for key in ("AP", "APr", "APc", "APf"):
         assert res[key] > 0.99, (key, res[key])
     # Control: the same boxes with wrong labels score far lower, so 1.0 above is earned.
-    wrong = evaluate(_results_from(val, category_of=lambda c: c % 6 + 1))
+    wrong = evaluate(ground_truth_as_results(val, category_of=lambda c: c % 6 + 1))
     assert wrong["AP"] < 0.3
 
 

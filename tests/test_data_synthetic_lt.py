@@ -10,9 +10,9 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from lvis import LVIS, LVISEval, LVISResults
+from common import evaluate_lvis, ground_truth_as_results, rasterize
+from lvis import LVIS
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from disalign_det.data import synth_families, synthetic
 from disalign_det.data.synthetic import (
@@ -203,11 +203,6 @@ def test_not_exhaustive_classes_have_unannotated_instances(tiny_lt):
     assert 0.03 * len(plans) < marked < 0.5 * len(plans)
 
 
-def _rasterize(ann, h, w):
-    rle = mask_utils.merge(mask_utils.frPyObjects(ann["segmentation"], h, w))
-    return mask_utils.decode(rle).astype(bool)
-
-
 def test_variants_carry_their_detail_and_parents_do_not(tiny_lt):
     paths, train, _ = tiny_lt
     styles = synthetic_styles("lvis", 12)
@@ -216,7 +211,7 @@ def test_variants_carry_their_detail_and_parents_do_not(tiny_lt):
     for a in train["annotations"]:
         st = styles[a["category_id"] - 1]
         im = images[a["image_id"]]
-        m = _rasterize(a, im["height"], im["width"])
+        m = rasterize(a, im["height"], im["width"])
         inner = m & np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1)
         if inner.sum() < 40:
             continue
@@ -231,36 +226,15 @@ def test_variants_carry_their_detail_and_parents_do_not(tiny_lt):
     assert np.median(dark["parent"]) < 0.03 < np.median(dark["variant"])
 
 
-def _results_from(val, category_of=lambda c: c):
-    images = {im["id"]: im for im in val["images"]}
-    dets = []
-    for a in val["annotations"]:
-        im = images[a["image_id"]]
-        rle = mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], im["height"], im["width"]))
-        rle["counts"] = rle["counts"].decode("ascii")
-        dets.append(
-            {
-                "image_id": a["image_id"],
-                "category_id": category_of(a["category_id"]),
-                "bbox": a["bbox"],
-                "segmentation": rle,
-                "score": 1.0,
-            }
-        )
-    return dets
-
-
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
 def test_lvis_eval_of_ground_truth_is_perfect_and_parent_labels_are_not(tiny_lt, iou_type):
     paths, _, val = tiny_lt
     gt = LVIS(paths["val_json"])
 
     def evaluate(dets):
-        ev = LVISEval(gt, LVISResults(gt, dets), iou_type)
-        ev.run()
-        return ev.get_results()
+        return evaluate_lvis(gt, dets, iou_type)
 
-    res = evaluate(_results_from(val))
+    res = evaluate(ground_truth_as_results(val))
     for key in ("AP", "APr", "APc", "APf"):
         assert res[key] > 0.99, (key, res[key])
     # The frequency-biased classifier's mistake: every variant labelled as its frequent parent.
@@ -268,7 +242,7 @@ def test_lvis_eval_of_ground_truth_is_perfect_and_parent_labels_are_not(tiny_lt,
     styles = synthetic_styles("lvis", 12)
     ids = {s.name: k + 1 for k, s in enumerate(styles)}
     to_parent = {k + 1: ids[s.parent] if s.parent else k + 1 for k, s in enumerate(styles)}
-    biased = evaluate(_results_from(val, category_of=lambda c: to_parent[c]))
+    biased = evaluate(ground_truth_as_results(val, category_of=lambda c: to_parent[c]))
     assert biased["APr"] < 0.01 and biased["APc"] < 0.01
     assert biased["APf"] < 0.95
 

@@ -229,6 +229,26 @@ def test_use_disalign_swaps_and_keeps_stage_one_arguments():
         use_disalign(stage_one.model)
 
 
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_stage_two_configs_use_the_official_schedule_at_vitdets_batch(kind):
+    """9k iterations x 16 images, step 8k, warm-up 1k: at ViTDet's 64 images, 2250 / 2000 / 250,
+    with the streaming LVIS evaluator at 300 detections per image."""
+    from detectron2.config import LazyConfig
+
+    from disalign_det.evaluation import StreamingLVISEvaluator
+
+    cfg = LazyConfig.load(os.path.join(REPO, "configs", "LVIS", CONFIGS[kind]))
+    assert cfg.dataloader.train.total_batch_size == 64
+    assert cfg.train.max_iter == 2250 and cfg.train.eval_period == 2250
+    assert list(cfg.lr_multiplier.scheduler.milestones) == [2000]
+    assert list(cfg.lr_multiplier.scheduler["values"]) == [1.0, 0.1]
+    assert cfg.lr_multiplier.scheduler.num_updates == 2250
+    assert cfg.lr_multiplier.warmup_length * 2250 == pytest.approx(250)
+    assert cfg.train.checkpointer.period == 250
+    assert cfg.dataloader.evaluator._target_ is StreamingLVISEvaluator
+    assert cfg.dataloader.evaluator.max_dets_per_image == 300
+
+
 def test_missing_project_config_names_the_env_var(monkeypatch):
     from disalign_det.lazy import find_project_config
 

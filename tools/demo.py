@@ -150,9 +150,7 @@ def main(argv=None):
         eval_only=True,
     )
     rows = [("Mask R-CNN (stage one)", s1), ("+ DisAlign (stage two)", s2)]
-    print(
-        f"\nLVIS metrics on {DATASET} (generated data, CPU schedule), 100 detections/image:\n"
-    )
+    print(f"\nLVIS metrics on {DATASET} (generated data, CPU schedule), 100 detections/image:\n")
     print(metrics_table(rows))
     print(
         f"\nThe same models with LVIS's detection budget per class ({LVIS_LIKE_DETECTIONS} "

@@ -63,19 +63,10 @@ def export_api():
 
 def setup_cfg(config_file, opts):
     """The config of the model to export, on CPU when there is no GPU."""
-    from detectron2.config import get_cfg
-
-    from disalign_det import add_disalign_config
+    from disalign_det.config import get_inference_cfg
     from disalign_det.data import register_datasets_from_cfg
 
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"--config-file {config_file!r} does not exist")
-    cfg = get_cfg()
-    add_disalign_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
+    cfg = get_inference_cfg(config_file, opts)
     cfg.freeze()
     register_datasets_from_cfg(cfg)
     return cfg

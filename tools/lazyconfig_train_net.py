@@ -18,10 +18,10 @@ import os
 
 import disalign_det  # noqa: F401  isort: skip  (shims and registrations first)
 from detectron2.config import LazyConfig
-from detectron2.engine import default_argument_parser, default_setup
+from detectron2.engine import default_argument_parser, default_setup  # noqa: F401  (re-export)
 from detectron2.utils import comm
 
-from disalign_det.engine import launch
+from disalign_det.engine import launch_from_argv
 from disalign_det.lazy.train import do_eval_only, do_train, freeze_mode
 
 logger = logging.getLogger("disalign_det.lazyconfig_train_net")
@@ -64,16 +64,7 @@ def main(args):
 
 
 def cli(argv=None):
-    args = default_argument_parser().parse_args(argv)
-    print("Command Line Args:", args)
-    return launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    return launch_from_argv(main, argv)
 
 
 if __name__ == "__main__":

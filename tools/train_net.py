@@ -21,13 +21,13 @@ os.environ.setdefault("DISALIGN_QUIET_WARNINGS", "1")
 import disalign_det  # noqa: F401,E402  isort: skip  (shims and registrations first)
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
-from detectron2.engine import default_argument_parser, default_setup  # noqa: E402
+from detectron2.engine import default_argument_parser, default_setup  # noqa: E402,F401  (re-export)
 from detectron2.evaluation import verify_results  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 
 from disalign_det import add_disalign_config  # noqa: E402
 from disalign_det.data import check_num_classes  # noqa: E402
-from disalign_det.engine import Trainer, launch  # noqa: E402
+from disalign_det.engine import Trainer, launch_from_argv  # noqa: E402
 from disalign_det.evaluation import apply_fixed_ap_config  # noqa: E402
 from disalign_det.model_zoo import merge_config_file  # noqa: E402
 
@@ -78,16 +78,7 @@ def main(args):
 
 
 def cli(argv=None):
-    args = default_argument_parser().parse_args(argv)
-    print("Command Line Args:", args)
-    return launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    return launch_from_argv(main, argv)
 
 
 if __name__ == "__main__":

@@ -55,18 +55,10 @@ def parse_classes(spec: str) -> Optional[set]:
 
 def setup_cfg(config_file: str, opts: Sequence[str], confidence: float):
     """The config of the model to run, on CPU when there is no GPU."""
-    import torch
-    from detectron2.config import get_cfg
-
-    from disalign_det import add_disalign_config
+    from disalign_det.config import get_inference_cfg
     from disalign_det.data import register_datasets_from_cfg
 
-    cfg = get_cfg()
-    add_disalign_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
+    cfg = get_inference_cfg(config_file, opts)
     # Nothing below --confidence is drawn: let the model drop it early. A lower config threshold
     # only costs time; a higher one would hide detections the user asked to see.
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = float(confidence)

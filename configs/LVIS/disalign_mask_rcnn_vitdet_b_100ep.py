@@ -10,10 +10,7 @@ Everything of the stage one is frozen (drop-path off); only beta, gamma and the 
 of the box predictor and the mask head train, with GRW (rho 0.8) on the sigmoid/federated loss.
 """
 
-from detectron2.config import LazyCall as L
-
-from disalign_det.evaluation import StreamingLVISEvaluator
-from disalign_det.lazy import load_project_config, use_disalign
+from disalign_det.lazy import load_project_config, set_stage_two_schedule, use_disalign
 
 _stage_one = load_project_config("LVIS/mask_rcnn_vitdet_b_100ep.py")
 dataloader = _stage_one.dataloader
@@ -31,21 +28,8 @@ train.init_checkpoint = (
 )
 train.output_dir = "output/lvis/disalign_mask_rcnn_vitdet_b"
 
-# The official stage two is 9k iterations x 16 images with the LR step at 8k and 1k warmup
-# iterations; at ViTDet's 64 images per iteration: 2250 iterations, step at 2000, warmup 250.
-# The optimizer is ViTDet's (AdamW, LR 2e-4 at batch 64, layer-wise decay: factor 1 outside the
-# backbone, i.e. for every calibration parameter).
-train.max_iter = 2250
-lr_multiplier.scheduler.values = [1.0, 0.1]
-lr_multiplier.scheduler.milestones = [2000]
-lr_multiplier.scheduler.num_updates = train.max_iter
-lr_multiplier.warmup_length = 250 / train.max_iter
-train.checkpointer.period = 250
-train.eval_period = train.max_iter
-
-dataloader.evaluator = L(StreamingLVISEvaluator)(
-    dataset_name="${..test.dataset.names}",
-    tasks=("bbox", "segm"),
-    max_dets_per_image=300,
-    output_dir="${train.output_dir}/inference",
-)
+# The official stage two (9k iterations x 16 images, LR step at 8k, 1k warm-up) at ViTDet's 64
+# images per iteration: 2250 iterations, step at 2000, warm-up 250. The optimizer is ViTDet's
+# (AdamW, LR 2e-4 at batch 64, layer-wise decay: factor 1 outside the backbone, i.e. for every
+# calibration parameter).
+set_stage_two_schedule(train, lr_multiplier, dataloader)

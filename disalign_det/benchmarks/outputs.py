@@ -10,7 +10,7 @@ from .plan import TASK_LABEL, Preset
 from .plot import plot_per_class
 from .results import DatasetInfo, gain_table, mean_table, stats_table, timing_table
 
-__all__ = ["budget_section", "write_outputs"]
+__all__ = ["budget_section", "fixed_ap_section", "write_outputs"]
 
 
 def _notes(preset: Preset, stage_ones) -> List[str]:
@@ -41,32 +41,45 @@ def _notes(preset: Preset, stage_ones) -> List[str]:
     return notes
 
 
+def _tables_section(title: str, intro: str, rows, gains: str) -> List[str]:
+    """Markdown lines of one more evaluation of the same runs: its means, then its gains."""
+    lines = [f"## {title}", "", intro, "", mean_table(rows), ""]
+    for task in ("bbox", "segm"):
+        lines += [f"### {gains} ({TASK_LABEL[task]})", "", gain_table(rows, task), ""]
+    return lines
+
+
 def budget_section(budget: dict, info: DatasetInfo) -> List[str]:
     """Markdown lines of the tables at the LVIS-like detection budget."""
     k = budget["dets_per_image"]
-    rows = budget["rows"]
-    return [
-        f"## At an LVIS-like detection budget: {k} detections per image",
-        "",
+    intro = (
         f"LVIS v1 evaluates at most 300 detections per image for 1203 classes (0.25 per class); "
         f"the same share for {len(info.class_names)} classes is {k}. With "
         f"{info.max_dets} detections per image nothing competes for the slots, so a per-class "
         "score calibration can only reorder detections within a class; at the LVIS-like budget it "
         "also decides which classes make the cut, as on LVIS. Same runs, re-evaluated from their "
         f"saved detections (each image's top {k} by score = what TEST.DETECTIONS_PER_IMAGE {k} "
-        "returns, since detectron2 cuts after its per-class NMS).",
-        "",
-        mean_table(rows),
-        "",
-        f"### Gains at {k} detections per image (box)",
-        "",
-        gain_table(rows, "bbox"),
-        "",
-        f"### Gains at {k} detections per image (mask)",
-        "",
-        gain_table(rows, "segm"),
-        "",
-    ]
+        "returns, since detectron2 cuts after its per-class NMS)."
+    )
+    title = f"At an LVIS-like detection budget: {k} detections per image"
+    return _tables_section(title, intro, budget["rows"], f"Gains at {k} detections per image")
+
+
+def fixed_ap_section(fixed_ap: dict, info: DatasetInfo) -> List[str]:
+    """Markdown lines of the Fixed AP tables (Dave et al. 2021)."""
+    k = fixed_ap["dets_per_class"]
+    intro = (
+        'Fixed AP (Dave et al. 2021, "Evaluating Large-Vocabulary Object Detectors: The Devil is '
+        'in the Details") keeps the K best detections of each class over the whole test set '
+        "instead of a per-image cap, so re-scaling scores across classes cannot change it unless "
+        "a class's own ranking changes. LVIS v1 uses K = 10,000 for its 19,809 val images; the "
+        f"same share for {info.num_test_images} images is K = {k} "
+        f"(TEST.LVIS_EVAL.FIXED_AP_DETS_PER_CLASS {k}). Same runs: each was evaluated with "
+        "TEST.LVIS_EVAL.FIXED_AP True (no per-image cap; the tables above come from the same "
+        f"detections cut to {info.max_dets} per image)."
+    )
+    title = f"Fixed AP: top {k} detections per class over the test set, no per-image cap"
+    return _tables_section(title, intro, fixed_ap["rows"], "Fixed AP gains")
 
 
 def write_outputs(
@@ -83,10 +96,12 @@ def write_outputs(
     threads,
     load,
     budget=None,
+    fixed_ap=None,
 ):
     """Write benchmark.md, benchmark.json and benchmark.png into ``out``; returns their paths.
 
-    ``budget``: ``{"dets_per_image": k, "rows": summarise(...) at k}`` or None.
+    ``budget``: ``{"dets_per_image": k, "rows": summarise(...) at k}`` or None; ``fixed_ap``:
+    ``{"dets_per_class": K, "rows": summarise(...) of Fixed AP}`` or None.
     """
     md_path = os.path.join(out, "benchmark.md")
     json_path = os.path.join(out, "benchmark.json")
@@ -136,6 +151,8 @@ def write_outputs(
     ]
     if budget:
         lines += budget_section(budget, info)
+    if fixed_ap:
+        lines += fixed_ap_section(fixed_ap, info)
     lines += [
         f"![per-class {TASK_LABEL[plot_task]} AP](benchmark.png)",
         "",
@@ -173,6 +190,7 @@ def write_outputs(
         "rows": rows,
         "dets_per_image": info.max_dets,
         "budget": budget,
+        "fixed_ap": fixed_ap,
         "runs": {
             r.key: {
                 "status": r.status,

@@ -24,7 +24,9 @@ __all__ = [
 
 # The benchmark runs the repository's configs and tools/train_net.py (an editable install).
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SYNTH = os.path.join(REPO_ROOT, "configs", "LVIS", "synthetic")
+# The LVIS-structured generated data (preset "lvis", lvis_synth_lt_*): its folder mirrors
+# configs/LVIS/synthetic/ file name for file name, so the recipes below name files only.
+SYNTH = os.path.join(REPO_ROOT, "configs", "LVIS", "synthetic_lt")
 TASKS = ("bbox", "segm")
 TASK_LABEL = {"bbox": "box", "segm": "mask"}
 
@@ -41,35 +43,27 @@ class StageOne:
     tau_norm: bool  # tau-normalisation needs a linear (non-cosine) classifier
 
 
+def _recipe(key, label, suffix, stage_two_suffix, tau_norm):
+    # The config folders name their files after the recipe: mask_rcnn_synth<suffix>.yaml for stage
+    # one, disalign{_box_only,}_synth<stage_two_suffix>.yaml for its stage twos.
+    return StageOne(
+        key=key,
+        label=label,
+        config=f"mask_rcnn_synth{suffix}.yaml",
+        disalign_box_only=f"disalign_box_only_synth{stage_two_suffix}.yaml",
+        disalign_box_mask=f"disalign_synth{stage_two_suffix}.yaml",
+        tau_norm=tau_norm,
+    )
+
+
 STAGE_ONES = OrderedDict(
     (s.key, s)
     for s in (
-        StageOne(
-            key="softmax",
-            label="softmax",
-            config="mask_rcnn_synth.yaml",
-            disalign_box_only="disalign_box_only_synth.yaml",
-            disalign_box_mask="disalign_synth.yaml",
-            tau_norm=True,
-        ),
+        _recipe("softmax", "softmax", "", "", tau_norm=True),
         # RFS only changes stage one's sampling; its stage two is the plain one (uniform sampling,
         # as in the official recipe).
-        StageOne(
-            key="rfs",
-            label="RFS",
-            config="mask_rcnn_synth_rfs.yaml",
-            disalign_box_only="disalign_box_only_synth.yaml",
-            disalign_box_mask="disalign_synth.yaml",
-            tau_norm=True,
-        ),
-        StageOne(
-            key="cosine",
-            label="cosine",
-            config="mask_rcnn_synth_cosine.yaml",
-            disalign_box_only="disalign_box_only_synth_cosine.yaml",
-            disalign_box_mask="disalign_synth_cosine.yaml",
-            tau_norm=False,
-        ),
+        _recipe("rfs", "RFS", "_rfs", "", tau_norm=True),
+        _recipe("cosine", "cosine", "_cosine", "_cosine", tau_norm=False),
     )
 )
 
@@ -94,15 +88,17 @@ class Preset:
     stage_one_iters: int
     stage_two_iters: int
     posthoc_powers: Tuple[float, ...] = (1.0,)
+    # Stage-one recipes (keys of STAGE_ONES) run by default; --stage-ones overrides.
+    stage_ones: Tuple[str, ...] = ("softmax",)
     # Appended to every run's command line (e.g. a different dataset in the smoke test).
     extra_opts: Tuple[str, ...] = ()
     note: str = ""
 
     def stage_one_opts(self) -> List[str]:
         n = self.stage_one_iters
-        # The configs' 1500-iteration schedule: LR steps at 11/15 and 9/10 of it scaled to n; the
+        # The configs' 1200-iteration schedule: LR steps at 3/4 and 11/12 of it scaled to n; the
         # 100-iteration warm-up is kept (a shorter one diverges from scratch), capped for tiny n.
-        return _schedule(n, steps=(round(n * 11 / 15), round(n * 9 / 10)), warmup=min(100, n // 4))
+        return _schedule(n, steps=(round(n * 3 / 4), round(n * 11 / 12)), warmup=min(100, n // 4))
 
     def stage_two_opts(self) -> List[str]:
         n = self.stage_two_iters
@@ -121,14 +117,15 @@ def _schedule(n, steps, warmup):
     ]  # fmt: skip
 
 
-# Sized from the CPU seconds of a quick run measured on the 2-core development machine (the
-# md's "Run times" table, 1 thread per run): a stage-one run costs ~35 s + 0.42 s per iteration
-# (batch 4 of 128 px), a stage-two run ~27 s + 0.14 s per iteration, a post-hoc run ~27 s (one
-# evaluation of the 160 val images, plus start-up). Two runs execute side by side (--jobs 2), so
-# wall time is about total CPU / 2 plus the tail after the last stage one:
-#   quick: 3 x 161 + 6 x 41 + 5 x 27 = ~860 CPU-s -> ~8 min on 2 idle cores;
-#   full (3 seeds): 9 x 329 + 18 x 55 + 15 x 27 = ~4350 CPU-s -> ~38 min on 2 idle cores.
-# Measured for the full preset from an empty folder: 4220 CPU-s, 36.1 min wall (docs/benchmark.md).
+# Sized from CPU seconds measured on the 2-core development machine for the lvis_synth_lt data
+# (docs/benchmark.md's "Run times" for the full preset; 1 thread per run, two runs side by side, so
+# wall time is about total CPU / 2 plus the tail of the last chain). With Fixed AP every run is
+# evaluated without a per-image cap: about 840 detections per image at the configs' score
+# threshold, whose masks detectron2 pastes one at a time on CPU, so an evaluation costs about 170
+# CPU-s instead of 40. A softmax chain (stage one 1200 iterations, two stage twos of 300, two
+# post-hoc evaluations) is then about 50 + 0.53 x 1200 + 170 + 2 x (40 + 0.22 x 300 + 170)
+# + 2 x (40 + 170) = ~1800 CPU-s: 3 seeds ~45 min on 2 idle cores. Each further stage one
+# (--stage-ones softmax,rfs,cosine) adds about as much again.
 PRESETS = {
     "quick": Preset(
         "quick",
@@ -138,7 +135,8 @@ PRESETS = {
         note="quick preset: ONE seed and short schedules (stage one far from converged), a smoke "
         "run of the comparison; no seed spread, so no gain can be called significant",
     ),
-    "full": Preset("full", seeds=(0, 1, 2), stage_one_iters=700, stage_two_iters=200),
+    # The demo's schedules (configs/LVIS/synthetic_lt: 1200 + 300 iterations), 3 seeds.
+    "full": Preset("full", seeds=(0, 1, 2), stage_one_iters=1200, stage_two_iters=300),
 }
 
 
@@ -197,14 +195,17 @@ def _posthoc_label(kind, p):
     return POSTHOC_LABEL[kind].format(p=p)
 
 
-def build_plan(preset: Preset, out_dir: str, stage_ones: Sequence[str]) -> List[List[Run]]:
+def build_plan(
+    preset: Preset, out_dir: str, stage_ones: Sequence[str], eval_opts: Sequence[str] = ()
+) -> List[List[Run]]:
     """The runs, grouped in chains: one chain per (seed, stage one), its stage one first; every
-    other run of a chain needs the chain's stage-one checkpoint (``weights_from``)."""
+    other run of a chain needs the chain's stage-one checkpoint (``weights_from``).
+    ``eval_opts`` (e.g. the Fixed AP switch) go last on every run's command line."""
     chains = []
     for seed in preset.seeds:
         for g in stage_ones:
             s1 = STAGE_ONES[g]
-            common = ["SEED", str(seed), *preset.extra_opts]
+            common = ["SEED", str(seed), *preset.extra_opts, *eval_opts]
             prefix = f"seed{seed}/{g}"
 
             def make(method, label, config, opts, **kw):

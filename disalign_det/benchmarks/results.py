@@ -18,8 +18,10 @@ __all__ = [
     "DatasetInfo",
     "budget_metrics",
     "dataset_info",
+    "fixed_ap_metrics",
     "gain_table",
     "lvis_like_budget",
+    "lvis_like_fixed_ap_k",
     "mean_table",
     "per_class_means",
     "run_per_class_ap",
@@ -147,13 +149,14 @@ class DatasetInfo:
     instance_count: List[int]  # training instances per contiguous class
     frequency: List[str]  # r/c/f per contiguous class (training statistics)
     max_dets: int
+    num_test_images: int = 0
     lvis_gt: object = field(default=None, repr=False)
 
 
 def dataset_info(extra_opts: Sequence[str]) -> DatasetInfo:
     """Test set, its ground truth and the training class statistics of the benchmark's runs."""
     from detectron2.config import get_cfg
-    from detectron2.data import MetadataCatalog
+    from detectron2.data import DatasetCatalog, MetadataCatalog
 
     from disalign_det import add_disalign_config
     from disalign_det.data import register_datasets_from_cfg
@@ -172,6 +175,7 @@ def dataset_info(extra_opts: Sequence[str]) -> DatasetInfo:
         instance_count=[int(n) for n in train.instance_count],
         frequency=list(train.class_frequency),
         max_dets=int(cfg.TEST.DETECTIONS_PER_IMAGE),
+        num_test_images=len(DatasetCatalog.get(test)),
     )
 
 
@@ -230,6 +234,21 @@ def lvis_like_budget(num_classes: int) -> int:
     """Detections per image that give ``num_classes`` classes LVIS v1's share of the per-image
     limit: 300 detections for 1203 classes (0.25 per class), at least 1."""
     return max(1, round(300 * num_classes / 1203))
+
+
+def lvis_like_fixed_ap_k(num_images: int) -> int:
+    """Fixed AP's detections kept per class (K) that give a test set of ``num_images`` images LVIS
+    v1 val's share: K = 10,000 for its 19,809 images (about 0.5 per class and image), at least 1."""
+    return max(1, round(10000 * num_images / 19809))
+
+
+def fixed_ap_metrics(run: Run) -> Optional[dict]:
+    """``{task: {metric: value}}`` of a run's Fixed AP (``metrics_final.json``'s ``bbox_fixed`` /
+    ``segm_fixed``, written with TEST.LVIS_EVAL.FIXED_AP True), None if it has none."""
+    if not run.metrics:
+        return None
+    out = {task: run.metrics.get(f"{task}_fixed") for task in TASKS}
+    return out if all(out.values()) else None
 
 
 def budget_metrics(run: Run, info: DatasetInfo, max_dets: int) -> Optional[dict]:

@@ -18,7 +18,7 @@ from detectron2.utils import comm
 
 from ..compat import features
 
-__all__ = ["launch", "DEFAULT_TIMEOUT"]
+__all__ = ["launch", "launch_from_argv", "DEFAULT_TIMEOUT"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,24 @@ def launch(
         nprocs=num_gpus_per_machine,
         args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout),
         daemon=False,
+    )
+
+
+def launch_from_argv(main_func, argv=None):
+    """A tool's command line: detectron2's ``default_argument_parser`` on ``argv`` (default
+    ``sys.argv[1:]``), then ``main_func(args)`` in ``args.num_gpus`` processes per machine through
+    :func:`launch`. Returns what ``main_func`` returns in a single process."""
+    from detectron2.engine import default_argument_parser
+
+    args = default_argument_parser().parse_args(argv)
+    print("Command Line Args:", args)
+    return launch(
+        main_func,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
     )
 
 

@@ -6,6 +6,7 @@ A stage-two config is the stage-one config plus one call::
     from disalign_det.lazy import use_disalign
 
     disalign = use_disalign(model, dataloader, optimizer)
+    set_stage_two_schedule(train, lr_multiplier, dataloader)  # the official one, scaled to batch
 
 :func:`use_disalign` swaps the DisAlign box predictor(s) and mask head into ``model`` (keeping every
 argument of the stage one's), drops repeat-factor sampling and returns the ``disalign`` node that
@@ -22,14 +23,17 @@ from .swap import (
     load_project_config,
     use_disalign,
 )
+from .recipe import OFFICIAL_STAGE_TWO, set_stage_two_schedule
 from .train import build_stage_two_model, install_lazy_class_weights, prepare_stage_two
 
 __all__ = [
     "DEFAULT_FED_LOSS_FREQ_WEIGHT_POWER",
+    "OFFICIAL_STAGE_TWO",
     "build_stage_two_model",
     "find_project_config",
     "install_lazy_class_weights",
     "load_project_config",
     "prepare_stage_two",
+    "set_stage_two_schedule",
     "use_disalign",
 ]
