@@ -17,10 +17,7 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from disalign_det.data import synthetic  # noqa: E402
+from disalign_det.data import synthetic
 
 DEFAULT_SUBDIRS = {"basic": "lvis_synth", "lvis": synthetic.LT_SUBDIR}
 

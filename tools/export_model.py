@@ -29,8 +29,6 @@ import sys
 import time
 import warnings
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 # Known third-party deprecation noise hidden (disalign_det.utils.warnings); before the import.
 os.environ.setdefault("DISALIGN_QUIET_WARNINGS", "1")
 

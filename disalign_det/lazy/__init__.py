@@ -17,13 +17,13 @@ missing). :func:`load_project_config` loads a config of a detectron2 project (Vi
 installed detectron2 package does not ship.
 """
 
+from .recipe import OFFICIAL_STAGE_TWO, set_stage_two_schedule
 from .swap import (
     DEFAULT_FED_LOSS_FREQ_WEIGHT_POWER,
     find_project_config,
     load_project_config,
     use_disalign,
 )
-from .recipe import OFFICIAL_STAGE_TWO, set_stage_two_schedule
 from .train import build_stage_two_model, install_lazy_class_weights, prepare_stage_two
 
 __all__ = [

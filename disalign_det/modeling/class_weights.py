@@ -13,7 +13,6 @@ is configured for GRW but has no weights refuses to run.
 import logging
 
 import torch
-
 from detectron2.utils import comm
 
 from .losses import check_rho, global_normalizer, grw_class_weights
