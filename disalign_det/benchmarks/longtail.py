@@ -28,6 +28,15 @@ __all__ = ["main", "parse_args", "preset_from_args", "run_benchmark"]
 
 logger = logging.getLogger(__name__)
 
+# Without a per-image cap every detection above the score threshold is kept, and detectron2 pastes
+# masks one at a time on CPU: at the configs' 0.0001 the demo's stage one returns ~840 detections
+# per image and one evaluation costs ~8x the capped one; at 0.001, ~320 per image. The detections
+# Fixed AP keeps (each class's top K = 101) all scored above 0.002 in that run, so 0.001 drops none
+# of them there, and the top 100 / 15 per image of the standard and budget tables lie above it
+# whenever an image has that many above 0.001. Documented in docs/benchmark.md; --fixed-ap-score-
+# thresh -1 keeps the configs' threshold.
+FIXED_AP_SCORE_THRESH = 0.001
+
 
 def run_benchmark(
     preset: Preset,
@@ -42,6 +51,7 @@ def run_benchmark(
     log: Optional[Callable[[str], None]] = None,
     budget: Optional[int] = None,
     fixed_ap_k: Optional[int] = None,
+    fixed_ap_score_thresh: Optional[float] = FIXED_AP_SCORE_THRESH,
 ) -> dict:
     """Run (or reuse) every run of ``preset`` and write the table, JSON and plot into ``out``.
 
@@ -51,6 +61,8 @@ def run_benchmark(
     run is evaluated without a per-image cap (TEST.LVIS_EVAL.FIXED_AP True) and the standard tables
     come from its saved detections cut to the runs' TEST.DETECTIONS_PER_IMAGE per image, which is
     what the model returns with that cap (detectron2 cuts after its per-class NMS).
+    ``fixed_ap_score_thresh``: MODEL.ROI_HEADS.SCORE_THRESH_TEST of every run with Fixed AP (None:
+    the configs', 0.0001); see :data:`FIXED_AP_SCORE_THRESH`.
     Returns a dict with ``rows``, ``budget`` (None or ``{"dets_per_image", "rows"}``),
     ``fixed_ap`` (None or ``{"dets_per_class", "rows"}``), ``runs``, ``paths`` (md, json, png) and
     ``wall_s``.
@@ -72,6 +84,8 @@ def run_benchmark(
             # Explicit: the runs' own cap (info.max_dets) may be one apply_fixed_ap_config refuses.
             "TEST.DETECTIONS_PER_IMAGE", "-1",
         ]  # fmt: skip
+        if fixed_ap_score_thresh is not None:
+            eval_opts += ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", repr(float(fixed_ap_score_thresh))]
     chains = build_plan(preset, out, stage_ones, eval_opts)
     runs = [r for c in chains for r in c]
     if log is None:
@@ -190,6 +204,13 @@ def parse_args(argv=None):
         help="Fixed AP's detections per class over the test set (default: LVIS val's 10,000 per "
         "19,809 images scaled to the test set, 101 for 200 images; 0: no Fixed AP)",
     )
+    parser.add_argument(
+        "--fixed-ap-score-thresh",
+        type=float,
+        default=FIXED_AP_SCORE_THRESH,
+        help="MODEL.ROI_HEADS.SCORE_THRESH_TEST of the runs with Fixed AP (default %(default)s; "
+        "negative: the configs' own, 0.0001, about 2.5x the evaluation time)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     parser.add_argument(
         "opts",
@@ -240,6 +261,9 @@ def main(argv=None, runner=None) -> int:
         dry_run=args.dry_run,
         budget=args.budget,
         fixed_ap_k=args.fixed_ap_k,
+        fixed_ap_score_thresh=(
+            None if args.fixed_ap_score_thresh < 0 else args.fixed_ap_score_thresh
+        ),
     )
     if args.dry_run:
         return 0
