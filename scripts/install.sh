@@ -107,7 +107,10 @@ d2_main_wheel() {
   else
     local work src start
     work="$(mktemp -d)"
-    trap 'rm -rf "$work"' EXIT  # this function runs in a subshell: cleans up on failure too
+    # This function runs in a subshell: the trap cleans up on failure too. It fires when the
+    # subshell exits, after the function has returned and its local `work` is gone: hence the
+    # default (set -u would make the trap, and so the install, fail).
+    trap 'rm -rf "${work:-}"' EXIT
     tar -xzf "$D2_ARCHIVE" -C "$work"
     src="$(dirname "$(ls "$work"/*/setup.py | head -n1)")"
     log "detectron2 main: compiling $src with its C++ ops (MAX_JOBS=${MAX_JOBS:-2}; 6-11 min on 2 cores)"

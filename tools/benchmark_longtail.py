@@ -1,17 +1,21 @@
 #!/usr/bin/env python
-"""Accuracy comparison on the generated long-tail dataset (lvis_synth_*), on CPU, in one command.
+"""Accuracy comparison on the generated LVIS-structured dataset (lvis_synth_lt_*), on CPU, in one
+command.
 
-    python tools/benchmark_longtail.py --quick    # 1 seed, 300 + 100 iterations (~8 min)
-    python tools/benchmark_longtail.py            # 3 seeds, 700 + 200 iterations (~36 min)
+    python tools/benchmark_longtail.py --quick    # 1 seed, 300 + 100 iterations (~9 min, estimated)
+    python tools/benchmark_longtail.py            # 3 seeds, the demo's 1200 + 300 (32 min)
     python tools/benchmark_longtail.py --publish  # also copy plot + table to docs/
+    python tools/benchmark_longtail.py --stage-ones softmax,rfs,cosine   # every stage one
 
-(times on 2 idle CPU cores; schedules are shortened from the configs' 1500 + 300 iterations, see
-``PRESETS``; --seeds, --stage-one-iters, --stage-two-iters, --posthoc-powers override them).
+(times on 2 idle CPU cores; the full preset runs the demo's schedules, the configs' 1200 + 300
+iterations, see ``PRESETS``; --seeds, --stage-one-iters, --stage-two-iters, --posthoc-powers
+override them).
 
 Methods (box and mask AP, APr, APc, APf), for each seed (cfg.SEED):
 
-* stage one: plain softmax (mask_rcnn_synth), repeat-factor sampling (mask_rcnn_synth_rfs), cosine
-  classifier (mask_rcnn_synth_cosine), each trained ONCE per seed and shared by the methods below;
+* stage one (``--stage-ones``, default softmax): plain softmax (mask_rcnn_synth), repeat-factor
+  sampling (rfs: mask_rcnn_synth_rfs), cosine classifier (cosine: mask_rcnn_synth_cosine), each
+  trained ONCE per seed and shared by the methods below;
 * DisAlign stage two on each stage one: box-only and box+mask (the *_cosine stage-two configs on
   the cosine stage one, the plain ones on the others);
 * training-free alternatives on the same stage-one weights (evaluation only): NorCal
@@ -26,9 +30,13 @@ only does what is missing; a folder holding a run with other settings is refused
 OUT/benchmark.md (tables, run times), OUT/benchmark.json (every number, per seed),
 OUT/benchmark.png (per-class AP against the class's training instance count).
 
-Every run is evaluated twice: at the configs' TEST.DETECTIONS_PER_IMAGE (100), and at an LVIS-like
-budget (``--budget``, default 300 * K / 1203 = 5 for the K = 20 generated classes) from the same
-saved detections, which equals running the model at that limit (see
+Every run is evaluated once, with Fixed AP on (TEST.LVIS_EVAL.FIXED_AP: no per-image cap, the top
+K detections of each class over the test set; ``--fixed-ap-k``, default LVIS val's 10,000 per
+19,809 images scaled to the test set, 101 for 200 images; 0: off) at
+MODEL.ROI_HEADS.SCORE_THRESH_TEST 0.001 (``--fixed-ap-score-thresh``), and three tables come from
+its saved detections: standard AP at the configs' TEST.DETECTIONS_PER_IMAGE (100), standard AP at
+an LVIS-like budget (``--budget``, default 300 * K / 1203 = 15 for the K = 60 classes) and Fixed
+AP. A per-image cut of the saved detections equals running the model at that limit (see
 :func:`disalign_det.benchmarks.results.run_per_class_ap`). Progress: runs done / total and ETA (one
 redrawn line on a terminal, plain lines otherwise). The code is :mod:`disalign_det.benchmarks`.
 """

@@ -20,9 +20,11 @@ def plot_per_class(per_class, info: DatasetInfo, task, stage_ones, path, num_see
 
     counts = np.asarray(info.instance_count, dtype=float)
     freq = np.asarray(info.frequency)
+    # One panel per stage one; at least 7 inches wide so the one-row legend fits above one panel.
     fig, axes = plt.subplots(
-        1, len(stage_ones), figsize=(5.2 * len(stage_ones), 4.4), sharey=True, squeeze=False
-    )
+        1, len(stage_ones), figsize=(max(7.0, 5.2 * len(stage_ones)), 4.6), sharey=True,
+        squeeze=False,
+    )  # fmt: skip
     for ax, g in zip(axes[0], stage_ones):
         # Bucket ranges shaded (buckets are defined on IMAGE counts, so instance-count ranges of
         # neighbouring buckets may overlap slightly: the markers' colours are authoritative).
