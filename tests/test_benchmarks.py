@@ -175,6 +175,11 @@ def _tiny_opts(paths):
     return tuple(tiny_opts(("tiny_val",), dets_per_image=20, lvis_format=paths))
 
 
+# Fixed AP's K in the smoke runs: 4 per class over the tiny val set, so the per-class cut is active
+# (the LVIS-like default for its 12 images would be 1).
+SMOKE_FIXED_K = 4
+
+
 @pytest.fixture(scope="module")
 def longtail_smoke(tiny_dataset, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("longtail"))
@@ -183,9 +188,8 @@ def longtail_smoke(tiny_dataset, tmp_path_factory):
     preset = plan.Preset("smoke", seeds=(0,), stage_one_iters=3, stage_two_iters=2,
                          posthoc_powers=(0.0,), extra_opts=_tiny_opts(tiny_dataset))  # fmt: skip
     runner = InProcessRunner(threads=1)  # one thread: far faster on a busy shared CPU
-    # Fixed AP with K = 4 per class over the tiny val set, so the per-class cut is active.
     res = longtail.run_benchmark(
-        preset, out, jobs=1, runner=runner, log=lambda m: None, budget=3, fixed_ap_k=4
+        preset, out, jobs=1, runner=runner, log=lambda m: None, budget=3, fixed_ap_k=SMOKE_FIXED_K
     )
     return preset, out, runner, res
 
@@ -429,11 +433,16 @@ def test_longtail_posthoc_identity_reproduces_stage_one(longtail_smoke):
 def test_longtail_resumes_and_refuses_other_settings(longtail_smoke):
     preset, out, runner, _ = longtail_smoke
     res = longtail.run_benchmark(preset, out, jobs=2, runner=runner, log=lambda m: None,
-                                 stage_ones=("cosine",))  # fmt: skip
+                                 stage_ones=("cosine",), fixed_ap_k=SMOKE_FIXED_K)  # fmt: skip
     assert {r.status for r in res["runs"]} == {"reused"}
     other = replace(preset, stage_one_iters=4)
     with pytest.raises(SystemExit, match="other settings"):
-        longtail.run_benchmark(other, out, jobs=1, runner=runner, log=lambda m: None)
+        longtail.run_benchmark(other, out, jobs=1, runner=runner, log=lambda m: None,
+                               fixed_ap_k=SMOKE_FIXED_K)  # fmt: skip
+    # Another Fixed AP setting is another experiment too: refused, not mixed into one table.
+    with pytest.raises(SystemExit, match="other settings"):
+        longtail.run_benchmark(preset, out, jobs=1, runner=runner, log=lambda m: None,
+                               stage_ones=("cosine",), fixed_ap_k=SMOKE_FIXED_K + 1)  # fmt: skip
 
 
 @pytest.mark.slow
@@ -445,7 +454,7 @@ def test_longtail_cli_in_child_processes(longtail_smoke, tmp_path, tiny_dataset)
     shutil.rmtree(os.path.join(dst, "seed0", "cosine", "norcal_0"))
     argv = ["--out", dst, "--seeds", "0", "--stage-ones", "cosine", "--stage-one-iters", "3",
             "--stage-two-iters", "2", "--posthoc-powers", "0", "--jobs", "1",
-            *_tiny_opts(tiny_dataset)]  # fmt: skip
+            "--fixed-ap-k", str(SMOKE_FIXED_K), *_tiny_opts(tiny_dataset)]  # fmt: skip
     assert longtail.main(argv) == 0
     with open(os.path.join(dst, "benchmark.json")) as f:
         runs = json.load(f)["runs"]
