@@ -212,6 +212,7 @@ def test_training_without_its_json_fails_clearly(deployed, tmp_path):
     assert deployed["paths"]["train_json"] in str(e.value)  # names the missing file
 
 
+@pytest.mark.slow  # two child processes importing detectron2: ~10 s
 def test_console_filter_hides_third_party_noise_and_keeps_our_warnings():
     """In a tool's process (DISALIGN_QUIET_WARNINGS=1 before ``import disalign_det``), the
     ``torch.jit.script`` FutureWarning of detectron2's import is gone; our warnings, even with

@@ -423,6 +423,7 @@ def test_fast_lvis_eval_is_bit_identical_to_lvis_eval(dataset, max_dets):
         assert stock.results["AP"] > 0.01  # not a degenerate comparison
 
 
+@pytest.mark.slow  # the evaluator end to end with each backend, box and mask, Fixed AP: ~3 s
 def test_fast_backend_equals_default_backend(dataset, tmp_path):
     name, _, inputs_outputs = dataset
     runs = {}
@@ -446,6 +447,7 @@ def test_fast_backend_equals_default_backend(dataset, tmp_path):
     assert runs["fast"][1] == runs["lvis"][1]
 
 
+@pytest.mark.slow  # a third-party C++ evaluator next to the LVIS API: ~1.5 s
 def test_faster_coco_eval_backend_is_close_but_opt_in(dataset):
     pytest.importorskip("faster_coco_eval")
     name, _, inputs_outputs = dataset
