@@ -30,11 +30,11 @@ logger = logging.getLogger(__name__)
 
 # Without a per-image cap every detection above the score threshold is kept, and detectron2 pastes
 # masks one at a time on CPU: at the configs' 0.0001 the demo's stage one returns ~840 detections
-# per image and one evaluation costs ~8x the capped one; at 0.001, ~320 per image. The detections
-# Fixed AP keeps (each class's top K = 101) all scored above 0.002 in that run, so 0.001 drops none
-# of them there, and the top 100 / 15 per image of the standard and budget tables lie above it
-# whenever an image has that many above 0.001. Documented in docs/benchmark.md; --fixed-ap-score-
-# thresh -1 keeps the configs' threshold.
+# per image (an evaluation-only run took 211 s, against 18 s at 15 per image); at 0.001, ~320 per
+# image. The detections Fixed AP keeps (each class's top K = 101) all scored above 0.002 in that
+# run, so 0.001 drops none of them there, and the top 100 / 15 per image of the standard and budget
+# tables lie above it whenever an image has that many above 0.001. Measured and documented in
+# docs/eval_backends.md; --fixed-ap-score-thresh -1 keeps the configs' threshold.
 FIXED_AP_SCORE_THRESH = 0.001
 
 
@@ -159,7 +159,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="1 seed, short schedules: about 15 min on 2 idle cores (a smoke run)",
+        help="1 seed, short schedules: about 9 min on 2 idle cores (estimated; a smoke run)",
     )
     parser.add_argument("--seeds", type=str, default=None, help="comma-separated, e.g. 0,1,2")
     parser.add_argument("--stage-one-iters", type=int, default=None)
@@ -209,7 +209,8 @@ def parse_args(argv=None):
         type=float,
         default=FIXED_AP_SCORE_THRESH,
         help="MODEL.ROI_HEADS.SCORE_THRESH_TEST of the runs with Fixed AP (default %(default)s; "
-        "negative: the configs' own, 0.0001, about 2.5x the evaluation time)",
+        "negative: the configs' own, 0.0001: ~840 instead of ~320 detections per image to "
+        "evaluate on the demo's stage one)",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     parser.add_argument(

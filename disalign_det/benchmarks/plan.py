@@ -117,15 +117,13 @@ def _schedule(n, steps, warmup):
     ]  # fmt: skip
 
 
-# Sized from CPU seconds measured on the 2-core development machine for the lvis_synth_lt data
-# (docs/benchmark.md's "Run times" for the full preset; 1 thread per run, two runs side by side, so
-# wall time is about total CPU / 2 plus the tail of the last chain). With Fixed AP every run is
-# evaluated without a per-image cap: about 840 detections per image at the configs' score
-# threshold, whose masks detectron2 pastes one at a time on CPU, so an evaluation costs about 170
-# CPU-s instead of 40. A softmax chain (stage one 1200 iterations, two stage twos of 300, two
-# post-hoc evaluations) is then about 50 + 0.53 x 1200 + 170 + 2 x (40 + 0.22 x 300 + 170)
-# + 2 x (40 + 170) = ~1800 CPU-s: 3 seeds ~45 min on 2 idle cores. Each further stage one
-# (--stage-ones softmax,rfs,cosine) adds about as much again.
+# Sized from the full preset's run times on the 2-core development machine (docs/benchmark.md,
+# "Run times"; 1 thread per run, two runs side by side, so wall time is about total CPU / 2 plus
+# the tail of the last chain). Every run is evaluated with Fixed AP, without a per-image cap, at
+# SCORE_THRESH_TEST 0.001 (longtail.FIXED_AP_SCORE_THRESH): CPU seconds per run were 608 for a
+# stage one (1200 iterations + evaluation), 148 for a stage two (300 iterations + evaluation), 139
+# for a post-hoc evaluation. A softmax chain is then ~1200 CPU-s; 3 seeds measured 3544 CPU-s,
+# 32.4 min wall. Each further stage one (--stage-ones softmax,rfs,cosine) adds about as much again.
 PRESETS = {
     "quick": Preset(
         "quick",

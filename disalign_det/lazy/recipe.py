@@ -5,15 +5,12 @@ iterations (v0.5: 4.5k and 4k). A LazyConfig (e.g. ViTDet's, 64 images per itera
 own optimizer and LR and trains the same number of images: every length is scaled by 16 / batch.
 """
 
-import logging
-
 from detectron2.config import LazyCall as L
 
 __all__ = ["OFFICIAL_STAGE_TWO", "set_stage_two_schedule"]
 
-logger = logging.getLogger(__name__)
-
-#: (iterations, LR step, warm-up iterations) at 16 images per iteration, per LVIS version.
+#: (iterations, LR step, warm-up iterations) at 16 images per iteration, per LVIS version (the
+#: warm-up is detectron2's default SOLVER.WARMUP_ITERS, as in the YAML stage-two configs).
 OFFICIAL_STAGE_TWO = {"v1": (9000, 8000, 1000), "v0.5": (4500, 4000, 1000)}
 _OFFICIAL_BATCH = 16
 
