@@ -404,7 +404,7 @@ def _coco_results(inputs_outputs):
 
 @pytest.mark.parametrize("max_dets", [300, 7, -1])
 def test_fast_lvis_eval_is_bit_identical_to_lvis_eval(dataset, max_dets):
-    from disalign_det.evaluation.fast_lvis_eval import FastLVISEval, lean_lvis_results
+    from disalign_det.evaluation.fast_lvis_eval import FastLVISEval
 
     _, json_file, inputs_outputs = dataset
     results = _coco_results(inputs_outputs)
@@ -415,7 +415,7 @@ def test_fast_lvis_eval_is_bit_identical_to_lvis_eval(dataset, max_dets):
         gt = LVIS(json_file)
         stock = LVISEval(gt, LVISResults(gt, copy.deepcopy(task_results), max_dets), task)
         stock.run()
-        fast = FastLVISEval(gt, lean_lvis_results(gt, task_results, max_dets), task)
+        fast = FastLVISEval.from_results(gt, task_results, task, max_dets)
         fast.run()
         np.testing.assert_array_equal(stock.eval["precision"], fast.eval["precision"])
         np.testing.assert_array_equal(stock.eval["recall"], fast.eval["recall"])

@@ -71,6 +71,9 @@ def build_lvis_evaluator(cfg, dataset_name, output_folder=None):
     fixed = bool(node is not None and node.FIXED_AP)
     fixed_k = int(node.FIXED_AP_DETS_PER_CLASS) if fixed else 0
     backend = node.BACKEND if node is not None else "lvis"
+    background_json = (
+        bool(node.get("BACKGROUND_RESULTS_JSON", False)) if node is not None else False
+    )
     if fixed:
         if 0 <= max_dets <= DEFAULT_MAX_DETS_PER_IMAGE:
             raise ValueError(
@@ -100,4 +103,5 @@ def build_lvis_evaluator(cfg, dataset_name, output_folder=None):
         per_class_dir=cfg.OUTPUT_DIR or output_folder,
         per_class_basename=basename,
         train_counts=_train_counts(cfg),
+        background_results_json=background_json,
     )

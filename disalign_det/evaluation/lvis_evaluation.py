@@ -55,12 +55,10 @@ Differences from the stock evaluator, all deliberate:
 import copy
 import inspect
 import itertools
-import json
 import logging
 import os
 import pickle
 import socket
-import struct
 import tempfile
 import uuid
 from collections import OrderedDict
@@ -73,10 +71,11 @@ from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 from lvis import LVISResults
 
-from ..utils.memory import release_memory
+from ..utils.memory import malloc_trim, release_memory
 from . import backends, fixed_ap
 from .lean_eval import LeanLVISEval
 from .per_class import per_class_ap_from_precision, per_class_table_for
+from .shards import FRAME_HEADER, BackgroundResultsWriter, iter_shard, write_results_json
 
 __all__ = [
     "LVIS_METRICS",
@@ -98,7 +97,7 @@ DEFAULT_MAX_DETS_PER_IMAGE = 300
 
 _SHARD_SUFFIX = ".lvisdet"
 # Each frame of a shard: an 8-byte little-endian length, then that many bytes of pickle.
-_FRAME_HEADER = struct.Struct("<Q")
+_FRAME_HEADER = FRAME_HEADER
 
 
 def _accepts_kwarg(fn, name):
@@ -153,23 +152,32 @@ def evaluate_results_on_lvis(
         metrics, cat_ids, precision = backends.evaluate(
             backend, lvis_gt, lvis_results, iou_type, max_dets_per_image
         )
-    else:
-        if backend == "fast":
-            from .fast_lvis_eval import FastLVISEval, lean_lvis_results
+        return _report(metrics, cat_ids, precision, iou_type, per_class)
+    if backend == "fast":
+        from .fast_lvis_eval import FastLVISEval
 
-            results = lean_lvis_results(lvis_gt, lvis_results, max_dets_per_image)
-            lvis_eval = FastLVISEval(lvis_gt, results, iou_type)
-        else:
-            backends.check(backend)
-            results = LVISResults(lvis_gt, lvis_results, max_dets=max_dets_per_image)
-            lvis_eval = LeanLVISEval(lvis_gt, results, iou_type)
-        if max_dets_per_image < 0:
-            lvis_eval.params.max_dets = max_dets_per_image  # only names the AR keys
-        lvis_eval.run()
-        lvis_eval.print_results()
-        summary = lvis_eval.get_results()
-        metrics = {metric: float(summary[metric] * 100) for metric in LVIS_METRICS}
-        cat_ids, precision = lvis_eval.params.cat_ids, lvis_eval.eval["precision"]
+        lvis_eval = FastLVISEval.from_results(lvis_gt, lvis_results, iou_type, max_dets_per_image)
+    else:
+        backends.check(backend)
+        results = LVISResults(lvis_gt, lvis_results, max_dets=max_dets_per_image)
+        lvis_eval = LeanLVISEval(lvis_gt, results, iou_type)
+    if max_dets_per_image < 0:
+        lvis_eval.params.max_dets = max_dets_per_image  # only names the AR keys
+    return run_lvis_eval(lvis_eval, iou_type, per_class)
+
+
+def run_lvis_eval(lvis_eval, iou_type, per_class=None):
+    """Run a prepared ``LVISEval`` (or :class:`~.fast_lvis_eval.FastLVISEval`), print its summary
+    as the LVIS API does, and return the metrics (see :func:`evaluate_results_on_lvis`)."""
+    lvis_eval.run()
+    lvis_eval.print_results()
+    summary = lvis_eval.get_results()
+    metrics = {metric: float(summary[metric] * 100) for metric in LVIS_METRICS}
+    cat_ids, precision = lvis_eval.params.cat_ids, lvis_eval.eval["precision"]
+    return _report(metrics, cat_ids, precision, iou_type, per_class)
+
+
+def _report(metrics, cat_ids, precision, iou_type, per_class):
     if per_class is not None:
         ap = per_class_ap_from_precision(precision)
         per_class.update({int(c): float(a * 100) for c, a in zip(cat_ids, ap)})
@@ -238,37 +246,6 @@ class _ShardWriter:
         }
 
 
-def _read_frame(f, skip=False):
-    header = f.read(_FRAME_HEADER.size)
-    if not header:
-        return None
-    if len(header) != _FRAME_HEADER.size:
-        raise IOError(f"Truncated LVIS evaluation shard {f.name}")
-    (length,) = _FRAME_HEADER.unpack(header)
-    if skip:
-        f.seek(length, os.SEEK_CUR)
-        return ()
-    return pickle.loads(f.read(length))
-
-
-def iter_shard(path, with_masks):
-    """Yield ``(image_id, category_ids, scores, boxes_xywh, mask_size, rle_counts)`` per image.
-
-    With ``with_masks=False`` the mask frames are skipped unread and the last two items are None.
-    """
-    with open(path, "rb") as f:
-        while True:
-            box_frame = _read_frame(f)
-            if box_frame is None:
-                return
-            if with_masks:
-                mask_size, counts = _read_frame(f)
-            else:
-                _read_frame(f, skip=True)
-                mask_size, counts = None, None
-            yield box_frame + (mask_size, counts)
-
-
 class StreamingLVISEvaluator(LVISEvaluator):
     """Drop-in :class:`~detectron2.evaluation.LVISEvaluator` that streams predictions to disk.
 
@@ -295,6 +272,7 @@ class StreamingLVISEvaluator(LVISEvaluator):
         per_class_dir=None,
         per_class_basename="per_class_ap",
         train_counts=None,
+        background_results_json=False,
     ):
         """
         Args:
@@ -308,11 +286,13 @@ class StreamingLVISEvaluator(LVISEvaluator):
             fixed_ap_dets_per_class (int): K > 0 also reports Fixed AP (top K detections per
                 category over the dataset, no per-image cap) as tasks ``"bbox_fixed"`` /
                 ``"segm_fixed"``; 0 (default) does not.
-            backend (str): "lvis" (default) or "faster_coco_eval"; see :mod:`.backends`.
+            backend (str): "lvis" (default), "fast" or "faster_coco_eval"; see :mod:`.backends`.
             per_class_dir (str or None): where to write the per-class table
                 (``<per_class_basename>.json`` / ``.csv``); None writes none.
             train_counts (tuple or None): ``(image_count, instance_count)``, lists indexed by the
                 model's contiguous class, for the table's training-frequency columns.
+            background_results_json (bool): write ``lvis_instances_results.json`` in a child
+                process while the metrics are computed (:mod:`.shards`); local output_dir only.
         """
         kwargs = {"max_dets_per_image": max_dets_per_image} if _STOCK_TAKES_MAX_DETS else {}
         super().__init__(dataset_name, tasks, distributed, output_dir, **kwargs)
@@ -331,6 +311,7 @@ class StreamingLVISEvaluator(LVISEvaluator):
         self._per_class_dir = per_class_dir
         self._per_class_basename = per_class_basename
         self._train_counts = train_counts
+        self._background_json = bool(background_results_json)
 
         if hasattr(self._metadata, "thing_dataset_id_to_contiguous_id"):
             # LVIS evaluator used on COCO-style categories: map back to the dataset's ids.
@@ -472,17 +453,37 @@ class StreamingLVISEvaluator(LVISEvaluator):
         num_dets = sum(s["num_dets"] for s in shard_infos)
         tasks = self._tasks or (("bbox", "segm") if has_mask else ("bbox",))
 
-        if self._output_dir:
-            PathManager.mkdirs(self._output_dir)
-            file_path = os.path.join(self._output_dir, "lvis_instances_results.json")
-            self._logger.info("Saving results to %s", file_path)
-            with PathManager.open(file_path, "w") as f:
-                write_results_json(paths, f)
+        writer = self._write_results_json(paths)
+        try:
+            if not self._do_evaluation:
+                self._logger.info("Annotations are not available for evaluation.")
+                return
+            self._eval_tasks(paths, tasks, has_mask, num_dets, shard_infos)
+        finally:
+            if writer is not None:
+                writer.wait()  # before the shards go; raises if the child failed
+                self._logger.info("Saved results to %s", writer.out_path)
 
-        if not self._do_evaluation:
-            self._logger.info("Annotations are not available for evaluation.")
-            return
+    def _write_results_json(self, paths):
+        """Write ``lvis_instances_results.json`` now, or start a child process writing it (local
+        output_dir and ``background_results_json``): returns its handle, or None."""
+        if not self._output_dir:
+            return None
+        PathManager.mkdirs(self._output_dir)
+        file_path = os.path.join(self._output_dir, "lvis_instances_results.json")
+        if self._background_json and "://" not in file_path:
+            try:
+                writer = BackgroundResultsWriter(paths, file_path)
+                self._logger.info("Saving results to %s (in a child process)", file_path)
+                return writer
+            except OSError as e:  # cannot start a process here: write it in this one
+                self._logger.warning("No child process for the results json (%s)", e)
+        self._logger.info("Saving results to %s", file_path)
+        with PathManager.open(file_path, "w") as f:
+            write_results_json(paths, f)
+        return None
 
+    def _eval_tasks(self, paths, tasks, has_mask, num_dets, shard_infos):
         self._logger.info(
             "Evaluating %d predictions on %d images ...",
             num_dets,
@@ -509,7 +510,10 @@ class StreamingLVISEvaluator(LVISEvaluator):
                             paths, self._fixed_k, iter_shard
                         )
                     self._results[name] = self._evaluate_fixed_task(task, paths, positions)
-                release_memory()
+                if self._backend == "fast":
+                    malloc_trim()  # few Python objects die: a full collection costs, finds nothing
+                else:
+                    release_memory()
         self._write_per_class_table()
 
     def _write_per_class_table(self):
@@ -530,33 +534,61 @@ class StreamingLVISEvaluator(LVISEvaluator):
             len(positions),
             self._fixed_k,
         )
-        results = fixed_ap.load_fixed_ap_results(
-            paths,
-            task,
-            positions,
-            self._lvis_api,
-            iter_shard,
-            _append_results,
-            verified_categories(self._lvis_api),
-        )
         name = fixed_ap.fixed_task_name(task)
         per_class = self._per_class.setdefault(name, {})
-        metrics = evaluate_results_on_lvis(
-            self._lvis_api, results, task, -1, backend=self._backend, per_class=per_class
-        )
+        metrics = self._evaluate_fast(task, paths, -1, positions, per_class)
+        if metrics is None:
+            results = fixed_ap.load_fixed_ap_results(
+                paths,
+                task,
+                positions,
+                self._lvis_api,
+                iter_shard,
+                _append_results,
+                verified_categories(self._lvis_api),
+            )
+            backend = "lvis" if self._backend == "fast" else self._backend
+            metrics = evaluate_results_on_lvis(
+                self._lvis_api, results, task, -1, backend=backend, per_class=per_class
+            )
         self._logger.info("Fixed AP results (%s): \n%s", name, create_small_table(metrics))
         return metrics
 
+    def _evaluate_fast(self, task, paths, max_dets, positions, per_class):
+        """The "fast" backend straight from the shards (no result dicts); None when it does not
+        apply (another backend, or NaN scores: then the caller uses the LVIS API)."""
+        if self._backend != "fast":
+            return None
+        from .fast_lvis_eval import FastLVISEval
+
+        lvis_eval = FastLVISEval.from_shards(self._lvis_api, paths, task, max_dets, positions)
+        if lvis_eval is None:
+            self._logger.warning(
+                "NaN scores among the detections: the %s pass uses the LVIS API instead of the "
+                "fast backend (its ordering of NaN scores is not reproduced)",
+                task,
+            )
+            return None
+        self._logger.info("Evaluating with max detections per image = %d", max_dets)
+        if max_dets < 0:
+            lvis_eval.params.max_dets = max_dets  # only names the AR keys, as for the LVIS API
+        return run_lvis_eval(lvis_eval, task, per_class)
+
     def _evaluate_task(self, task, paths):
         """Load only the fields ``task`` needs from the shards and evaluate them."""
-        results = load_lvis_results(paths, task, self._lvis_api, self._max_dets_per_image)
         per_class = self._per_class.setdefault(task, {})
+        max_dets = self._max_dets_per_image
+        max_dets = DEFAULT_MAX_DETS_PER_IMAGE if max_dets is None else max_dets
+        metrics = self._evaluate_fast(task, paths, max_dets, None, per_class)
+        if metrics is not None:
+            return metrics
+        results = load_lvis_results(paths, task, self._lvis_api, self._max_dets_per_image)
         return evaluate_results_on_lvis(
             self._lvis_api,
             results,
             task,
             max_dets_per_image=self._max_dets_per_image,
-            backend=self._backend,
+            backend="lvis" if self._backend == "fast" else self._backend,
             per_class=per_class,
         )
 
@@ -699,31 +731,6 @@ class _FederatedSelector:
         if self.spare is None and len(kept) < len(indices):
             self.spare = (image_id, record, next(k for k in indices if cats[k] not in verified))
         return kept
-
-
-def write_results_json(paths, f):
-    """Write the shards as detectron2's ``lvis_instances_results.json``, one record at a time.
-
-    Byte-identical to ``json.dumps(list_of_results)``: same record and key order, same separators.
-    """
-    f.write("[")
-    first = True
-    for path in paths:
-        for image_id, cats, scores, boxes, size, counts in iter_shard(path, with_masks=True):
-            records = []
-            rows = zip(cats.tolist(), boxes.tolist(), scores.tolist())
-            for k, (c, b, s) in enumerate(rows):
-                record = {"image_id": image_id, "category_id": c, "bbox": b, "score": s}
-                if counts is not None:
-                    record["segmentation"] = {"size": list(size), "counts": counts[k]}
-                records.append(record)
-            # One encoder call per image; a JSON list is "[" + ", ".join(items) + "]", so the
-            # inner text of each image's list concatenates to the text of the whole list.
-            if not first:
-                f.write(", ")
-            f.write(json.dumps(records)[1:-1])
-            first = False
-    f.write("]")
 
 
 def _shard_is_readable(info):

@@ -1,0 +1,124 @@
+"""The streaming LVIS evaluator's shard files: reading them, and writing the results json from them.
+
+A shard holds one process's detections, two frames per image (an 8-byte little-endian length, then
+that many bytes of pickle): ``(image_id, category_ids, scores, boxes_xywh)`` then ``(mask_size,
+rle_counts)`` (``(None, None)`` without masks). The writer is ``_ShardWriter`` in
+:mod:`.lvis_evaluation`.
+
+This module imports nothing but the standard library (numpy comes with the pickles), so that it
+also runs as a script: :class:`BackgroundResultsWriter` starts ``python shards.py OUT SHARD...`` to
+write ``lvis_instances_results.json`` in a child process while the parent computes the metrics.
+Writing that file is bound by Python's float formatting (five ``repr`` per detection, ~1 s per
+million floats here: ~30 s on LVIS val) and depends on nothing the metrics compute, so on a
+machine with a spare core it costs no wall time.
+"""
+
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+
+__all__ = ["FRAME_HEADER", "BackgroundResultsWriter", "iter_shard", "write_results_json"]
+
+#: Header of every frame: the pickle's length.
+FRAME_HEADER = struct.Struct("<Q")
+
+
+def read_frame(f, skip=False):
+    """The next frame of an open shard: the unpickled object, ``()`` when skipped, None at EOF."""
+    header = f.read(FRAME_HEADER.size)
+    if not header:
+        return None
+    if len(header) != FRAME_HEADER.size:
+        raise IOError(f"Truncated LVIS evaluation shard {f.name}")
+    (length,) = FRAME_HEADER.unpack(header)
+    if skip:
+        f.seek(length, os.SEEK_CUR)
+        return ()
+    return pickle.loads(f.read(length))
+
+
+def iter_shard(path, with_masks):
+    """Yield ``(image_id, category_ids, scores, boxes_xywh, mask_size, rle_counts)`` per image.
+
+    With ``with_masks=False`` the mask frames are skipped unread and the last two items are None.
+    """
+    with open(path, "rb") as f:
+        while True:
+            box_frame = read_frame(f)
+            if box_frame is None:
+                return
+            if with_masks:
+                mask_size, counts = read_frame(f)
+            else:
+                read_frame(f, skip=True)
+                mask_size, counts = None, None
+            yield box_frame + (mask_size, counts)
+
+
+def write_results_json(paths, f):
+    """Write the shards as detectron2's ``lvis_instances_results.json``, one image at a time.
+
+    Byte-identical to ``json.dumps(list_of_results)``: same record and key order, same separators.
+    """
+    f.write("[")
+    first = True
+    for path in paths:
+        for image_id, cats, scores, boxes, size, counts in iter_shard(path, with_masks=True):
+            records = []
+            rows = zip(cats.tolist(), boxes.tolist(), scores.tolist())
+            for k, (c, b, s) in enumerate(rows):
+                record = {"image_id": image_id, "category_id": c, "bbox": b, "score": s}
+                if counts is not None:
+                    record["segmentation"] = {"size": list(size), "counts": counts[k]}
+                records.append(record)
+            # One encoder call per image; a JSON list is "[" + ", ".join(items) + "]", so the
+            # inner text of each image's list concatenates to the text of the whole list.
+            if not first:
+                f.write(", ")
+            f.write(json.dumps(records)[1:-1])
+            first = False
+    f.write("]")
+
+
+class BackgroundResultsWriter:
+    """Writes the results json from the shards in a child process (this file run as a script).
+
+    The file appears under its name only once complete (written as ``<name>.tmp<pid>``, then
+    renamed); :meth:`wait` raises if the child failed, with its error output. The shards must stay
+    in place until :meth:`wait` returns.
+    """
+
+    def __init__(self, paths, out_path):
+        self.out_path = out_path
+        self._tmp = f"{out_path}.tmp{os.getpid()}"
+        cmd = [sys.executable, os.path.abspath(__file__), self._tmp] + list(paths)
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def wait(self):
+        """Wait for the child; rename its file into place or raise ``RuntimeError``."""
+        _, err = self._proc.communicate()
+        if self._proc.returncode != 0:
+            try:
+                os.remove(self._tmp)
+            except OSError:
+                pass
+            tail = err.decode(errors="replace")[-2000:]
+            raise RuntimeError(
+                f"Writing {self.out_path} in a child process failed (exit "
+                f"{self._proc.returncode}); set TEST.LVIS_EVAL.BACKGROUND_RESULTS_JSON False to "
+                f"write it in-process. Its error output:\n{tail}"
+            )
+        os.replace(self._tmp, self.out_path)
+
+
+def _main(argv):
+    out_path, paths = argv[0], argv[1:]
+    with open(out_path, "w") as f:
+        write_results_json(paths, f)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])
