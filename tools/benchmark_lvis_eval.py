@@ -8,20 +8,27 @@ evaluator path in its own subprocess:
 
 * ``stock``: ``detectron2.evaluation.LVISEvaluator`` (process() per image, then evaluate());
 * ``ours``: ``disalign_det.evaluation.StreamingLVISEvaluator`` (LVIS API, the default backend);
-* ``fast``: the same evaluator with ``backend="fast"`` (``TEST.LVIS_EVAL.BACKEND``, our
-  vectorised ``LVISEval``, bit-identical);
+* ``fast``: the same evaluator with ``backend="fast"`` (``TEST.LVIS_EVAL.BACKEND``, evaluation
+  on arrays straight from the shards, bit-identical) and ``lvis_instances_results.json`` written
+  by a child process meanwhile (``TEST.LVIS_EVAL.BACKGROUND_RESULTS_JSON``, the config default);
+* ``fast-inline``: ``fast`` with the json written in-process (one core's worth of work);
 * ``faster``: the same evaluator with ``backend="faster_coco_eval"``.
 
-The metrics of ``stock``, ``fast`` and ``faster`` are compared with those of ``ours``: "identical"
-or the largest absolute difference, per size.
+``ours`` is the streaming evaluator as it was before the fast backend and the background json
+(``BACKEND lvis``, ``BACKGROUND_RESULTS_JSON False``): the reference for the speed-ups. The
+metrics of every other path are compared with those of ``ours``: "identical" or the largest
+absolute difference, per size.
 
 Each worker reports, per stage, wall time and peak RSS of the worker process (Linux ``VmHWM``,
 reset with ``/proc/self/clear_refs`` at every stage start, so each stage's peak is its own):
 ``init`` (loading the GT), ``collect`` (the process() calls only; generating the fake model output
 is excluded from the time), ``gather+write`` (from evaluate() to the first evaluation: gather,
-result files), ``bbox`` and ``segm`` (one LVIS evaluation each, including building its inputs). The
-worker does everything in-process (no children), so its RSS is the whole footprint. Both paths'
-metrics are compared at the end: they must be identical.
+result files), ``bbox`` and ``segm`` (one LVIS evaluation each, including building its inputs).
+CPU time includes finished child processes (``fast``'s json writer; it is reaped at the end of
+the last stage, so its CPU lands there), and the child's peak RSS is reported separately.
+With ``--share-collect`` (default) the streaming paths of one size evaluate copies of the same
+shard file, collected once (``process()`` is the same code for all of them; its time and peak
+are those of that one run).
 
 Sizes that cannot run here are extrapolated with a least-squares line through the measured sizes.
 
@@ -62,7 +69,14 @@ FREQUENCY_SPLIT = (("r", 337), ("c", 461), ("f", 405))
 GROUP_WEIGHT = {"r": 1.0, "c": 4.0, "f": 20.0}
 NUM_TEMPLATES = 16
 STAGES = ("init", "collect", "gather+write", "bbox", "segm")
-PATHS = ("stock", "ours", "fast", "faster")
+PATHS = ("stock", "ours", "fast", "fast-inline", "faster")
+# Streaming paths: (TEST.LVIS_EVAL.BACKEND, BACKGROUND_RESULTS_JSON).
+STREAMING = {
+    "ours": ("lvis", False),
+    "fast": ("fast", True),
+    "fast-inline": ("fast", False),
+    "faster": ("faster_coco_eval", False),
+}
 
 
 # ---------------------------------------------------------------------------- synthetic data
@@ -229,6 +243,12 @@ def model_output(seed, image_id, template, freqs, height, width):
 
 
 # ---------------------------------------------------------------------------- measurement
+def _cpu_with_children():
+    """CPU seconds of this process plus its finished (reaped) children."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
 class StageRecorder:
     """Wall time, CPU time (all threads of the process) and peak RSS of consecutive stages.
 
@@ -250,7 +270,7 @@ class StageRecorder:
         self._name = name
         reset_peak_rss()  # not resettable: stage peaks become running maxima
         self._start = time.perf_counter()
-        self._cpu_start = time.process_time()
+        self._cpu_start = _cpu_with_children()
 
     def add_time(self, name, seconds, cpu_seconds=0.0):
         stage = self._stage(name)
@@ -262,7 +282,7 @@ class StageRecorder:
             return
         stage = self._stage(self._name)
         stage["time_s"] += time.perf_counter() - self._start
-        stage["cpu_s"] += time.process_time() - self._cpu_start
+        stage["cpu_s"] += _cpu_with_children() - self._cpu_start
         stage["peak_mb"] = max(stage["peak_mb"], peak_rss_mb())
         self._name = None
 
@@ -292,6 +312,20 @@ def _instrument(path, recorder):
         cls._evaluate_task = wrapped
 
 
+def _record_child_peaks():
+    """Peak RSS (MB) of each background json writer, appended to the returned list on wait."""
+    from disalign_det.evaluation.shards import BackgroundResultsWriter
+
+    peaks, original = [], BackgroundResultsWriter.wait
+
+    def wait(self):
+        original(self)
+        peaks.append(self.peak_mb)
+
+    BackgroundResultsWriter.wait = wait
+    return peaks
+
+
 def run_worker(args):
     """One path, one size, in this process; writes a JSON report to ``args.report``."""
     from detectron2.data import MetadataCatalog
@@ -309,6 +343,7 @@ def run_worker(args):
 
     recorder = StageRecorder()
     _instrument(args.worker, recorder)
+    child_peaks = _record_child_peaks()
     kwargs = {"max_dets_per_image": args.dets} if _STOCK_TAKES_MAX_DETS else {}
     output_dir = args.output_dir or None
     # Interpreter + torch + detectron2 + the template pool: the same for both paths.
@@ -317,30 +352,54 @@ def run_worker(args):
     if args.worker == "stock":
         evaluator = LVISEvaluator(name, distributed=False, output_dir=output_dir, **kwargs)
     else:
+        backend, background = STREAMING[args.worker]
         evaluator = StreamingLVISEvaluator(
             name,
             distributed=False,
             output_dir=output_dir,
             max_dets_per_image=args.dets,
-            backend={"fast": "fast", "faster": "faster_coco_eval"}.get(args.worker, "lvis"),
+            backend=backend,
+            background_results_json=background,
         )
     evaluator.reset()
 
-    recorder.start("collect")
-    generate_s = generate_cpu_s = 0.0
-    for image_id in range(1, args.images + 1):
-        t0, c0 = time.perf_counter(), time.process_time()
-        output = model_output(
-            args.seed, image_id, templates[image_id % NUM_TEMPLATES], freqs, height, width
-        )
-        generate_s += time.perf_counter() - t0
-        generate_cpu_s += time.process_time() - c0
-        evaluator.process([{"image_id": image_id}], [{"instances": output}])
-        del output
-    recorder.add_time("collect", -generate_s, -generate_cpu_s)
-
-    recorder.start("gather+write")
-    results = evaluator.evaluate()
+    cache = None
+    if args.shard_cache and args.worker != "stock":
+        cache = os.path.join(args.shard_cache, f"shard_{args.images}")
+    if cache and os.path.exists(cache + ".json"):
+        # Collected by an earlier path of this size: evaluate a copy of the same shard.
+        with open(cache + ".json") as f:
+            cached = json.load(f)
+        info = dict(cached["info"], path=os.path.join(args.shard_cache, f"copy_{args.worker}"))
+        shutil.copyfile(cache + ".lvisdet", info["path"])
+        recorder.stages["collect"] = cached["collect"]
+        generate_s = 0.0
+        recorder.start("gather+write")
+        results = evaluator.evaluate_shards([info])
+    else:
+        recorder.start("collect")
+        generate_s = generate_cpu_s = 0.0
+        for image_id in range(1, args.images + 1):
+            t0, c0 = time.perf_counter(), time.process_time()
+            output = model_output(
+                args.seed, image_id, templates[image_id % NUM_TEMPLATES], freqs, height, width
+            )
+            generate_s += time.perf_counter() - t0
+            generate_cpu_s += time.process_time() - c0
+            evaluator.process([{"image_id": image_id}], [{"instances": output}])
+            del output
+        recorder.add_time("collect", -generate_s, -generate_cpu_s)
+        recorder.start("gather+write")
+        if cache:
+            recorder.stop()  # the copy below is the benchmark's, not the evaluator's
+            info = evaluator.close_shard()
+            shutil.copyfile(info["path"], cache + ".lvisdet")
+            with open(cache + ".json", "w") as f:
+                json.dump({"info": info, "collect": recorder.stages["collect"]}, f)
+            recorder.start("gather+write")
+            results = evaluator.evaluate_shards([info])
+        else:
+            results = evaluator.evaluate()
     recorder.stop()
 
     report = {
@@ -351,6 +410,7 @@ def run_worker(args):
         "generate_s": generate_s,
         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "baseline_mb": baseline_mb,
+        "child_peak_mb": child_peaks[0] if child_peaks else None,
         "metrics": results,
     }
     with open(args.report, "w") as f:
@@ -365,6 +425,10 @@ def _run_one(args, path, size, gt_path, workdir):
     cmd += ["--images", str(size), "--dets", str(args.dets), "--seed", str(args.seed)]
     cmd += ["--height", str(args.height), "--width", str(args.width), "--report", report]
     cmd += ["--output-dir", output_dir]
+    if args.share_collect:
+        cache = os.path.join(workdir, "shards")
+        os.makedirs(cache, exist_ok=True)
+        cmd += ["--shard-cache", cache]
     t0 = time.perf_counter()
     try:
         # "timeout" also kills the worker if this driver dies; the Python timeout is the backstop.
@@ -415,28 +479,32 @@ def print_table(results):
 
 
 POST_INFERENCE = ("gather+write", "bbox", "segm")
+METRICS_ONLY = ("bbox", "segm")
 
 
-def _post(r, key):
-    return sum(r["stages"][s].get(key, float("nan")) for s in POST_INFERENCE if s in r["stages"])
+def _post(r, key, stages=POST_INFERENCE):
+    return sum(r["stages"][s].get(key, float("nan")) for s in stages if s in r["stages"])
 
 
-def print_post_inference(results, target):
-    """What follows inference (gather + results file + box and mask metrics), per path and size,
-    with the speed-up over ``ours`` at the same size, and extrapolated to ``target`` images."""
-    print("\nPost-inference (gather+write + bbox + segm); speed-up = ours / path, same size:")
-    widths = [6, 7, 8, 8, 8, 9, 10]
-    header = ["path", "images", "wall s", "cpu s", "peak MB", "x (cpu)", "x (wall)"]
+def print_post_inference(results, target, stages=POST_INFERENCE, title=None):
+    """Time of ``stages`` (default: what follows inference, gather + results file + box and mask
+    metrics), per path and size, with the speed-up over ``ours`` at the same size, and
+    extrapolated to ``target`` images. ``child MB``: peak RSS of the json-writing child."""
+    title = title or "Post-inference (gather+write + bbox + segm)"
+    print(f"\n{title}; speed-up = ours / path, same size:")
+    widths = [11, 7, 8, 8, 8, 8, 9, 10]
+    header = ["path", "images", "wall s", "cpu s", "peak MB", "child MB", "x (cpu)", "x (wall)"]
     print(_fmt_row(header, widths))
     ours = {r["images"]: r for r in results if r["path"] == "ours"}
     for r in results:
         base = ours.get(r["images"])
-        cpu, wall = _post(r, "cpu_s"), _post(r, "time_s")
-        peak = max(r["stages"][s]["peak_mb"] for s in POST_INFERENCE if s in r["stages"])
-        x_cpu = f"{_post(base, 'cpu_s') / cpu:.2f}" if base else "-"
-        x_wall = f"{_post(base, 'time_s') / wall:.2f}" if base else "-"
-        row = [r["path"], r["images"], f"{wall:.1f}", f"{cpu:.1f}", f"{peak:.0f}", x_cpu, x_wall]
-        print(_fmt_row(row, widths))
+        cpu, wall = _post(r, "cpu_s", stages), _post(r, "time_s", stages)
+        peak = max(r["stages"][s]["peak_mb"] for s in stages if s in r["stages"])
+        child = f"{r.get('child_peak_mb', 0):.0f}" if r.get("child_peak_mb") else "-"
+        x_cpu = f"{_post(base, 'cpu_s', stages) / cpu:.2f}" if base else "-"
+        x_wall = f"{_post(base, 'time_s', stages) / wall:.2f}" if base else "-"
+        row = [r["path"], r["images"], f"{wall:.1f}", f"{cpu:.1f}", f"{peak:.0f}", child]
+        print(_fmt_row(row + [x_cpu, x_wall], widths))
     print(f"extrapolated to {target} images (least squares over the sizes):")
     fits = {}
     for path in PATHS:
@@ -444,14 +512,15 @@ def print_post_inference(results, target):
         if not runs:
             continue
         xs = [r["images"] for r in runs]
-        cpu = _fit(xs, [_post(r, "cpu_s") for r in runs], target)
-        wall = _fit(xs, [_post(r, "time_s") for r in runs], target)
-        peaks = [max(r["stages"][s]["peak_mb"] for s in POST_INFERENCE) for r in runs]
+        cpu = _fit(xs, [_post(r, "cpu_s", stages) for r in runs], target)
+        wall = _fit(xs, [_post(r, "time_s", stages) for r in runs], target)
+        peaks = [max(r["stages"][s]["peak_mb"] for s in stages) for r in runs]
         fits[path] = (wall, cpu, _fit(xs, peaks, target))
     for path, (wall, cpu, peak) in fits.items():
         x = f"{fits['ours'][1] / cpu:.2f}" if "ours" in fits else "-"
         xw = f"{fits['ours'][0] / wall:.2f}" if "ours" in fits else "-"
-        print(_fmt_row([path, target, f"{wall:.0f}", f"{cpu:.0f}", f"{peak:.0f}", x, xw], widths))
+        row = [path, target, f"{wall:.0f}", f"{cpu:.0f}", f"{peak:.0f}", "", x, xw]
+        print(_fmt_row(row, widths))
 
 
 def _fit(xs, ys, at):
@@ -464,7 +533,7 @@ def _fit(xs, ys, at):
 
 def print_extrapolation(results, target):
     print(f"\nLinear extrapolation (least squares over the measured sizes) to {target} images:")
-    widths = [6, 16, 10, 10]
+    widths = [11, 16, 10, 10]
     print(_fmt_row(["path", "stage", "time s", "peak MB"], widths))
     if len({r["images"] for r in results}) < 2:
         print("(one size only: proportional scaling, which overstates the fixed baseline)")
@@ -510,7 +579,9 @@ def main():
     parser.add_argument("--sizes", default="200,500,1000", help="comma-separated image counts")
     parser.add_argument("--images", type=int, help="a single size (overrides --sizes)")
     parser.add_argument(
-        "--paths", default="stock,ours", help="comma-separated: stock, ours, fast, faster"
+        "--paths",
+        default="stock,ours",
+        help="comma-separated: stock, ours, fast, fast-inline, faster",
     )
     parser.add_argument("--dets", type=int, default=300, help="detections per image")
     parser.add_argument("--height", type=int, default=480)
@@ -528,11 +599,19 @@ def main():
         default="",
         help="comma-separated --save files of earlier runs to include in the table and the fit",
     )
+    parser.add_argument(
+        "--no-share-collect",
+        dest="share_collect",
+        action="store_false",
+        help="let every streaming path run its own process() loop (default: collect once per "
+        "size and evaluate copies of that shard)",
+    )
     # Internal: run one path in this process.
     parser.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
     parser.add_argument("--gt", help=argparse.SUPPRESS)
     parser.add_argument("--report", help=argparse.SUPPRESS)
     parser.add_argument("--output-dir", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--shard-cache", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -559,7 +638,7 @@ def main():
                 logger.info("%s: %.0f s, peak %.0f MB", path, result["wall_s"], result["peak_mb"])
                 results.append(result)
                 by_path[path] = result
-        for other in ("stock", "fast", "faster"):
+        for other in ("stock", "fast", "fast-inline", "faster"):
             if other not in by_path or "ours" not in by_path:
                 continue
             a, b = by_path["ours"]["metrics"], by_path[other]["metrics"]
@@ -584,6 +663,12 @@ def main():
     if results:
         print_extrapolation(results, args.target)
         print_post_inference(results, args.target)
+        print_post_inference(
+            results,
+            args.target,
+            METRICS_ONLY,
+            "Metric computation (bbox + segm; for fast it includes waiting for the json child)",
+        )
 
 
 if __name__ == "__main__":

@@ -462,7 +462,7 @@ class StreamingLVISEvaluator(LVISEvaluator):
         finally:
             if writer is not None:
                 writer.wait()  # before the shards go; raises if the child failed
-                self._logger.info("Saved results to %s", writer.out_path)
+                self._logger.info("Saved results to %s (%s)", writer.out_path, writer.describe())
 
     def _write_results_json(self, paths):
         """Write ``lvis_instances_results.json`` now, or start a child process writing it (local

@@ -19,6 +19,7 @@ import pickle
 import struct
 import subprocess
 import sys
+import tempfile
 
 __all__ = ["FRAME_HEADER", "BackgroundResultsWriter", "iter_shard", "write_results_json"]
 
@@ -94,30 +95,67 @@ class BackgroundResultsWriter:
     def __init__(self, paths, out_path):
         self.out_path = out_path
         self._tmp = f"{out_path}.tmp{os.getpid()}"
+        #: ``resource.struct_rusage`` of the finished child (its CPU time; its ``ru_maxrss``
+        #: includes the parent's pages shared before exec, see ``peak_mb``).
+        self.rusage = None
+        #: Peak RSS in MB of the child's own program (its VmHWM, which it reports on exit).
+        self.peak_mb = None
         cmd = [sys.executable, os.path.abspath(__file__), self._tmp] + list(paths)
-        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Error output to a file, not a pipe: nothing can block the child while we wait.
+        self._err = tempfile.TemporaryFile()
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._err)
 
     def wait(self):
         """Wait for the child; rename its file into place or raise ``RuntimeError``."""
-        _, err = self._proc.communicate()
-        if self._proc.returncode != 0:
+        _, status, self.rusage = os.wait4(self._proc.pid, 0)  # wait4: this child's own usage
+        code = os.waitstatus_to_exitcode(status)
+        self._proc.returncode = code
+        self._err.seek(0)
+        tail = self._err.read()[-2000:].decode(errors="replace")
+        self._err.close()
+        for line in tail.splitlines():
+            if line.startswith(_PEAK_PREFIX):
+                self.peak_mb = int(line[len(_PEAK_PREFIX) :]) / 1024
+        if code != 0:
             try:
                 os.remove(self._tmp)
             except OSError:
                 pass
-            tail = err.decode(errors="replace")[-2000:]
             raise RuntimeError(
-                f"Writing {self.out_path} in a child process failed (exit "
-                f"{self._proc.returncode}); set TEST.LVIS_EVAL.BACKGROUND_RESULTS_JSON False to "
-                f"write it in-process. Its error output:\n{tail}"
+                f"Writing {self.out_path} in a child process failed (exit {code}); set "
+                "TEST.LVIS_EVAL.BACKGROUND_RESULTS_JSON False to write it in-process. Its error "
+                f"output:\n{tail}"
             )
         os.replace(self._tmp, self.out_path)
+
+    def describe(self):
+        """``"<cpu> s CPU, <peak> MB peak"`` of the finished child."""
+        r = self.rusage
+        peak = "?" if self.peak_mb is None else f"{self.peak_mb:.0f}"
+        return f"child process: {r.ru_utime + r.ru_stime:.1f} s CPU, {peak} MB peak RSS"
+
+
+_PEAK_PREFIX = "disalign-shards peak_rss_kb="
+
+
+def _peak_rss_kb():
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:  # not Linux
+        pass
+    return None
 
 
 def _main(argv):
     out_path, paths = argv[0], argv[1:]
     with open(out_path, "w") as f:
         write_results_json(paths, f)
+    peak = _peak_rss_kb()
+    if peak is not None:
+        sys.stderr.write(f"{_PEAK_PREFIX}{peak}\n")
 
 
 if __name__ == "__main__":
