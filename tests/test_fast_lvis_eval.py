@@ -19,12 +19,8 @@ import pycocotools.mask as mask_utils
 import pytest
 from lvis import LVIS, LVISEval, LVISResults
 
-from disalign_det.evaluation.fast_lvis_eval import (
-    FastLVISEval,
-    GroundTruthArrays,
-    box_iou,
-    per_image_top,
-)
+from disalign_det.evaluation.fast_lvis_eval import FastLVISEval, box_iou
+from disalign_det.evaluation.fast_lvis_inputs import GroundTruthArrays, per_image_top
 from disalign_det.evaluation.lvis_evaluation import _ShardWriter
 from disalign_det.evaluation.shards import BackgroundResultsWriter, write_results_json
 

@@ -210,6 +210,46 @@ def test_same_metrics_and_json_as_stock_and_lvis_api(dataset, tmp_path, max_dets
     assert list((tmp_path / "ours" / "lvis_eval_shards").iterdir()) == []
 
 
+@pytest.mark.parametrize("child_fails", [False, True])
+def test_fast_backend_and_background_json_match_stock(
+    dataset, tmp_path, monkeypatch, caplog, child_fails
+):
+    """The config's evaluator choice (fast metrics, results json from a child process) gives the
+    stock evaluator's metrics and json bytes; a failing child is replaced by an in-process
+    write (same bytes, no temporary file left)."""
+    from disalign_det.evaluation import shards
+
+    name, _, inputs_outputs = dataset
+    stock = _run(
+        LVISEvaluator(name, distributed=False, output_dir=str(tmp_path / "stock")), inputs_outputs
+    )
+    started = []
+
+    def writer(paths, out_path):
+        started.append(out_path)
+        missing = [str(tmp_path / "missing.lvisdet")] if child_fails else paths
+        return shards.BackgroundResultsWriter(missing, out_path)
+
+    monkeypatch.setattr(streaming_module, "BackgroundResultsWriter", writer)
+    out = tmp_path / "fast"
+    ours = _run(
+        StreamingLVISEvaluator(
+            name,
+            distributed=False,
+            output_dir=str(out),
+            backend="fast",
+            background_results_json=True,
+        ),
+        inputs_outputs,
+    )
+    _assert_same(ours, stock)
+    results_file = "lvis_instances_results.json"
+    assert started == [str(out / results_file)]
+    assert (out / results_file).read_bytes() == (tmp_path / "stock" / results_file).read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == ["lvis_eval_shards", results_file]
+    assert ("in this process instead" in caplog.text) == child_fails
+
+
 def _compare_with_stock(name, inputs_outputs, max_dets=None):
     kwargs = {}
     if max_dets is not None:

@@ -461,8 +461,17 @@ class StreamingLVISEvaluator(LVISEvaluator):
             self._eval_tasks(paths, tasks, has_mask, num_dets, shard_infos)
         finally:
             if writer is not None:
-                writer.wait()  # before the shards go; raises if the child failed
-                self._logger.info("Saved results to %s (%s)", writer.out_path, writer.describe())
+                self._finish_results_json(writer, paths)  # before the shards go
+
+    def _finish_results_json(self, writer, paths):
+        try:
+            writer.wait()
+        except RuntimeError as e:  # the child failed: the shards are still here, write it now
+            self._logger.warning("%s\nWriting %s in this process instead.", e, writer.out_path)
+            with PathManager.open(writer.out_path, "w") as f:
+                write_results_json(paths, f)
+            return
+        self._logger.info("Saved results to %s (%s)", writer.out_path, writer.describe())
 
     def _write_results_json(self, paths):
         """Write ``lvis_instances_results.json`` now, or start a child process writing it (local
