@@ -431,6 +431,21 @@ def test_build_lvis_evaluator_ties_max_dets_to_config(dataset):
         assert evaluator._max_dets_per_image == 123
         assert evaluator._tasks == ("bbox", "segm")
         assert evaluator._output_dir == out
+        assert not evaluator._background_json  # no TEST.LVIS_EVAL node: the plain evaluator
+
+
+def test_build_lvis_evaluator_reads_the_lvis_eval_keys(dataset):
+    from disalign_det import add_disalign_config
+
+    cfg = get_cfg()
+    add_disalign_config(cfg)
+    with tempfile.TemporaryDirectory() as out:
+        evaluator = build_lvis_evaluator(cfg, dataset[0], out)
+        assert evaluator._background_json and evaluator._backend == "lvis"  # the defaults
+        cfg.TEST.LVIS_EVAL.BACKGROUND_RESULTS_JSON = False
+        cfg.TEST.LVIS_EVAL.BACKEND = "fast"
+        evaluator = build_lvis_evaluator(cfg, dataset[0], out)
+        assert not evaluator._background_json and evaluator._backend == "fast"
 
 
 def _coco_results(inputs_outputs):

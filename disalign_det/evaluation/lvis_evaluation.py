@@ -28,6 +28,11 @@ copies of ~6M detections at once (see ``tools/benchmark_lvis_eval.py`` for measu
   ``images x 1203`` pairs (24M on LVIS val) although all but a few are empty; skipping them changes
   no number because ``evaluate_img`` returns ``None`` for an empty pair before reading anything.
 
+With ``backend="fast"`` (``TEST.LVIS_EVAL.BACKEND``) none of the result dicts above is built: the
+shards are read into arrays and evaluated by :mod:`.fast_lvis_eval` (bit-identical). With
+``background_results_json`` the results json is written by a child process (:mod:`.shards`)
+while the metrics are computed.
+
 Multi-process and multi-machine use: every rank writes its shard under ``shard_dir`` (default:
 ``<output_dir>/lvis_eval_shards`` when ``output_dir`` is a local path, else a fresh temporary
 directory) and rank 0 reads the shards directly when it can see them, which is the case for all
