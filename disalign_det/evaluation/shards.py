@@ -103,7 +103,10 @@ class BackgroundResultsWriter:
         cmd = [sys.executable, os.path.abspath(__file__), self._tmp] + list(paths)
         # Error output to a file, not a pipe: nothing can block the child while we wait.
         self._err = tempfile.TemporaryFile()
-        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._err)
+        # Run as a script, this file's folder would come first on the child's sys.path, where a
+        # sibling module could shadow a standard one; PYTHONSAFEPATH (Python >= 3.11) keeps it off.
+        env = dict(os.environ, PYTHONSAFEPATH="1")
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._err, env=env)
 
     def wait(self):
         """Wait for the child; rename its file into place or raise ``RuntimeError``."""
