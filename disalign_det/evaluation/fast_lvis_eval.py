@@ -161,7 +161,8 @@ class FastLVISEval(LVISEval):
     Args:
         lvis_gt (lvis.LVIS): the ground truth.
         iou_type (str): "bbox" or "segm".
-        key (N,): pair keys of the evaluated detections (see :func:`select_detections`).
+        key (N,): pair keys of the evaluated detections
+            (:func:`.fast_lvis_inputs.select_detections`).
         score (N,), order (N,): scores and the detections' order in the results (ties).
         area (N,): areas (box ``w * h`` or mask area, as ``LVISResults`` sets them).
         box (N, 4) xywh for "bbox"; rles (list of N RLE dicts) for "segm".
