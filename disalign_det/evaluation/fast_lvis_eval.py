@@ -166,13 +166,12 @@ class FastLVISEval(LVISEval):
         score (N,), order (N,): scores and the detections' order in the results (ties).
         area (N,): areas (box ``w * h`` or mask area, as ``LVISResults`` sets them).
         box (N, 4) xywh for "bbox"; rles (list of N RLE dicts) for "segm".
-        max_dets (int): the per-image cut that was applied (informative; like ``LVISEval``,
-            ``params.max_dets`` stays 300 and only names the AR keys).
+
+    Like ``LVISEval``, ``params.max_dets`` stays 300 whatever cut was applied (it only names the
+    AR keys; the caller sets it for no cap).
     """
 
-    def __init__(
-        self, lvis_gt, iou_type, key, score, order, area, *, box=None, rles=None, max_dets=300
-    ):
+    def __init__(self, lvis_gt, iou_type, key, score, order, area, *, box=None, rles=None):
         if iou_type not in ("bbox", "segm"):
             raise ValueError(f"iou_type: {iou_type} is not supported.")
         self.logger = logging.getLogger("lvis.eval")
@@ -207,7 +206,7 @@ class FastLVISEval(LVISEval):
         """From LVIS result dicts, exactly as ``LVISEval(lvis_gt, LVISResults(lvis_gt, results,
         max_dets), iou_type)`` would see them (:func:`.fast_lvis_inputs.inputs_from_results`)."""
         inputs = inputs_from_results(GroundTruthArrays.of(lvis_gt), results, iou_type, max_dets)
-        return cls(lvis_gt, iou_type, max_dets=max_dets, **inputs)
+        return cls(lvis_gt, iou_type, **inputs)
 
     @classmethod
     def from_shards(cls, lvis_gt, paths, iou_type, max_dets=300, positions=None):
@@ -216,7 +215,7 @@ class FastLVISEval(LVISEval):
         is then order-dependent: the caller falls back to the LVIS API)."""
         gt = GroundTruthArrays.of(lvis_gt)
         inputs = inputs_from_shards(gt, paths, iou_type, max_dets, positions)
-        return None if inputs is None else cls(lvis_gt, iou_type, max_dets=max_dets, **inputs)
+        return None if inputs is None else cls(lvis_gt, iou_type, **inputs)
 
     # -------------------------------------------------------------------------------- evaluate
     def evaluate(self):

@@ -16,6 +16,7 @@ __all__ = [
     "GroundTruthArrays",
     "detections_from_results",
     "inputs_from_results",
+    "index_in",
     "inputs_from_shards",
     "mask_areas",
     "per_image_top",
@@ -103,16 +104,11 @@ class GroundTruthArrays:
 
     def image_rank(self, image_ids):
         """(N,) rank of each image id among ``img_ids``; -1 for an id the ground truth lacks."""
-        image_ids = np.asarray(image_ids, dtype=np.int64)
-        rank = np.searchsorted(self.img_ids, image_ids)
-        rank = np.minimum(rank, len(self.img_ids) - 1)
-        return np.where(self.img_ids[rank] == image_ids, rank, -1)
+        return index_in(self.img_ids, image_ids)
 
     def cat_index(self, cat_ids):
         """(N,) index of each category id among ``cat_ids``; -1 for an unknown one."""
-        cat_ids = np.asarray(cat_ids, dtype=np.int64)
-        index = np.minimum(np.searchsorted(self.cat_ids, cat_ids), self.num_cats - 1)
-        return np.where(self.cat_ids[index] == cat_ids, index, -1)
+        return index_in(self.cat_ids, cat_ids)
 
     def verified_cats(self, image_id):
         """Sorted category ids whose detections ``_prepare`` keeps in ``image_id``; None for an
@@ -125,6 +121,16 @@ class GroundTruthArrays:
                 for r, i in enumerate(self.img_ids.tolist())
             }
         return self._verified_cats.get(image_id)
+
+
+def index_in(sorted_values, values):
+    """(N,) position of each of ``values`` in the sorted unique int64 array ``sorted_values``;
+    -1 where it is absent."""
+    values = np.asarray(values, dtype=np.int64)
+    if len(sorted_values) == 0:
+        return np.full(values.shape, -1, dtype=np.int64)
+    pos = np.minimum(np.searchsorted(sorted_values, values), len(sorted_values) - 1)
+    return np.where(sorted_values[pos] == values, pos, -1)
 
 
 def per_image_top(image_ids, scores, max_dets):
@@ -172,8 +178,7 @@ def select_detections(gt, image_ids, cat_ids, areas, selected):
     key = np.where(index >= 0, rank * gt.num_cats + index, -1)
     areas = np.asarray(areas, dtype=np.float64)
     keep = selected & (index >= 0) & (areas > 0) & (areas < np.inf)
-    pos = np.minimum(np.searchsorted(gt.verified, key), max(len(gt.verified) - 1, 0))
-    keep &= (gt.verified[pos] == key) if len(gt.verified) else False
+    keep &= index_in(gt.verified, key) >= 0
     return keep, np.where(keep, key, -1)
 
 

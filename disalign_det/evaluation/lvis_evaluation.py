@@ -152,8 +152,8 @@ def evaluate_results_on_lvis(
     if max_dets_per_image is None:
         max_dets_per_image = DEFAULT_MAX_DETS_PER_IMAGE
 
-    logger.info("Evaluating with max detections per image = %d", max_dets_per_image)
     if backend == "faster_coco_eval":
+        logger.info("Evaluating with max detections per image = %d", max_dets_per_image)
         metrics, cat_ids, precision = backends.evaluate(
             backend, lvis_gt, lvis_results, iou_type, max_dets_per_image
         )
@@ -166,14 +166,16 @@ def evaluate_results_on_lvis(
         backends.check(backend)
         results = LVISResults(lvis_gt, lvis_results, max_dets=max_dets_per_image)
         lvis_eval = LeanLVISEval(lvis_gt, results, iou_type)
+    return run_lvis_eval(lvis_eval, iou_type, max_dets_per_image, per_class)
+
+
+def run_lvis_eval(lvis_eval, iou_type, max_dets_per_image, per_class=None):
+    """Run a prepared ``LVISEval`` (or :class:`~.fast_lvis_eval.FastLVISEval`) whose results were
+    cut at ``max_dets_per_image`` (-1: no cap), print its summary as the LVIS API does, and return
+    the metrics (see :func:`evaluate_results_on_lvis`)."""
+    logger.info("Evaluating with max detections per image = %d", max_dets_per_image)
     if max_dets_per_image < 0:
         lvis_eval.params.max_dets = max_dets_per_image  # only names the AR keys
-    return run_lvis_eval(lvis_eval, iou_type, per_class)
-
-
-def run_lvis_eval(lvis_eval, iou_type, per_class=None):
-    """Run a prepared ``LVISEval`` (or :class:`~.fast_lvis_eval.FastLVISEval`), print its summary
-    as the LVIS API does, and return the metrics (see :func:`evaluate_results_on_lvis`)."""
     lvis_eval.run()
     lvis_eval.print_results()
     summary = lvis_eval.get_results()
@@ -561,12 +563,16 @@ class StreamingLVISEvaluator(LVISEvaluator):
                 _append_results,
                 verified_categories(self._lvis_api),
             )
-            backend = "lvis" if self._backend == "fast" else self._backend
             metrics = evaluate_results_on_lvis(
-                self._lvis_api, results, task, -1, backend=backend, per_class=per_class
+                self._lvis_api, results, task, -1, backend=self._dict_backend, per_class=per_class
             )
         self._logger.info("Fixed AP results (%s): \n%s", name, create_small_table(metrics))
         return metrics
+
+    @property
+    def _dict_backend(self):
+        """The backend for result dicts: the LVIS API where "fast" fell back (NaN scores)."""
+        return "lvis" if self._backend == "fast" else self._backend
 
     def _evaluate_fast(self, task, paths, max_dets, positions, per_class):
         """The "fast" backend straight from the shards (no result dicts); None when it does not
@@ -583,10 +589,7 @@ class StreamingLVISEvaluator(LVISEvaluator):
                 task,
             )
             return None
-        self._logger.info("Evaluating with max detections per image = %d", max_dets)
-        if max_dets < 0:
-            lvis_eval.params.max_dets = max_dets  # only names the AR keys, as for the LVIS API
-        return run_lvis_eval(lvis_eval, task, per_class)
+        return run_lvis_eval(lvis_eval, task, max_dets, per_class)
 
     def _evaluate_task(self, task, paths):
         """Load only the fields ``task`` needs from the shards and evaluate them."""
@@ -602,7 +605,7 @@ class StreamingLVISEvaluator(LVISEvaluator):
             results,
             task,
             max_dets_per_image=self._max_dets_per_image,
-            backend="lvis" if self._backend == "fast" else self._backend,
+            backend=self._dict_backend,
             per_class=per_class,
         )
 

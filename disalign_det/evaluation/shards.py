@@ -142,6 +142,8 @@ _PEAK_PREFIX = "disalign-shards peak_rss_kb="
 
 
 def _peak_rss_kb():
+    # The twin of disalign_det.utils.memory.peak_rss_mb: the child cannot import the package
+    # (its __init__ pulls in detectron2 and torch, seconds of start-up for a json writer).
     try:
         with open("/proc/self/status") as f:
             for line in f:
