@@ -89,7 +89,6 @@ __all__ = [
     "StreamingLVISEvaluator",
     "evaluate_results_on_lvis",
     "load_lvis_results",
-    "write_results_json",
 ]
 
 logger = logging.getLogger(__name__)
@@ -98,8 +97,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_DETS_PER_IMAGE = 300
 
 _SHARD_SUFFIX = ".lvisdet"
-# Each frame of a shard: an 8-byte little-endian length, then that many bytes of pickle.
-_FRAME_HEADER = FRAME_HEADER
 
 
 def _nan_metrics():
@@ -189,7 +186,7 @@ class _ShardWriter:
             mask_frame = (None, None)
         for frame in (box_frame, mask_frame):
             data = pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL)
-            self._file.write(_FRAME_HEADER.pack(len(data)))
+            self._file.write(FRAME_HEADER.pack(len(data)))  # length, then the pickle
             self._file.write(data)
         self.num_dets += len(coco_results)
 
