@@ -113,9 +113,10 @@ def _rebuild_hint(origin, error):
     return (
         f"detectron2's compiled extension {origin} failed to import: {error}\n"
         f"It was most likely built against another torch than this one ({torch.__version__}, "
-        f"{os.path.dirname(torch.__file__)}). Rebuild detectron2 against this torch, e.g. "
-        "`pip install --no-build-isolation --no-cache-dir --force-reinstall <detectron2 source>` "
-        "in this environment (scripts/install.sh does it)."
+        f"{os.path.dirname(torch.__file__)}). Rebuild detectron2 against this torch in this "
+        "environment: `pip install --no-build-isolation --no-deps --no-cache-dir "
+        "--force-reinstall <detectron2 source>` (in this repository: "
+        "`DISALIGN_DETECTRON2=main bash scripts/install.sh`)."
     )
 
 
