@@ -15,6 +15,8 @@ import torch
 from common import TINY_CLASSES, tiny_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.modeling import build_model
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.events import EventStorage
 from PIL import Image
 
 from disalign_det.compat import features
@@ -23,14 +25,20 @@ from disalign_det.engine import Trainer
 from disalign_det.modeling import install_class_weights, is_calibration_parameter
 
 __all__ = [
+    "AMP",
+    "move_calibration",
+    "outputs_with_hook",
+    "train_step",
     "CLASSIFIERS",
     "classifier_params",
     "device_batch",
     "model_pair",
+    "on_device",
     "rect_dataset",
-    "sort_detections",
+    "same_detections",
 ]
 
+AMP = dict(device_type="cpu", dtype=torch.bfloat16)  # autocast on the CPU
 TRAIN, VAL = "device_rects_train", "device_rects_val"
 
 _SIGMOID = ["MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE", "True"]
@@ -52,7 +60,7 @@ CLASSIFIERS = {
 
 
 def classifier_params(*names, marks=()):
-    """``pytest.param`` per classifier; the sigmoid ones skip on a detectron2 without them (v0.6)."""
+    """``pytest.param`` per classifier; the sigmoid ones skip on detectron2 v0.6 (it has none)."""
     no_sigmoid = pytest.mark.skipif(
         not features.has_federated_loss(),
         reason="this detectron2 (v0.6) has no sigmoid classifier / federated loss",
@@ -97,7 +105,9 @@ def rect_dataset(out, seed=0, num_train=8, num_val=4, size=64):
                         "category_id": cls + 1,
                         "bbox": [float(x0), float(y0), float(w), float(h)],
                         "area": float(w * h),
-                        "segmentation": [[float(x0), float(y0), x1, float(y0), x1, y1, float(x0), y1]],
+                        "segmentation": [
+                            [float(x0), float(y0), x1, float(y0), x1, y1, float(x0), y1]
+                        ],
                     }
                 )
             name = f"{split}2017/{image_id:012d}.png"  # (LVIS: folder/file from coco_url)
@@ -172,13 +182,69 @@ def device_batch(cfg, train, num=2):
     """``num`` mapped records of the train (with instances) or val split, on the CPU (the model
     moves them to its device, as in a real run)."""
     mapper = DatasetMapper(cfg, is_train=train)
+    seed_all_rng(0)  # the training mapper's random flips: the same batch in every run
     return [mapper(d) for d in DatasetCatalog.get(TRAIN if train else VAL)[:num]]
 
 
-def sort_detections(inst):
-    """``inst`` (Instances) reordered by (class, x0, y0, x1, y1): the order of equal-scored
-    detections is arbitrary, their set is not."""
-    boxes = inst.pred_boxes.tensor.detach().double().cpu().numpy()
-    classes = inst.pred_classes.cpu().numpy()
-    order = np.lexsort((boxes[:, 3], boxes[:, 2], boxes[:, 1], boxes[:, 0], classes))
-    return inst[torch.as_tensor(order, device=inst.pred_classes.device)]
+def _key(inst, i):
+    return (int(inst.pred_classes[i]), tuple(inst.pred_boxes.tensor[i].tolist()))
+
+
+def same_detections(out1, out2, score_rtol=0.0, min_common=1.0, min_mask_agree=1.0):
+    """Assert that two lists of ``{"instances": ...}`` hold the same detections: matched by class
+    and box (exact), at least ``min_common`` of each image's detections in both, their scores
+    within ``score_rtol`` * score, their pasted masks agreeing on ``min_mask_agree`` of the pixels.
+    Returns the number of matched detections."""
+    total = 0
+    for a, b in zip(out1, out2):
+        a, b = a["instances"].to("cpu"), b["instances"].to("cpu")
+        ka, kb = {_key(a, i): i for i in range(len(a))}, {_key(b, i): i for i in range(len(b))}
+        common = sorted(set(ka) & set(kb))
+        total += len(common)
+        assert len(common) >= min_common * max(len(a), len(b)), (len(common), len(a), len(b))
+        ia = torch.tensor([ka[k] for k in common], dtype=torch.long)
+        ib = torch.tensor([kb[k] for k in common], dtype=torch.long)
+        s1, s2 = a.scores[ia].double(), b.scores[ib].double()
+        assert ((s1 - s2).abs() <= score_rtol * s2 + 1e-7).all(), ((s1 - s2).abs() / s2).max()
+        agree = (a.pred_masks[ia] == b.pred_masks[ib]).flatten(1).double().mean(1)
+        assert len(agree) == 0 or agree.min() >= min_mask_agree, agree.min()
+    return total
+
+
+def on_device(model, device):
+    """Names of the parameters and buffers of ``model`` that are NOT on ``device``."""
+    dev = torch.device(device)
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    return [n for n, t in tensors if t.device.type != dev.type]
+
+
+def move_calibration(model, seed=1):
+    """beta, gamma and the confidence layers off their identity start (a stage two under way)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "logit_scale" in name or "logit_bias" in name or "confidence_layer" in name:
+                p.add_(torch.randn(p.shape, generator=g).to(p) * 0.3)
+
+
+def outputs_with_hook(model, batch, hook_module, amp=AMP):
+    """(detections, raw outputs of ``hook_module``) of an eval forward under autocast ``amp``."""
+    seen = []
+    handle = hook_module.register_forward_hook(lambda m, i, o: seen.append(o))
+    try:
+        with torch.no_grad(), torch.autocast(**amp):
+            out = model(batch)
+    finally:
+        handle.remove()
+    return out, seen[0]
+
+
+def train_step(model, batch, amp, autocast=AMP):
+    """Losses and calibration gradients of one stage-two training step (seeded RoI sampling)."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    with EventStorage(), torch.autocast(**autocast, enabled=amp):
+        losses = model(batch)
+    sum(losses.values()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return losses, grads
