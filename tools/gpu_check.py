@@ -64,7 +64,7 @@ DRY_RUN_OPTS = [
     "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "TEST.DETECTIONS_PER_IMAGE", "10",
 ]  # fmt: skip
 
-_STANDIN = '''"""Import-only stand-in for {name} (written by tools/gpu_check.py): {top} is missing."""
+_STANDIN = '''"""Import-only stand-in for {name} (tools/gpu_check.py): {top} is not installed."""
 __version__ = "0.0.0"
 __standin__ = True
 
