@@ -3,6 +3,7 @@ the CPU dry run of the whole measurement (slow)."""
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -50,11 +51,13 @@ def test_standins_import_and_refuse_use(tmp_path):
 
 @pytest.mark.slow
 def test_cpu_dry_run(tmp_path):
-    out = tmp_path / "gpu_check.json"
+    """``scripts/gpu_check.sh --cpu-dry-run``: the measurement's code paths, tiny, on the CPU."""
+    env = {**os.environ, "DISALIGN_PYTHON": sys.executable, "DISALIGN_GPU_CHECK_OUT": str(tmp_path)}
     subprocess.run(
-        [sys.executable, "tools/gpu_check.py", "--cpu-dry-run", "--out", str(out)],
-        cwd=REPO, check=True, timeout=1100,
+        ["bash", "scripts/gpu_check.sh", "--cpu-dry-run"], cwd=REPO, env=env, check=True,
+        timeout=1100,
     )  # fmt: skip
+    out = tmp_path / "gpu_check.json"
     result = json.loads(out.read_text())
     gc = load_script("tools/gpu_check.py")
     assert result["dry_run"] and result["num_classes"] == 1203
