@@ -210,3 +210,42 @@ def test_stage_two_step_under_bf16_autocast_is_close_to_float32(rects, classifie
         assert g.dtype == torch.float32 and torch.isfinite(g).all(), n
         cosine = F.cosine_similarity(g.flatten().double(), ref.flatten().double(), dim=0)
         assert cosine >= GRAD_COSINE, (n, cosine.item())
+
+
+# ---- device following, provable without a GPU: the "meta" device ---------------------------------
+
+
+def test_buffers_and_losses_follow_the_module_device():
+    """A module moved to another device ("meta" here: any tensor created on the CPU and mixed in
+    raises) keeps its GRW weights and NorCal counts there when they are installed later, and the
+    losses move CPU-given weights to the logits' device."""
+    from disalign_det.modeling import grw_class_weights
+
+    torch.manual_seed(0)
+    box2box = Box2BoxTransform((10, 10, 5, 5))
+    grw = DisAlignFastRCNNOutputLayers(
+        ShapeSpec(channels=D), box2box_transform=box2box, num_classes=K, cls_loss="grw"
+    ).to("meta")
+    norcal = DisAlignFastRCNNOutputLayers(
+        ShapeSpec(channels=D), box2box_transform=box2box, num_classes=K, posthoc="norcal",
+        class_counts_fallback=((), "image_count"),
+    ).to("meta")  # fmt: skip
+    counts = [50, 20, 9, 4, 2, 1]
+    grw.set_class_frequencies(counts)
+    norcal.set_class_frequencies(counts)
+    assert grw.grw_weights().device.type == "meta" and norcal.class_counts.device.type == "meta"
+
+    logits = torch.randn(R, K + 1, device="meta")
+    labels = torch.zeros(R, dtype=torch.long, device="meta")
+    weights = grw_class_weights(counts, 0.8)  # a CPU tensor
+    for loss in (
+        weighted_cross_entropy(logits, labels, weights),
+        weighted_sigmoid_cross_entropy(logits, labels, weights, torch.ones(K, device="meta")),
+        weighted_mask_bce(torch.randn(R, 4, 4, device="meta"),
+                          torch.ones(R, 4, 4, dtype=torch.bool, device="meta"),
+                          weights[:R % K + 1].repeat(R)[:R]),
+    ):  # fmt: skip
+        assert loss.device.type == "meta" and loss.dtype == torch.float32
+    with torch.no_grad():
+        scores, deltas = grw(torch.randn(R, D, device="meta"))
+    assert scores.device.type == "meta" and scores.dtype == torch.float32
