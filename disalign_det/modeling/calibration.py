@@ -42,8 +42,16 @@ def confidence_logit(layer, x):
         layer: the confidence layer (Linear(D, 1) or a 1x1 Conv2d(C, 1)).
         x: its input, (R, D) or (R, C, M, M), any floating dtype.
     """
+    if not _autocast_available(x.device.type):  # e.g. "meta": no autocast to turn off
+        return layer(x.float())
     with torch.autocast(device_type=x.device.type, enabled=False):
         return layer(x.float())
+
+
+def _autocast_available(device_type):
+    # torch.amp.is_autocast_available exists from torch 2.3 on.
+    check = getattr(torch.amp, "is_autocast_available", None)
+    return check(device_type) if check is not None else device_type in ("cpu", "cuda")
 
 
 def add_calibration(module, num_classes, confidence_layer, init_std):
