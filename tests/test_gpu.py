@@ -156,3 +156,16 @@ def test_export_on_device(rects, classifier, tmp_path):
         comparisons.append(em.compare_instances(eager.to("cpu"), exported.to("cpu")))
     worst = em.summarize(comparisons)
     assert worst["detections"] > 0 and worst["ok"], worst
+
+
+def test_rng_state_of_a_checkpoint_restores_the_device_generator():
+    """The RNG state a checkpoint stores restores the draws on the device too (RoI sampling and
+    the federated loss draw on the device)."""
+    from disalign_det.engine.checkpoint import get_rng_state, set_rng_state
+
+    torch.randn(1, device=DEVICE)  # initialises the device's generator
+    state = get_rng_state()
+    first = torch.randperm(1000, device=DEVICE)
+    set_rng_state(state)
+    assert torch.equal(torch.randperm(1000, device=DEVICE), first)
+    assert ("cuda" in state) == (DEVICE_TYPE == "cuda")
