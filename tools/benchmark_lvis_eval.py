@@ -331,8 +331,8 @@ def run_worker(args):
     from detectron2.data import MetadataCatalog
     from detectron2.evaluation import LVISEvaluator
 
+    from disalign_det.compat.features import lvis_evaluator_takes_max_dets
     from disalign_det.evaluation import StreamingLVISEvaluator
-    from disalign_det.evaluation.lvis_evaluation import _STOCK_TAKES_MAX_DETS
 
     torch.set_num_threads(1)
     height, width = args.height, args.width
@@ -344,7 +344,7 @@ def run_worker(args):
     recorder = StageRecorder()
     _instrument(args.worker, recorder)
     child_peaks = _record_child_peaks()
-    kwargs = {"max_dets_per_image": args.dets} if _STOCK_TAKES_MAX_DETS else {}
+    kwargs = {"max_dets_per_image": args.dets} if lvis_evaluator_takes_max_dets() else {}
     output_dir = args.output_dir or None
     # Interpreter + torch + detectron2 + the template pool: the same for both paths.
     baseline_mb = current_rss_mb()
