@@ -416,4 +416,3 @@ def summarize(paths: Dict[str, str]) -> str:
         )
         lines.append(f"{label}: {len(members)} classes; train image counts: {counts}")
     return "\n".join(lines)
-
