@@ -179,6 +179,25 @@ def test_readme_yaml_delta_is_the_shipped_stage_two(tmp_path):
         ), f"README's YAML delta differs from configs/LVIS/disalign_mask_rcnn.yaml in {key}"
 
 
+def test_configuration_python_snippet_is_the_shipped_stage_two(monkeypatch):
+    text = _read(os.path.join(DOCS, "configuration.md"))
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    code = code.split("\ntrainer = Trainer(cfg)")[0]  # the config part; training is not run here
+    monkeypatch.chdir(REPO)
+    scope = {}
+    exec(compile(code, "docs/configuration.md", "exec"), scope)
+    ours, shipped = scope["cfg"], get_cfg()
+    add_disalign_config(shipped)
+    shipped.merge_from_file(os.path.join(REPO, "configs", "LVIS", "disalign_mask_rcnn.yaml"))
+    ours.MODEL.WEIGHTS = shipped.MODEL.WEIGHTS
+    for key in ("MODEL", "DATALOADER"):
+        assert ours[key] == shipped[key], f"docs/configuration.md's Python differs in {key}"
+    assert (ours.SOLVER.STEPS, ours.SOLVER.MAX_ITER) == (
+        shipped.SOLVER.STEPS,
+        shipped.SOLVER.MAX_ITER,
+    )
+
+
 def test_quick_start_is_the_two_commands():
     block = re.search(r"## Quick start[^\n]*\n\n```bash\n(.*?)```", _read(README), re.S).group(1)
     commands = [line.split("#")[0].strip() for line in block.strip().splitlines()]
