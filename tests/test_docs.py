@@ -98,7 +98,7 @@ def test_every_repository_path_named_exists(page):
         # A path, not a pattern or a placeholder (`tools/<tool>.py`, `*_rfs.yaml`, `{a,b}`).
         if not span.startswith(TREE_PREFIXES) or re.search(r"[<>*{}\s]|\.\.\.", span):
             continue
-        if not os.path.exists(os.path.join(REPO, span.split("#")[0])):
+        if not os.path.exists(os.path.join(REPO, span.split("#")[0].split("::")[0])):
             missing.append(span)
     assert not missing, f"{os.path.relpath(page, REPO)} names paths that do not exist: {missing}"
 

@@ -27,7 +27,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-import disalign_det  # noqa: E402,F401  isort: skip
+import disalign_det  # noqa: E402  isort: skip
+
+disalign_det.compat.apply_legacy_shims()  # numpy aliases: detectron2 v0.6's loader, lvis
 
 K = 1203
 SIZE = 128

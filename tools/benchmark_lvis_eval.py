@@ -39,7 +39,7 @@ Examples::
     python tools/benchmark_lvis_eval.py --sizes 100,200,400 --paths ours,faster
 """
 
-import disalign_det  # noqa: F401  isort:skip  (compat shims before detectron2 / lvis)
+import disalign_det  # isort:skip  (a real _C or the stand-in, before detectron2 / lvis)
 
 import argparse
 import json
@@ -575,6 +575,7 @@ def _max_abs_diff(a, b):
 
 
 def main():
+    disalign_det.compat.apply_legacy_shims()  # numpy aliases: the stock LVISEvaluator
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="200,500,1000", help="comma-separated image counts")
     parser.add_argument("--images", type=int, help="a single size (overrides --sizes)")

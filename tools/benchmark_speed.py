@@ -65,7 +65,9 @@ sys.path.append(ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import disalign_det  # noqa: E402,F401  (shims and registrations before detectron2)
+import disalign_det  # noqa: E402  (a real _C or the stand-in, registrations)
+
+disalign_det.compat.apply_legacy_shims()  # numpy aliases: detectron2 v0.6's loader, lvis
 from disalign_det.utils.memory import (  # noqa: E402
     current_rss_mb,
     peak_rss_mb,
