@@ -225,7 +225,7 @@ def time_measures(check, iters, warmup, log=print):
     import torch
     from detectron2.utils.events import EventStorage
 
-    from disalign_det.benchmarks.stats import median
+    from lab.stats import median
 
     cuda = check.device.startswith("cuda")
     out = {}

@@ -10,7 +10,7 @@ Relative to ``$DETECTRON2_DATASETS`` (default ``datasets``; see ``datasets/READM
   access (LVIS train is ~1 GB: nothing is read at import; a missing json raises an error pointing
   at ``datasets/README.md``).
 * ``lvis_synth_train`` / ``lvis_synth_val``: the generated dataset (preset ``basic``, the tiny
-  20-class fixture) in ``lvis_synth/``, generated on first load (:mod:`.synthetic_cache`).
+  20-class fixture) in ``lvis_synth/``, generated on first load (:mod:`.synthetic.cache`).
 * ``lvis_synth_lt_train`` / ``lvis_synth_lt_val``: the generated dataset with LVIS's long-tail
   structure (preset ``lvis``: 60 classes in families of fine-grained variants) in
   ``lvis_synth_lt/``, generated on first load; what the demo and the benchmark use.
@@ -25,8 +25,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from .lvis_format import load_lvis_format
 from .lvis_json import lvis_category_info
 from .metadata import install_lazy_metadata
-from .synthetic import LT_DATASETS, LT_SUBDIR
-from .synthetic_cache import datasets_root, register_lvis_synth
+from .synthetic import LT_DATASETS, LT_SUBDIR, datasets_root, register_lvis_synth
 
 __all__ = ["LVIS_V05_DATASETS", "LVIS_V1_DATASETS", "LVIS_DATASETS", "register_builtin_datasets"]
 
