@@ -14,7 +14,7 @@ from iopath.common.file_io import PathHandler, PathManager
 
 from disalign_det.compat import features
 from disalign_det.engine import DisAlignCheckpointer, Trainer
-from disalign_det.engine.trainer import _SimpleTrainer
+from disalign_det.engine.loop import SimpleTrainLoop
 
 # The module (``disalign_det.engine.launch`` the attribute is the function).
 launch_module = importlib.import_module("disalign_det.engine.launch")
@@ -42,7 +42,7 @@ def _toy_trainer(**kwargs):
     model = _ToyModel()
     data = iter(lambda: torch.ones(3), None)  # infinite
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    return _SimpleTrainer(model, data, opt, **kwargs), model
+    return SimpleTrainLoop(model, data, opt, **kwargs), model
 
 
 @pytest.mark.parametrize(

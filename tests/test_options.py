@@ -18,7 +18,7 @@ from detectron2.utils.events import EventStorage
 from disalign_det import add_disalign_config
 from disalign_det.compat import features
 from disalign_det.engine import Trainer
-from disalign_det.engine.trainer import _SimpleTrainer
+from disalign_det.engine.loop import SimpleTrainLoop
 from disalign_det.modeling import DisAlignFastRCNNOutputLayers, DisAlignMaskRCNNConvUpsampleHead
 
 K, D = 5, 16
@@ -247,7 +247,7 @@ class _Toy(torch.nn.Module):
 def test_async_metric_writing():
     model = _Toy()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    trainer = _SimpleTrainer(
+    trainer = SimpleTrainLoop(
         model, iter(lambda: torch.ones(3), None), opt, async_write_metrics=True
     )
     with EventStorage(0) as storage:
