@@ -217,3 +217,57 @@ def test_launch_two_cpu_processes(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["rank0", "rank1"]
     assert (tmp_path / "rank0").read_text() == "2 0 2"
     assert (tmp_path / "rank1").read_text() == "2 1 2"
+
+
+class _StochasticToy(torch.nn.Module):
+    """A BatchNorm, a dropout and a drop-path-like layer before DisAlign's calibration parameter:
+    stage-two freezing must keep all three in eval mode, on both entry points."""
+
+    def __init__(self, cfg=None):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm1d(4)
+        self.drop = torch.nn.Dropout(0.5)
+        self.path = DropPath()
+        self.logit_scale = torch.nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return self.path(self.drop(self.bn(x))) * self.logit_scale
+
+
+class DropPath(torch.nn.Module):
+    # Named as timm's stochastic depth (recognised by its class name): drops everything in training.
+    def forward(self, x):
+        return x * 0 if self.training else x
+
+
+def _check_frozen_stochastic_layers(model):
+    model.train()
+    x = torch.randn(8, 4)
+    with torch.no_grad():
+        a, b = model(x), model(x)
+    assert torch.equal(a, b) and a.abs().sum() > 0  # no dropout, no dropped path
+    assert not model.bn.training and not model.drop.training and not model.path.training
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["logit_scale"]
+
+
+def test_freezing_is_the_same_on_both_entry_points():
+    from detectron2.config import LazyCall as L
+    from detectron2.modeling import META_ARCH_REGISTRY
+    from omegaconf import OmegaConf
+
+    from disalign_det.lazy import build_stage_two_model
+
+    if "_StochasticToy" not in META_ARCH_REGISTRY:
+        META_ARCH_REGISTRY.register(_StochasticToy)
+    cfg = tiny_cfg(opts=["MODEL.META_ARCHITECTURE", "_StochasticToy"])
+    cfg.MODEL.DISALIGN.FREEZE = "all_but_calibration"
+    _check_frozen_stochastic_layers(Trainer.build_model(cfg))
+    lazy = OmegaConf.create(
+        {"model": L(_StochasticToy)(), "train": {"device": "cpu"}, "disalign": {}}
+    )
+    lazy.disalign.freeze = "all_but_calibration"
+    _check_frozen_stochastic_layers(build_stage_two_model(lazy))
+    # Stage one ("none"): nothing frozen, dropout active.
+    lazy.disalign.freeze = "none"
+    model = build_stage_two_model(lazy).train()
+    assert model.drop.training and model.bn.training

@@ -1,6 +1,6 @@
-"""Interrupted runs resume exactly: a ``tools/train_net.py`` (YAML) or
-``tools/lazyconfig_train_net.py`` (LazyConfig) process SIGKILLed right after a checkpoint, or (with 2
-data-loader workers and images of both orientations) at a random iteration between checkpoints,
+"""Interrupted runs resume exactly, on both entry points: a ``tools/train_net.py`` (YAML) or
+``tools/lazyconfig_train_net.py`` (LazyConfig) process SIGKILLed right after a checkpoint, or (with
+2 data-loader workers and images of both orientations) at a random iteration between checkpoints,
 restarted with ``--resume``, ends bit-identical to an uninterrupted run and trains on the same
 images at every iteration (stage one and stage two); a save that fails half-way leaves the previous
 checkpoint and ``last_checkpoint`` intact."""

@@ -221,21 +221,30 @@ def amp_precision(enabled, precision, model, *, key):
     """
     if not enabled:
         return None
+    # The sub-keys in the case of the config's: SOLVER.AMP.PRECISION, train.amp.precision.
+    on, dtype = (
+        (f"{key}.enabled", f"{key}.precision")
+        if key.islower()
+        else (
+            f"{key}.ENABLED",
+            f"{key}.PRECISION",
+        )
+    )
     if precision not in AMP_PRECISIONS:
-        raise ValueError(f"{key}.PRECISION must be one of {AMP_PRECISIONS}, got {precision!r}")
+        raise ValueError(f"{dtype} must be one of {AMP_PRECISIONS}, got {precision!r}")
     device = _device_type(model)
     if device not in ("cpu", "cuda"):
         raise ValueError(
-            f"{key}.ENABLED True: mixed precision is supported on cpu and cuda, the model is on "
-            f"{device!r}; set {key}.ENABLED False."
+            f"{on} True: mixed precision is supported on cpu and cuda, the model is on "
+            f"{device!r}; set {on} False."
         )
     if precision == "auto":
         precision = "float16" if device == "cuda" else "bfloat16"
     if precision == "float16" and device != "cuda":
         raise ValueError(
-            f"{key}.PRECISION 'float16' needs a CUDA device (float16 training needs a gradient "
+            f"{dtype} 'float16' needs a CUDA device (float16 training needs a gradient "
             "scaler, which detectron2's AMPTrainer keeps on CUDA only); on CPU set "
-            f"{key}.PRECISION 'bfloat16' (or {key}.ENABLED False)."
+            f"{dtype} 'bfloat16' (or {on} False)."
         )
     return getattr(torch, precision)
 
