@@ -91,7 +91,7 @@ def test_trainer_loads_state_without_optimizer(tiny_dataset, tmp_path, caplog):
     # A checkpoint written by detectron2 v0.6's DefaultTrainer has no "_trainer": main's
     # DefaultTrainer.load_state_dict raised KeyError on it.
     trainer = Trainer(tiny_cfg(output_dir=str(tmp_path)))
-    with caplog.at_level(logging.WARNING, logger="disalign_det.engine.trainer"):
+    with caplog.at_level(logging.WARNING, logger="disalign_det.engine.loop"):
         trainer.load_state_dict({"iteration": 4})
     assert trainer.iter == 4
     assert "no optimizer state" in caplog.text
