@@ -6,15 +6,12 @@ import disalign_det  # noqa: F401  isort:skip
 
 import logging
 import math
-import os
 
 import pytest
 import torch
 from conftest import tiny_cfg
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
-from test_resume import _lazy_config_file
+from test_resume import _lazy_config_file, save_stage_one
 
 from disalign_det.engine import Trainer
 from disalign_det.engine.loop import AMPTrainLoop, SimpleTrainLoop, amp_precision
@@ -104,13 +101,7 @@ def test_float16_checkpoint_state_and_loading_one_without_scaler(caplog):
 
 @pytest.fixture(scope="module")
 def stage_one_weights(tiny_dataset, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("amp_stage1"))
-    torch.manual_seed(0)
-    model = build_model(tiny_cfg())
-    with torch.no_grad():
-        model.roi_heads.box_predictor.cls_score.weight.normal_(std=0.05)
-    DetectionCheckpointer(model, out).save("stage1")
-    return os.path.join(out, "stage1.pth")
+    return save_stage_one(str(tmp_path_factory.mktemp("amp_stage1")))
 
 
 STAGE_TWO_OPTS = ["SOLVER.BASE_LR", "0.5", "DATASETS.TEST", "()"]

@@ -263,7 +263,11 @@ def _read_batches(path):
 
 @pytest.fixture(scope="module")
 def stage_one_weights(tiny_dataset, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("resume_stage1"))
+    return save_stage_one(str(tmp_path_factory.mktemp("resume_stage1")))
+
+
+def save_stage_one(out):
+    """A tiny stage one (classifier spread so that scores differ) saved as ``out/stage1.pth``."""
     torch.manual_seed(0)
     model = build_model(tiny_cfg())
     with torch.no_grad():
