@@ -96,11 +96,11 @@ def build(cfg, stage_two):
 
 
 def trainer_for(model, batch):
-    from disalign_det.engine.trainer import _SimpleTrainer
+    from disalign_det.engine.loop import SimpleTrainLoop
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.0, momentum=0.9)
-    return _SimpleTrainer(model, itertools.repeat(batch), optimizer)
+    return SimpleTrainLoop(model, itertools.repeat(batch), optimizer)
 
 
 def main(argv=None):
