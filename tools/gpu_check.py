@@ -387,7 +387,9 @@ def main(argv=None):
         return 0
     import torch
 
-    import disalign_det  # noqa: F401  (shims and registrations before detectron2)
+    import disalign_det  # (a real _C or the stand-in, registrations)
+
+    disalign_det.compat.apply_legacy_shims()  # numpy aliases: detectron2 v0.6's loader, lvis
 
     logging.basicConfig(level=logging.WARNING)
     device = "cpu" if args.cpu_dry_run else args.device
