@@ -339,7 +339,7 @@ def render_table(result):
     lines = [
         f"Device: {result['device']} (torch {result['torch']}, CUDA {result['cuda']}); batch "
         f"{result['batch']} at {result['image_size'][0]} x {result['image_size'][1]}, "
-        f"{result['num_classes']} classes; median of {result["iters"]} after {result['warmup']} "
+        f"{result['num_classes']} classes; median of {result['iters']} after {result['warmup']} "
         f"warm-up; AMP = autocast {result['amp_dtype']}.",
         "",
         "| measure | fp32 s | AMP s | AMP / fp32 | fp32 peak GiB | AMP peak GiB |",
