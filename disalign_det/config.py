@@ -8,6 +8,8 @@ selects ``DisAlignROIHeads`` / ``DisAlignMaskRCNNConvUpsampleHead`` or sets
 
 from detectron2.config import CfgNode as CN
 
+from .config_sem_seg import add_sem_seg_disalign_config
+
 __all__ = ["add_disalign_config", "get_inference_cfg"]
 
 
@@ -74,6 +76,7 @@ def add_disalign_config(cfg):
     # Write lvis_instances_results.json in a child process while the metrics are computed (same
     # bytes; it is float formatting, ~30 s on LVIS val). Local OUTPUT_DIR only.
     _C.TEST.LVIS_EVAL.BACKGROUND_RESULTS_JSON = True
+    add_sem_seg_disalign_config(_C)  # semantic segmentation (docs/semantic_segmentation.md)
     return cfg
 
 

@@ -28,7 +28,9 @@ from detectron2.utils.logger import setup_logger
 from ..data import check_num_classes
 from ..data.samplers import GroupedBatchSampler, build_resumable_train_loader
 from ..evaluation import build_lvis_evaluator
+from ..evaluation.sem_seg_evaluation import build_sem_seg_evaluator
 from ..modeling import install_class_weights
+from ..modeling.sem_seg import build_sem_seg_lr_scheduler, install_pixel_class_weights, is_sem_seg
 from ..modeling.freeze import apply_freeze
 from .checkpoint import DisAlignCheckpointer, get_rng_state
 from .progress import TrainProgressHook, track_loader
@@ -132,7 +134,8 @@ class Trainer(DefaultTrainer):
         check_num_classes(cfg)  # registers DATASETS.LVIS_FORMAT first
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
-        install_class_weights(model, cfg)  # GRW weights: training only, never at build time
+        # GRW weights: training only, never at build time (pixel counts for a segmentation model)
+        (install_pixel_class_weights if is_sem_seg(cfg) else install_class_weights)(model, cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model(
@@ -172,6 +175,13 @@ class Trainer(DefaultTrainer):
         return model
 
     @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        # DeepLab's "WarmupPolyLR" (the ADE20K recipes) where asked; detectron2's otherwise.
+        return build_sem_seg_lr_scheduler(cfg, optimizer) or super().build_lr_scheduler(
+            cfg, optimizer
+        )
+
+    @classmethod
     def build_train_loader(cls, cfg):
         """detectron2's train loader (dataset, mapper, sampler from the config) with exact resumes:
         aspect-ratio grouping by a :class:`~disalign_det.data.samplers.GroupedBatchSampler` in the
@@ -207,6 +217,8 @@ class Trainer(DefaultTrainer):
         evaluator_type = getattr(MetadataCatalog.get(dataset_name), "evaluator_type", "lvis")
         if evaluator_type == "lvis":
             return build_lvis_evaluator(cfg, dataset_name, output_folder)
+        if evaluator_type == "sem_seg":
+            return build_sem_seg_evaluator(cfg, dataset_name, output_folder)
         if evaluator_type == "coco":
             # The default fast COCO evaluation needs the compiled detectron2._C.
             return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
