@@ -25,6 +25,7 @@ from detectron2.data import DatasetCatalog
 from .lvis_format import load_lvis_format
 from .lvis_json import README_HINT, lvis_category_info
 from .metadata import install_lazy_metadata
+from .sem_seg_synth import register_sem_seg_synth
 from .synthetic import LT_DATASETS, LT_SUBDIR
 from .synthetic_cache import datasets_root, register_lvis_synth
 
@@ -90,4 +91,5 @@ def register_builtin_datasets(root: Optional[str] = None) -> None:
     register_lvis_builtin(root, LVIS_DATASETS)
     register_lvis_synth(root)
     register_lvis_synth(root, names=tuple(LT_DATASETS), subdir=LT_SUBDIR, preset="lvis")
+    register_sem_seg_synth(root)  # sem_seg_synth_lt_{train,val} (docs/semantic_segmentation.md)
     _BUILTINS_DONE = True
