@@ -4,8 +4,6 @@ same for segmentation as for LVIS and are reused; the keys below only act when t
 a DisAlign segmentation head (``MODEL.SEM_SEG_HEAD.NAME``, docs/semantic_segmentation.md).
 """
 
-from detectron2.config import CfgNode as CN
-
 __all__ = ["add_sem_seg_disalign_config"]
 
 
@@ -29,6 +27,10 @@ def add_sem_seg_disalign_config(cfg):
     # Empty: ADE20K-150's split by index (0-19, 20-74, 75-149, as the official code), for other
     # datasets the classes sorted by training pixels in the same proportions (20 / 55 / 75 of 150).
     _C.TEST.SEM_SEG_GROUPS = ()
+    # DisAlignDeepLabV3PlusHead: the ASPP's image-level branch averages the whole feature map (as
+    # mmsegmentation's ASPP) instead of a window of the training crop's size, so that images of
+    # any size can be evaluated (ADE20K's are not crop-sized).
+    _C.MODEL.SEM_SEG_HEAD.ASPP_GLOBAL_POOLING = False
 
     try:  # DeepLab's keys (MODEL.SEM_SEG_HEAD.ASPP_*, SOLVER.POLY_LR_*, ...) for its heads
         from detectron2.projects.deeplab import add_deeplab_config

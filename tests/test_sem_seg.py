@@ -33,7 +33,6 @@ from disalign_det.modeling.sem_seg import (
     CalibratedConv2d,
     DisAlignDeepLabV3Head,
     DisAlignDeepLabV3PlusHead,
-    DisAlignSemSegFPNHead,
     deeplab_project,
 )
 
@@ -328,7 +327,9 @@ def test_pixel_counts_from_cfg_checks_num_classes(tmp_path, monkeypatch):
     files, expected = _write_labels(str(tmp_path / "labels"), n=3)
     name = "test_sem_seg_counts_train"
     if name not in DatasetCatalog.list():
-        DatasetCatalog.register(name, lambda: [{"file_name": f, "sem_seg_file_name": f} for f in files])
+        DatasetCatalog.register(
+            name, lambda: [{"file_name": f, "sem_seg_file_name": f} for f in files]
+        )
     MetadataCatalog.get(name).set(stuff_classes=[str(i) for i in range(NUM_CLASSES)])
     cfg = _cfg()
     cfg.DATASETS.TRAIN = (name,)
@@ -405,3 +406,30 @@ def test_iou_of_absent_class_is_nan():
     # Class 0: gt 6, predicted 5, tp 5.
     assert iou[0] == pytest.approx(5 / 6) and acc[0] == pytest.approx(5 / 6)
     assert np.isnan(iou[1]) and np.isnan(acc[1]) and np.isnan(iou[2])
+
+
+def test_prepare_ade20k_checks_and_converts(tmp_path):
+    from common import load_script
+
+    prep = load_script("datasets/prepare_ade20k.py")
+    assert "ADEChallengeData2016 is missing" in prep.check(str(tmp_path))[0]
+    ade = tmp_path / "ADEChallengeData2016"
+    for split in ("training", "validation"):
+        (ade / "images" / split).mkdir(parents=True)
+        (ade / "annotations" / split).mkdir(parents=True)
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(ade / "images" / split / "ADE_1.jpg")
+        raw = np.array([[0, 1, 150, 7]] * 4, dtype=np.uint8)  # 0 = "other"
+        Image.fromarray(raw).save(ade / "annotations" / split / "ADE_1.png")
+    problems = prep.check(str(tmp_path))
+    assert any("annotations_detectron2/training/ is missing" in p for p in problems)
+    assert any("objectInfo150.txt is missing" in p for p in problems)
+    problems = prep.check(str(tmp_path), convert=True)
+    converted = np.asarray(Image.open(ade / "annotations_detectron2" / "training" / "ADE_1.png"))
+    assert converted[0].tolist() == [255, 0, 149, 6]
+    # What remains: the fixture is not the full download (image counts) and has no objectInfo150.
+    assert sorted(p.split(" has ")[0] for p in problems if "images" in p) == [
+        "images/training/",
+        "images/validation/",
+    ]
+    assert len(problems) == 3
+    assert prep.main(["--root", str(tmp_path)]) == 1

@@ -30,8 +30,8 @@ from ..data.samplers import GroupedBatchSampler, build_resumable_train_loader
 from ..evaluation import build_lvis_evaluator
 from ..evaluation.sem_seg_evaluation import build_sem_seg_evaluator
 from ..modeling import install_class_weights
-from ..modeling.sem_seg import build_sem_seg_lr_scheduler, install_pixel_class_weights, is_sem_seg
 from ..modeling.freeze import apply_freeze
+from ..modeling.sem_seg import build_sem_seg_lr_scheduler, install_pixel_class_weights, is_sem_seg
 from .checkpoint import DisAlignCheckpointer, get_rng_state
 from .progress import TrainProgressHook, track_loader
 

@@ -61,7 +61,8 @@ def deeplab_project(setting: str):
         raise ImportError(
             f"{setting} needs detectron2.projects.deeplab, which this detectron2 does not "
             f"provide ({e}). Install a detectron2 that ships its projects, or use "
-            "MODEL.SEM_SEG_HEAD.NAME 'DisAlignSemSegFPNHead' (and another SOLVER.LR_SCHEDULER_NAME)."
+            "MODEL.SEM_SEG_HEAD.NAME 'DisAlignSemSegFPNHead' (and another "
+            "SOLVER.LR_SCHEDULER_NAME)."
         ) from e
     return deeplab
 
@@ -128,7 +129,10 @@ class _DisAlignSemSegMixin(ClassFrequencyMixin):
             return super().losses(predictions, targets)
         # The stock heads upsample the logits to the input size and take the per-pixel loss there.
         predictions = F.interpolate(
-            predictions.float(), scale_factor=self.common_stride, mode="bilinear", align_corners=False
+            predictions.float(),
+            scale_factor=self.common_stride,
+            mode="bilinear",
+            align_corners=False,
         )
         loss = weighted_cross_entropy(
             predictions,
@@ -217,6 +221,9 @@ def _deeplab_heads():
         def from_config(cls, cfg, input_shape):
             ret = super().from_config(cfg, input_shape)
             ret.update(_disalign_kwargs(cfg))
+            if cfg.MODEL.SEM_SEG_HEAD.ASPP_GLOBAL_POOLING:
+                # No train_size: the ASPP's image branch pools the whole map, at any input size.
+                ret["train_size"] = None
             return ret
 
     class DisAlignDeepLabV3Head(_DisAlignSemSegMixin, deeplab.DeepLabV3Head):
@@ -224,6 +231,12 @@ def _deeplab_heads():
         DisAlign's calibration and GRW loss."""
 
         def __init__(self, cfg, input_shape):
+            if cfg.MODEL.SEM_SEG_HEAD.ASPP_GLOBAL_POOLING:
+                raise ValueError(
+                    "MODEL.SEM_SEG_HEAD.ASPP_GLOBAL_POOLING is honoured by "
+                    "DisAlignDeepLabV3PlusHead only; DisAlignDeepLabV3Head pools a window of the "
+                    "crop size (INPUT.CROP.SIZE), as detectron2's DeepLabV3Head"
+                )
             super().__init__(cfg, input_shape)
             kwargs = _disalign_kwargs(cfg)
             _check_loss_type(self.loss_type, kwargs["sem_seg_loss"])
@@ -244,6 +257,7 @@ def _check_loss_type(loss_type, sem_seg_loss):
 try:
     DisAlignDeepLabV3PlusHead, DisAlignDeepLabV3Head = _deeplab_heads()
 except ImportError:  # a detectron2 without its projects: registered names that say why
+
     def _missing(name):
         def build(cfg, input_shape):
             deeplab_project(f"MODEL.SEM_SEG_HEAD.NAME {name!r}")  # raises, naming the key
