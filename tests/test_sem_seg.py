@@ -201,6 +201,14 @@ def test_bad_loss_and_loss_type_name_keys():
         _build_head("DisAlignDeepLabV3PlusHead", cfg)
 
 
+def test_freeze_all_but_classifier_is_refused():
+    from disalign_det.modeling.sem_seg import install_pixel_class_weights
+
+    cfg = _cfg(FREEZE="all_but_classifier")
+    with pytest.raises(ValueError, match="MODEL.DISALIGN.FREEZE 'all_but_classifier'"):
+        install_pixel_class_weights(torch.nn.Module(), cfg)
+
+
 def test_missing_deeplab_project_names_the_key(monkeypatch):
     monkeypatch.setitem(sys.modules, "detectron2.projects.deeplab", None)
     with pytest.raises(ImportError, match="MODEL.SEM_SEG_HEAD.NAME 'DisAlignDeepLabV3PlusHead'"):

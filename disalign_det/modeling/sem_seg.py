@@ -117,6 +117,13 @@ class _DisAlignSemSegMixin(ClassFrequencyMixin):
         # ClassFrequencyMixin's weights have a background slot last; a segmentation head has none
         # (every class is a "foreground" class), so only the first C weights are used.
 
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        # The stock head's arguments plus the DisAlign ones (configurable heads only).
+        ret = super().from_config(cfg, input_shape)
+        ret.update(_disalign_kwargs(cfg))
+        return ret
+
     def pixel_class_weights(self):
         """(C,) class weights of the loss, or None for the stock loss."""
         w = self.grw_weights()
@@ -176,12 +183,6 @@ class DisAlignSemSegFPNHead(_DisAlignSemSegMixin, SemSegFPNHead):
             rho=rho,
         )
 
-    @classmethod
-    def from_config(cls, cfg, input_shape):
-        ret = super().from_config(cfg, input_shape)
-        ret.update(_disalign_kwargs(cfg))
-        return ret
-
 
 def _deeplab_heads():
     deeplab = deeplab_project("MODEL.SEM_SEG_HEAD.NAME 'DisAlignDeepLabV3PlusHead'")
@@ -220,7 +221,6 @@ def _deeplab_heads():
         @classmethod
         def from_config(cls, cfg, input_shape):
             ret = super().from_config(cfg, input_shape)
-            ret.update(_disalign_kwargs(cfg))
             if cfg.MODEL.SEM_SEG_HEAD.ASPP_GLOBAL_POOLING:
                 # No train_size: the ASPP's image branch pools the whole map, at any input size.
                 ret["train_size"] = None
@@ -282,6 +282,12 @@ def install_pixel_class_weights(model, cfg):
     """
     from ..data.sem_seg_counts import pixel_counts_from_cfg
 
+    if cfg.MODEL.DISALIGN.FREEZE == "all_but_classifier":
+        # apply_freeze's classifier is the box head's cls_score: nothing of a segmentation head.
+        raise ValueError(
+            "MODEL.DISALIGN.FREEZE 'all_but_classifier' has no segmentation counterpart (it "
+            "trains the box classifier cls_score): use 'all_but_calibration' or 'none'"
+        )
     heads = [
         m
         for m in model.modules()
