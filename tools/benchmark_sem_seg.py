@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Stage one + DisAlign stage two on the generated long-tail segmentation data over several seeds:
 mIoU, mean accuracy and head / body / tail mIoU as mean ± std, and the per-seed gain of DisAlign
-with the significance rule of the LVIS tables (disalign_det.benchmarks.stats).
+with the significance rule of the LVIS tables (lab.stats).
 
     python tools/benchmark_sem_seg.py [--out output/benchmark_sem_seg] [--seeds 0 1 2]
                                       [--stage-one-iters 250] [--stage-two-iters 60] [--jobs 1]
@@ -20,7 +20,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from disalign_det.benchmarks.stats import format_gain, format_stats, gain_stats, seed_stats
+from lab.stats import format_gain, format_stats, gain_stats, seed_stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE_ONE = "configs/ADE20K/synthetic/semantic_fpn_synth.yaml"

@@ -27,8 +27,8 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 from disalign_det import add_disalign_config
-from disalign_det.benchmarks.stats import median
 from disalign_det.modeling import apply_freeze
+from lab.stats import median
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ADE = "configs/ADE20K/disalign_deeplab_v3_plus_R_50_D8_512x512_4k.yaml"

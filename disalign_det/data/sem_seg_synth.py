@@ -31,9 +31,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from .synth_render import RenderSpec, render
-from .synthetic import PRESETS, plan_images, synthetic_styles
-from .synthetic_cache import datasets_root
+from .synthetic import PRESETS, RenderSpec, datasets_root, plan_images, synthetic_styles
+from .synthetic.render import render
 
 __all__ = [
     "SEM_SEG_SYNTH_DATASETS",
