@@ -176,12 +176,16 @@ def sem_seg_demo(args):
     (configs/ADE20K/synthetic/); prints mIoU and head / body / tail mIoU of both."""
     out = os.path.join(args.out, "sem_seg")
     iters = ["SOLVER.MAX_ITER", "150", "SOLVER.STEPS", "(120,)"] if args.quick else []
+    iters_two = ["SOLVER.MAX_ITER", "50", "SOLVER.STEPS", "(40,)"] if args.quick else []
     s1_dir = os.path.join(out, "stage1")
     # load_metrics unwraps the one task: the "sem_seg" dict.
     s1 = run_stage("stage one (Semantic FPN)", SEM_SEG_STAGES[0], s1_dir, iters)
     weights = ["MODEL.WEIGHTS", os.path.join(s1_dir, "model_final.pth")]
     s2 = run_stage(
-        "stage two (DisAlign)", SEM_SEG_STAGES[1], os.path.join(out, "disalign"), weights
+        "stage two (DisAlign)",
+        SEM_SEG_STAGES[1],
+        os.path.join(out, "disalign"),
+        weights + iters_two,
     )
     keys = ("mIoU", "mIoU-head", "mIoU-body", "mIoU-tail", "mACC")
     print("\nsem_seg_synth_lt_val (generated data, CPU schedule):\n")
