@@ -8,6 +8,8 @@ selects ``DisAlignROIHeads`` / ``DisAlignMaskRCNNConvUpsampleHead`` or sets
 
 from detectron2.config import CfgNode as CN
 
+from .modeling.stage_one_losses import add_stage_one_loss_config
+
 __all__ = ["add_disalign_config", "get_inference_cfg"]
 
 
@@ -50,7 +52,9 @@ def add_disalign_config(cfg):
 
     # Training-free test-time alternatives to DisAlign (applied to the box classifier's softmax):
     # "none", "norcal" (foreground probabilities divided by n_j ** gamma, renormalised) or
-    # "tau_norm" (classifier weight rows divided by ||w_j|| ** tau).
+    # "tau_norm" (classifier weight rows divided by ||w_j|| ** tau) or "fracal" (FRACAL: logits
+    # adjusted by the image frequencies, probabilities by the fractal dimensions of the classes'
+    # box centres; MODEL.DISALIGN.FRACAL_*, disalign_det/modeling/fracal.py).
     _C.MODEL.DISALIGN.POSTHOC = "none"
     # gamma of "norcal" / tau of "tau_norm".
     _C.MODEL.DISALIGN.POSTHOC_POWER = 1.0
@@ -74,6 +78,7 @@ def add_disalign_config(cfg):
     # Write lvis_instances_results.json in a child process while the metrics are computed (same
     # bytes; it is float formatting, ~30 s on LVIS val). Local OUTPUT_DIR only.
     _C.TEST.LVIS_EVAL.BACKGROUND_RESULTS_JSON = True
+    add_stage_one_loss_config(_C)  # STAGE_ONE_LOSS, EQLV2, SEESAW, ECM, FRACAL_* keys
     return cfg
 
 

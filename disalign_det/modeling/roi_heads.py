@@ -52,6 +52,8 @@ def check_classifier_options(predictor):
     ]
     if not options or getattr(predictor, "posthoc", "none") != "none":
         return
+    if getattr(predictor, "stage_one_loss", None) is not None:  # EQLv2 / ECM: their activation
+        return
     k = predictor.num_classes
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(4, k + 1, generator=g) * 3
