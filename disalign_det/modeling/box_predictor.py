@@ -319,7 +319,8 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
     def predict_probs(self, predictions, proposals):
         """The stage one's probabilities: softmax over K + 1 (NorCal- or FRACAL-adjusted if
         asked), or the sigmoid of each logit for the sigmoid classifier (with EQLv2's / ECM's
-        objectness factor for those losses, FRACAL-adjusted if asked). List of (Ri, K + 1) tensors."""
+        objectness factor for those losses, FRACAL-adjusted if asked). List of (Ri, K + 1) tensors.
+        """
         scores, _ = predictions
         num_inst_per_image = [len(p) for p in proposals]
         if self.sigmoid_ce:
@@ -342,7 +343,6 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
             probs = torch.cat([fg, probs[:, -1:]], dim=1)
             probs = probs / probs.sum(dim=1, keepdim=True)
         return probs.split(num_inst_per_image, dim=0)
-
 
     def _fracal_statistics(self):
         """FRACAL's (K,) f and D: from the model (its checkpoint), else computed once from the

@@ -31,7 +31,8 @@ model and all-reduced so that every process holds the same values.
   n_{K} = fg_bg_ratio * sum_j n_j, the empirical foreground/background RoI ratio), n-_j = N - n_j
   (N the sum over all K + 1):
 
-      m+_j = log((n_j^(1/4) + n-_j^(1/4)) / n-_j^(1/4)),   m-_j = log((n_j^(1/4) + n-_j^(1/4)) / n_j^(1/4)),
+      m+_j = log((n_j^(1/4) + n-_j^(1/4)) / n-_j^(1/4)),
+      m-_j = log((n_j^(1/4) + n-_j^(1/4)) / n_j^(1/4)),
       p+_ij = e^(z_ij + m+_j) / (e^(z_ij + m+_j) + e^(-z_ij + m-_j)),
       L = sum_ij w_j BCE(p+_ij, y_ij) / R,   w_j = a_j log((1 + a_j) / a_j),  a_j = n-_j / n_j.
 
