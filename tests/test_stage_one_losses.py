@@ -341,11 +341,11 @@ BOX2BOX = Box2BoxTransform((10.0, 10.0, 5.0, 5.0))
 def _predictor(kind, **kw):
     torch.manual_seed(0)
     sigmoid = dict(use_sigmoid_ce=True) if kind in ("eqlv2", "ecm") else {}
+    kw = dict(dict(calibrate=False), **kw)
     return DisAlignFastRCNNOutputLayers(
         ShapeSpec(channels=D),
         box2box_transform=BOX2BOX,
         num_classes=K,
-        calibrate=False,
         stage_one_loss=kind,
         **sigmoid,
         **kw,
