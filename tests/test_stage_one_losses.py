@@ -450,3 +450,36 @@ def test_stage_one_configs_build_the_loss_they_name(tiny_dataset):
     pred = model.roi_heads.box_predictor
     assert pred.stage_one_loss.kind == "seesaw" and not pred.sigmoid_ce
     assert pred.stage_one_loss.options["p"] == 0.8 and pred.stage_one_loss.options["q"] == 2.0
+
+
+# ---- the long-tail benchmark's stage-one axis -------------------------------------------------
+def test_benchmark_plan_has_every_loss_and_fracal(tmp_path):
+    from disalign_det.benchmarks import longtail, plan
+
+    preset = plan.Preset("t", seeds=(0,), stage_one_iters=10, stage_two_iters=4)
+    losses = ["eqlv2", "seesaw", "ecm"]
+    chains = plan.build_plan(preset, str(tmp_path), losses)
+    methods = {c[0].stage_one: [r.method for r in c] for c in chains}
+    # NorCal renormalises a softmax: not on the sigmoid stage ones; tau-norm not on the cosine
+    # classifiers (Seesaw and ECM use it); FRACAL on every stage one, at the paper's lambda.
+    common = ["stage_one", "disalign_box_only", "disalign_box_mask"]
+    assert methods == {
+        "eqlv2": common + ["tau_norm_1", "fracal_2"],
+        "seesaw": common + ["norcal_1", "fracal_2"],
+        "ecm": common + ["fracal_2"],
+    }
+    for chain in chains:
+        first = chain[0]
+        assert first.config.endswith(f"mask_rcnn_synth_{first.stage_one}.yaml")
+        assert os.path.isfile(first.config)
+        for run in chain[1:]:
+            assert os.path.isfile(run.config)
+            if run.method == "fracal_2":
+                opts = run.opts
+                assert opts[opts.index("MODEL.DISALIGN.POSTHOC") + 1] == "fracal"
+                assert opts[opts.index("MODEL.DISALIGN.FRACAL_LAMBDA") + 1] == "2.0"
+    rows = plan.method_rows(losses, preset.posthoc_powers)
+    assert [m for g, m, _ in rows if g == "ecm"] == methods["ecm"]
+    want = [s for s in plan.STAGE_ONES if has_federated_loss() or s not in ("eqlv2", "ecm")]
+    assert longtail._available_stage_ones() == want
+    assert set(plan.STAGE_ONES) == {"softmax", "rfs", "cosine", "eqlv2", "seesaw", "ecm"}
