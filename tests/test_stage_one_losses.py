@@ -483,3 +483,27 @@ def test_benchmark_plan_has_every_loss_and_fracal(tmp_path):
     want = [s for s in plan.STAGE_ONES if has_federated_loss() or s not in ("eqlv2", "ecm")]
     assert longtail._available_stage_ones() == want
     assert set(plan.STAGE_ONES) == {"softmax", "rfs", "cosine", "eqlv2", "seesaw", "ecm"}
+
+
+def test_lazyconfig_arguments():
+    from detectron2.config import LazyCall as L
+    from detectron2.config import instantiate
+
+    node = L(DisAlignFastRCNNOutputLayers)(
+        input_shape=ShapeSpec(channels=D),
+        box2box_transform=L(Box2BoxTransform)(weights=(10.0, 10.0, 5.0, 5.0)),
+        num_classes=K,
+        calibrate=False,
+        cls_loss="ce",
+        stage_one_loss="seesaw",
+        stage_one_options=dict(p=0.5, q=1.0),
+    )
+    pred = instantiate(node)
+    assert pred.stage_one_loss.kind == "seesaw"
+    assert pred.stage_one_loss.options["p"] == 0.5 and pred.stage_one_loss.options["q"] == 1.0
+    if has_federated_loss():  # the sigmoid losses need the sigmoid classifier switched on
+        node.stage_one_loss = "eqlv2"
+        with pytest.raises(ValueError, match="STAGE_ONE_LOSS='eqlv2' needs .*USE_SIGMOID_CE=True"):
+            instantiate(node)
+        node.use_sigmoid_ce = True
+        assert instantiate(node).stage_one_loss.uses_sigmoid
