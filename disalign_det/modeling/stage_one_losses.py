@@ -49,6 +49,8 @@ import torch.nn.functional as F
 from detectron2.config import CfgNode as CN
 from torch import nn
 
+from .losses import _empty  # 0 connected to the logits, after taking part in the all-reduce
+
 __all__ = [
     "SIGMOID_STAGE_ONE_LOSSES",
     "STAGE_ONE_LOSSES",
@@ -288,12 +290,6 @@ def ecm_loss(logits, labels, m_pos, m_neg, class_weight, normalize=None):
     margin_logits = 2 * logits + (m_pos - m_neg)[None, :]
     bce = F.binary_cross_entropy_with_logits(margin_logits, target, reduction="none")
     return _mean_over_rois((bce * w[None, :]).sum(), len(labels), logits, normalize)
-
-
-def _empty(x, normalize):
-    if normalize is not None:
-        normalize(x.new_zeros(()))
-    return x.sum() * 0.0
 
 
 # ---- the module holding the state --------------------------------------------------------------
