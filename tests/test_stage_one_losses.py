@@ -507,3 +507,17 @@ def test_lazyconfig_arguments():
             instantiate(node)
         node.use_sigmoid_ce = True
         assert instantiate(node).stage_one_loss.uses_sigmoid
+
+
+def test_empty_batches_give_a_connected_zero():
+    z = torch.zeros(0, K + 1, requires_grad=True)
+    y = torch.zeros(0, dtype=torch.long)
+    ones = torch.ones(K)
+    m_pos, m_neg, w = ecm_margins(torch.tensor([5.0, 2.0, 1.0]), 6.3313)
+    for loss in (
+        eqlv2_loss(z, y, ones, ones),
+        seesaw_loss(z, y, ones, 0.8, 2.0),
+        ecm_loss(z, y, m_pos, m_neg, w),
+    ):
+        assert loss.item() == 0.0 and loss.requires_grad
+        loss.backward()
