@@ -521,3 +521,33 @@ def test_empty_batches_give_a_connected_zero():
     ):
         assert loss.item() == 0.0 and loss.requires_grad
         loss.backward()
+
+
+@pytest.mark.slow  # trains and evaluates a tiny model per run
+def test_longtail_smoke_on_the_loss_stage_ones(tiny_dataset, tmp_path):
+    from common import tiny_opts
+
+    from disalign_det.benchmarks import longtail, plan
+    from disalign_det.benchmarks.run import InProcessRunner
+
+    opts = tuple(tiny_opts(("tiny_val",), dets_per_image=20, lvis_format=tiny_dataset))
+    preset = plan.Preset("smoke", seeds=(0,), stage_one_iters=3, stage_two_iters=2,
+                         extra_opts=opts)  # fmt: skip
+    stage_ones = ("seesaw", "eqlv2") if has_federated_loss() else ("seesaw",)
+    res = longtail.run_benchmark(
+        preset,
+        str(tmp_path),
+        stage_ones=stage_ones,
+        jobs=1,
+        runner=InProcessRunner(threads=1),
+        log=lambda m: None,
+        fixed_ap_k=4,
+    )
+    runs = {r.key: r for r in res["runs"]}
+    for g in stage_ones:
+        for method in ("stage_one", "disalign_box_mask", "fracal_2"):
+            run = runs[f"seed0/{g}/{method}"]
+            assert run.status == "done", (run.key, run.error)
+            assert set(run.metrics) >= {"bbox", "segm"}
+    rows = {(r["stage_one"], r["method"]) for r in res["rows"]}
+    assert ("seesaw", "fracal_2") in rows and ("seesaw", "norcal_1") in rows

@@ -12,6 +12,7 @@ from typing import Callable, Optional, Sequence
 
 from .outputs import write_outputs
 from .plan import (
+    CLASSIC_STAGE_ONES,
     PRESETS,
     REPO_ROOT,
     SIGMOID_STAGE_ONES,
@@ -51,7 +52,7 @@ def run_benchmark(
     preset: Preset,
     out: str,
     *,
-    stage_ones: Sequence[str] = tuple(STAGE_ONES),
+    stage_ones: Sequence[str] = CLASSIC_STAGE_ONES,
     jobs: int = 2,
     runner: Optional[Callable[[Run], int]] = None,
     plot_task: str = "segm",

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 __all__ = [
+    "CLASSIC_STAGE_ONES",
     "PRESETS",
     "REPO_ROOT",
     "SIGMOID_STAGE_ONES",
@@ -75,6 +76,8 @@ STAGE_ONES = OrderedDict(
     )
 )
 SIGMOID_STAGE_ONES = ("eqlv2", "ecm")
+# The stage ones of the original benchmark (run_benchmark's default; the CLI's is the preset's).
+CLASSIC_STAGE_ONES = ("softmax", "rfs", "cosine")
 
 # Evaluating a stage-one checkpoint with a post-hoc adjustment: the DisAlign predictor with
 # calibration and re-weighting off is the stock predictor with the same parameter names, so the
