@@ -454,7 +454,7 @@ def test_stage_one_configs_build_the_loss_they_name(tiny_dataset):
 
 # ---- the long-tail benchmark's stage-one axis -------------------------------------------------
 def test_benchmark_plan_has_every_loss_and_fracal(tmp_path):
-    from disalign_det.benchmarks import longtail, plan
+    from lab import longtail, plan
 
     preset = plan.Preset("t", seeds=(0,), stage_one_iters=10, stage_two_iters=4)
     losses = ["eqlv2", "seesaw", "ecm"]
@@ -527,8 +527,8 @@ def test_empty_batches_give_a_connected_zero():
 def test_longtail_smoke_on_the_loss_stage_ones(tiny_dataset, tmp_path):
     from common import tiny_opts
 
-    from disalign_det.benchmarks import longtail, plan
-    from disalign_det.benchmarks.run import InProcessRunner
+    from lab import longtail, plan
+    from lab.run import InProcessRunner
 
     opts = tuple(tiny_opts(("tiny_val",), dets_per_image=20, lvis_format=tiny_dataset))
     preset = plan.Preset("smoke", seeds=(0,), stage_one_iters=3, stage_two_iters=2,

@@ -234,7 +234,7 @@ def parse_args(argv=None):
 
 def _available_stage_ones():
     """Every stage one this detectron2 can train (v0.6 lacks the sigmoid classifier)."""
-    from ..compat.features import has_federated_loss
+    from disalign_det.compat.features import has_federated_loss
 
     if has_federated_loss():
         return list(STAGE_ONES)
