@@ -118,16 +118,18 @@ def test_eqlv2_statistics_are_the_weighted_loss_gradients():
 
 def test_eqlv2_state_starts_neutral_accumulates_and_resumes():
     z, y = _zy()
+    z = z.float()  # the module computes in float32
     m = StageOneLoss("eqlv2", K).train()
-    ones = torch.ones(K, dtype=torch.float64)
+    ones = torch.ones(K)
     # No gradient statistics yet: every weight is 1 (the plain sigmoid loss).
     torch.testing.assert_close(m(z, y), eqlv2_loss(z, y, ones, ones))
     pos1, neg1 = eqlv2_gradient_statistics(z, y, ones, ones)
-    torch.testing.assert_close(m.pos_grad, pos1) and torch.testing.assert_close(m.neg_grad, neg1)
+    torch.testing.assert_close(m.pos_grad, pos1.double())
+    torch.testing.assert_close(m.neg_grad, neg1.double())
     r, q = eqlv2_weights(pos1, neg1, 12.0, 0.8, 4.0)
     torch.testing.assert_close(m(z, y), eqlv2_loss(z, y, r, q).float(), check_dtype=False)
     pos2, neg2 = eqlv2_gradient_statistics(z, y, r.float(), q.float())
-    torch.testing.assert_close(m.pos_grad, pos1 + pos2)
+    torch.testing.assert_close(m.pos_grad, (pos1 + pos2).double())
     # Saved in the state dict; a fresh module loading it continues identically.
     state = m.state_dict()
     assert set(state) == {"pos_grad", "neg_grad"}
@@ -207,11 +209,12 @@ def test_seesaw_compensation_is_not_differentiated():
 
 def test_seesaw_counts_accumulate_before_the_loss_and_resume():
     z, y = _zy()
+    z = z.float()  # the module computes in float32
     m = StageOneLoss("seesaw", K, p=0.8, q=2.0).train()
     got = m(z, y)
     want_counts = torch.tensor([1.0, 1.0, 1.0, 2.0], dtype=torch.float64)
     assert torch.equal(m.cum_samples, want_counts)
-    torch.testing.assert_close(got, seesaw_loss(z, y, want_counts[:K], 0.8, 2.0))
+    torch.testing.assert_close(got, seesaw_loss(z, y, want_counts[:K].float(), 0.8, 2.0))
     m(z, y)
     assert torch.equal(m.cum_samples, 2 * want_counts)
     resumed = StageOneLoss("seesaw", K).train()

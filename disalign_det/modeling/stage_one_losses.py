@@ -358,6 +358,9 @@ class StageOneLoss(nn.Module):
 
     def forward(self, logits, labels, normalize=None):
         """(R, K + 1) logits, (R,) labels -> scalar loss; in training, updates the state."""
+        # float32 maths under autocast, like the losses of losses.py (a sum over R x (K + 1)
+        # sigmoid terms overflows float16).
+        logits = logits.float()
         o = self.options
         if self.kind == "eqlv2":
             pos_w, neg_w = self.eqlv2_weights()
