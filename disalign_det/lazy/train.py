@@ -22,6 +22,7 @@ from torch import nn
 
 from ..data import get_class_counts
 from ..engine.checkpoint import DisAlignCheckpointer
+from ..engine.strict_load import LAZY_KEYS, load_for_inference
 from ..engine.trainer import (
     NamedErrorMapper,
     ResumableSampler,
@@ -228,6 +229,12 @@ def do_train(cfg, resume=False):
 def do_eval_only(cfg, resume=False):
     """Build, load ``train.init_checkpoint`` (or the last checkpoint with ``resume``), evaluate."""
     model = build_stage_two_model(cfg)
-    build_checkpointer(cfg, model).resume_or_load(cfg.train.init_checkpoint, resume=resume)
+    load_for_inference(  # exactly this model's tensors, or an error naming them
+        model,
+        cfg.train.init_checkpoint,
+        save_dir=cfg.train.output_dir,
+        resume=resume,
+        keys=LAZY_KEYS,
+    )
     with torch.no_grad():
         return do_test(cfg, model)
