@@ -106,7 +106,8 @@ def check_last_checkpoint(folder: str) -> None:
 def check_config_values(cfg, training: bool = True) -> None:
     """Build the model of ``cfg`` on the ``meta`` device (no memory, no weights) and apply its
     freezing and (``training``) class weights: every value the model checks
-    (``MODEL.DISALIGN.RHO``, ``FREEZE``, ``POSTHOC``, ...) fails now, naming its key, instead of after the output folder is written.
+    (``MODEL.DISALIGN.RHO``, ``FREEZE``, ``POSTHOC``, ...) fails now, naming its key, instead of
+    after the output folder is written.
 
     Only ValueError / KeyError (the named config errors) propagate: a model whose construction
     the meta device does not support is built and checked for real later.
