@@ -26,7 +26,7 @@ from detectron2.utils import comm  # noqa: E402
 
 from disalign_det import add_disalign_config  # noqa: E402
 from disalign_det.engine import Trainer, launch_from_argv  # noqa: E402
-from disalign_det.engine.run_folder import preflight  # noqa: E402
+from disalign_det.engine.run_folder import preflight, remove_stale_temporaries  # noqa: E402
 from disalign_det.engine.strict_load import load_for_inference  # noqa: E402
 from disalign_det.evaluation import apply_fixed_ap_config  # noqa: E402
 from disalign_det.model_zoo import merge_config_file  # noqa: E402
@@ -44,7 +44,9 @@ def setup(args):
     apply_fixed_ap_config(cfg)  # TEST.LVIS_EVAL.FIXED_AP: no per-image cap at inference
     cfg.freeze()
     # Validate before default_setup: it writes OUTPUT_DIR/config.yaml, which must not replace the
-    # config of an earlier run in that folder with one that cannot run.
+    # config of an earlier run in that folder with one that cannot run. Config values, every
+    # dataset file and image, last_checkpoint (docs/errors.md):
+    preflight(cfg, resume=args.resume, eval_only=args.eval_only)
     resumable = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
     if cfg.MODEL.DISALIGN.FREEZE != "none" and not cfg.MODEL.WEIGHTS and not resumable:
         raise ValueError(
@@ -56,8 +58,7 @@ def setup(args):
                 else ""
             )
         )
-    # Config values, every dataset file and image, the run folder (docs/errors.md).
-    preflight(cfg, resume=args.resume, eval_only=args.eval_only)
+    remove_stale_temporaries(cfg.OUTPUT_DIR)  # a killed save's *.tmp.<pid>, once all checks pass
     default_setup(cfg, args)
     return cfg
 

@@ -11,8 +11,10 @@ config. They check, in this order,
 2. the inputs: every training and test dataset's json (structure and values), every image file,
    the test json's categories (:func:`~disalign_det.data.validate.check_dataset_inputs`), then
 3. the run folder: a ``last_checkpoint`` that names a deleted file (with ``--resume``) fails naming
-   the checkpoints that are there; temporary checkpoint files (``*.tmp.<pid>``) that a killed run
-   left are removed (:func:`remove_stale_temporaries`).
+   the checkpoints that are there.
+
+Once every check passed, the tools remove the temporary checkpoint files (``*.tmp.<pid>``) that a
+run killed during a save left (:func:`remove_stale_temporaries`), then call ``default_setup``.
 """
 
 import glob
@@ -26,6 +28,7 @@ from detectron2.utils import comm
 
 from ..data import check_num_classes
 from ..data.validate import check_dataset_inputs
+from .strict_load import LAZY_KEYS, precheck_inference_weights
 
 __all__ = [
     "check_config_values",
@@ -53,8 +56,9 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_temporaries(folder: str) -> List[str]:
     """Remove the ``*.tmp.<pid>`` files in ``folder`` whose process is gone: what a run killed
     during an atomic checkpoint save leaves (a model-sized file). Files of a live process (another
-    run saving into this folder right now) are kept. Returns the removed paths (logged)."""
-    if not folder or not os.path.isdir(folder):
+    run saving into this folder right now) are kept; only the main process removes. Returns the
+    removed paths (logged)."""
+    if not folder or not os.path.isdir(folder) or not comm.is_main_process():
         return []
     removed = []
     for path in sorted(glob.glob(os.path.join(glob.escape(folder), "*.tmp.*"))):
@@ -103,7 +107,7 @@ def check_last_checkpoint(folder: str) -> None:
     )
 
 
-def check_config_values(cfg, training: bool = True) -> None:
+def check_config_values(cfg, training: bool = True):
     """Build the model of ``cfg`` on the ``meta`` device (no memory, no weights) and apply its
     freezing and (``training``) class weights: every value the model checks
     (``MODEL.DISALIGN.RHO``, ``FREEZE``, ``POSTHOC``, ...) fails now, naming its key, instead of
@@ -111,6 +115,9 @@ def check_config_values(cfg, training: bool = True) -> None:
 
     Only ValueError / KeyError (the named config errors) propagate: a model whose construction
     the meta device does not support is built and checked for real later.
+
+    Returns:
+        the model on the meta device, or None when that build was skipped.
     """
     from detectron2.modeling import build_model
 
@@ -130,13 +137,13 @@ def check_config_values(cfg, training: bool = True) -> None:
         raise
     except Exception as e:  # e.g. an op without a meta kernel in a custom backbone
         logger.info("Config pre-check on the meta device skipped (%s: %s)", type(e).__name__, e)
+        return None
+    return model
 
 
 def _check_run_folder(out: str, resume: bool) -> None:
     if resume and out:
         check_last_checkpoint(out)
-    if comm.is_main_process():
-        remove_stale_temporaries(out)
 
 
 def preflight(cfg, *, resume: bool = False, eval_only: bool = False) -> None:
@@ -145,7 +152,10 @@ def preflight(cfg, *, resume: bool = False, eval_only: bool = False) -> None:
     ``eval_only``; test datasets always (the final evaluation runs whenever ``DATASETS.TEST`` is
     not empty)."""
     check_num_classes(cfg)  # registers DATASETS.LVIS_FORMAT first
-    check_config_values(cfg, training=not eval_only)
+    model = check_config_values(cfg, training=not eval_only)
+    if eval_only and model is not None:
+        # The weights --eval-only will load, against the model's tensors (nothing loaded yet).
+        precheck_inference_weights(model, cfg.MODEL.WEIGHTS, save_dir=cfg.OUTPUT_DIR, resume=resume)
     if not eval_only:
         for name in cfg.DATASETS.TRAIN:
             check_dataset_inputs(name, "DATASETS.TRAIN")
@@ -162,8 +172,26 @@ def _lazy_dataset_names(node) -> List[str]:
     return [names] if isinstance(names, str) else list(names)
 
 
+def _meta_lazy_model(cfg, mode):
+    """``cfg.model`` instantiated and frozen on the meta device (None where that fails for a
+    reason other than a named config error, e.g. ``.item()`` in a ViT's init)."""
+    from detectron2.config import instantiate
+
+    from ..lazy.train import prepare_stage_two
+
+    try:
+        with torch.device("meta"):
+            return prepare_stage_two(instantiate(cfg.model), mode)
+    except (ValueError, KeyError):
+        raise
+    except Exception as e:
+        logger.info("Model pre-check on the meta device skipped (%s: %s)", type(e).__name__, e)
+        return None
+
+
 def preflight_lazy(cfg, *, resume: bool = False, eval_only: bool = False) -> None:
-    """:func:`preflight` for a LazyConfig: ``disalign.freeze``, the datasets named by
+    """:func:`preflight` for a LazyConfig: ``disalign.freeze``, the model (on the meta device; with
+    ``eval_only`` against ``train.init_checkpoint``), the datasets named by
     ``dataloader.train.dataset.names`` / ``dataloader.test.dataset.names`` and
     ``train.output_dir``."""
     from ..lazy.train import freeze_mode
@@ -172,6 +200,15 @@ def preflight_lazy(cfg, *, resume: bool = False, eval_only: bool = False) -> Non
     mode = freeze_mode(cfg)
     if mode not in FREEZE_MODES:
         raise ValueError(f"disalign.freeze must be one of {FREEZE_MODES}, got {mode!r}")
+    model = _meta_lazy_model(cfg, mode)
+    if eval_only and model is not None:
+        precheck_inference_weights(
+            model,
+            cfg.train.init_checkpoint,
+            save_dir=cfg.train.output_dir,
+            resume=resume,
+            keys=LAZY_KEYS,
+        )
     if not eval_only:
         for name in _lazy_dataset_names(cfg.dataloader.get("train")):
             check_dataset_inputs(name, "dataloader.train.dataset.names")

@@ -10,6 +10,7 @@ identity initialisation on top of a random network).
 """
 
 import logging
+import os
 from typing import Optional
 
 from detectron2.engine import DefaultPredictor
@@ -17,7 +18,12 @@ from detectron2.engine import DefaultPredictor
 from ..modeling.freeze import is_disalign_state
 from .checkpoint import DisAlignCheckpointer
 
-__all__ = ["DisAlignPredictor", "InferenceCheckpointer", "load_for_inference"]
+__all__ = [
+    "DisAlignPredictor",
+    "InferenceCheckpointer",
+    "load_for_inference",
+    "precheck_inference_weights",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,35 +59,94 @@ class InferenceCheckpointer(DisAlignCheckpointer):
 
     def _load_model(self, checkpoint):
         if not checkpoint.get("matching_heuristics", False):
-            try:
-                self._check_stage_one(checkpoint["model"])
-            except ValueError as e:
-                raise ValueError(f"{self._path}: {self._in_keys(str(e))}") from e
+            self.check_exact(checkpoint["model"])  # before loading: no "Skip loading" warnings
         incompatible = super()._load_model(checkpoint)
         shapes = list(getattr(incompatible, "incorrect_shapes", ()) or ())
-        missing, unexpected = list(incompatible.missing_keys), list(incompatible.unexpected_keys)
-        if shapes or missing or unexpected:
-            parts = []
-            if shapes:
-                parts.append(
-                    f"{len(shapes)} tensor(s) of another shape: "
-                    + ", ".join(f"{k} (checkpoint {a}, model {b})" for k, a, b in shapes[:SHOW])
-                )
-            if missing:
-                parts.append(f"{len(missing)} tensor(s) of the model missing: {missing[:SHOW]}")
-            if unexpected:
-                parts.append(
-                    f"{len(unexpected)} tensor(s) of the checkpoint not in the model: "
-                    f"{unexpected[:SHOW]}"
-                )
-            raise ValueError(
-                f"{self.keys['weights']}={self._path!r} does not match this model exactly ("
-                + "; ".join(parts)
-                + "). Inference would run with randomly initialised tensors. Use the config the "
-                f"checkpoint was trained with ({self.keys['num_classes']}, the ROI heads, the "
-                "DisAlign calibration options), or the checkpoint of this config."
-            )
+        self._raise_if(shapes, list(incompatible.missing_keys), incompatible.unexpected_keys)
         return incompatible
+
+    def check_exact(self, state):
+        """ValueError unless the state dict ``state`` has exactly the model's tensors and shapes
+        (detectron2's tolerated legacy keys aside: ``pixel_mean`` / ``pixel_std`` may be missing,
+        ``anchor_generator.cell_anchors`` may be extra)."""
+        try:
+            self._check_stage_one(state)  # the stage-two message, naming NUM_CLASSES
+        except ValueError as e:
+            raise ValueError(f"{self._path}: {self._in_keys(str(e))}") from e
+        prefix = "module."
+        keys = [k[len(prefix) :] if k.startswith(prefix) else k for k in state]
+        model_keys = self.model.state_dict().keys()
+        missing = [k for k in model_keys if k not in set(keys) and k not in _MAY_BE_MISSING]
+        unexpected = [k for k in keys if k not in model_keys and _LEGACY not in k]
+        self._raise_if([], missing, unexpected)
+
+    def _raise_if(self, shapes, missing, unexpected):
+        if not (shapes or missing or unexpected):
+            return
+        parts = []
+        if shapes:
+            parts.append(
+                f"{len(shapes)} tensor(s) of another shape: "
+                + ", ".join(f"{k} (checkpoint {a}, model {b})" for k, a, b in shapes[:SHOW])
+            )
+        if missing:
+            parts.append(f"{len(missing)} tensor(s) of the model missing: {missing[:SHOW]}")
+        if unexpected:
+            parts.append(
+                f"{len(unexpected)} tensor(s) of the checkpoint not in the model: "
+                f"{unexpected[:SHOW]}"
+            )
+        raise ValueError(
+            f"{self.keys['weights']}={self._path!r} does not match this model exactly ("
+            + "; ".join(parts)
+            + "). Inference would run with randomly initialised tensors. Use the config the "
+            f"checkpoint was trained with ({self.keys['num_classes']}, the ROI heads, the "
+            "DisAlign calibration options), or the checkpoint of this config."
+        )
+
+
+# detectron2's DetectionCheckpointer tolerates these (older checkpoints).
+_MAY_BE_MISSING = ("pixel_mean", "pixel_std")
+_LEGACY = "anchor_generator.cell_anchors"
+
+
+def _weights_to_load(checkpointer, weights, save_dir, resume):
+    if resume and save_dir and checkpointer.has_checkpoint():
+        return checkpointer.get_checkpoint_file()
+    return weights
+
+
+def _no_weights(model, keys):
+    disalign = [k for k in model.state_dict() if is_disalign_state(k)]
+    if disalign:
+        raise ValueError(
+            f"{keys['weights']} is empty: this DisAlign model would be evaluated with randomly "
+            f"initialised weights ({len(disalign)} calibration tensor(s) at their identity "
+            f"initialisation on a random network). Set {keys['weights']} to a trained "
+            "checkpoint (e.g. output/.../model_final.pth)."
+        )
+
+
+def precheck_inference_weights(
+    model, weights: str, *, save_dir: str = "", resume: bool = False, keys: Optional[dict] = None
+) -> None:
+    """What :func:`load_for_inference` would reject, checked without loading anything into
+    ``model`` (which may live on the ``meta`` device): run before a tool writes its output folder.
+    Checkpoints that need detectron2's name-matching heuristics (Caffe2 ``.pkl``) are checked only
+    when loaded."""
+    checkpointer = InferenceCheckpointer(model, save_dir, keys=keys)
+    path = _weights_to_load(checkpointer, weights, save_dir, resume)
+    if not path:
+        _no_weights(model, checkpointer.keys)
+        return
+    checkpointer._path = path
+    if not os.path.isfile(path):
+        path = checkpointer.path_manager.get_local_path(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{checkpointer.keys['weights']}={path!r} does not exist")
+    checkpoint = checkpointer._load_file(path)
+    if not checkpoint.get("matching_heuristics", False):
+        checkpointer.check_exact(checkpoint["model"])
 
 
 def load_for_inference(
@@ -103,17 +168,9 @@ def load_for_inference(
     """
     keys = dict(keys or YAML_KEYS)
     checkpointer = InferenceCheckpointer(model, save_dir, keys=keys)
-    if resume and save_dir and checkpointer.has_checkpoint():
-        return checkpointer.load(checkpointer.get_checkpoint_file(), checkpointables=[])
-    if not weights:
-        disalign = [k for k in model.state_dict() if is_disalign_state(k)]
-        if disalign:
-            raise ValueError(
-                f"{keys['weights']} is empty: this DisAlign model would be evaluated with randomly "
-                f"initialised weights ({len(disalign)} calibration tensor(s) at their identity "
-                f"initialisation on a random network). Set {keys['weights']} to a trained "
-                "checkpoint (e.g. output/.../model_final.pth)."
-            )
+    path = _weights_to_load(checkpointer, weights, save_dir, resume)
+    if not path:
+        _no_weights(model, keys)
         logger.warning(
             "%s is empty: the model is RANDOMLY INITIALISED; its predictions and metrics mean "
             "nothing. Set %s to a trained checkpoint.",
@@ -121,7 +178,7 @@ def load_for_inference(
             keys["weights"],
         )
         return {}
-    return checkpointer.load(weights, checkpointables=[])
+    return checkpointer.load(path, checkpointables=[])
 
 
 class DisAlignPredictor(DefaultPredictor):
