@@ -653,3 +653,50 @@ def test_custom_json_at_a_builtin_path_gives_one_message(tiny_dataset, tmp_path)
         DatasetCatalog.remove(name)
         DatasetCatalog.register(name, saved_loader)
         MetadataCatalog[name] = saved_meta
+
+
+# --------------------------------------------------------------------------------------------------
+# LazyConfig entry point (tools/lazyconfig_train_net.py)
+# --------------------------------------------------------------------------------------------------
+
+LAZY = """
+import torch
+from detectron2.config import LazyCall as L
+from omegaconf import OmegaConf
+
+model = L(torch.nn.Linear)(in_features=2, out_features=3)
+dataloader = OmegaConf.create(
+    dict(train=dict(dataset=dict(names={train!r})), test=dict(dataset=dict(names={test!r})),
+         evaluator=dict())
+)
+train = dict(output_dir={out!r}, init_checkpoint={init!r}, device="cpu")
+"""
+
+
+def _lazy_setup(tmp_path, train="tiny_train", test="tiny_val", init="", eval_only=False):
+    path = tmp_path / f"lazy_{uuid.uuid4().hex[:6]}.py"
+    path.write_text(LAZY.format(train=train, test=test, out=str(tmp_path / "out"), init=init))
+    tool = load_script("tools/lazyconfig_train_net.py")
+    argv = ["--config-file", str(path)] + (["--eval-only"] if eval_only else [])
+    return tool.setup(tool.default_argument_parser().parse_args(argv))
+
+
+def test_lazy_missing_val_image_fails_before_writing(tiny_dataset, tmp_path, run_folder):
+    path, root, missing = _without_images(tiny_dataset, tmp_path, "val", {0})
+    name = _uniq("lazy_val")
+    register_lvis_format(name, path, root)
+    _fails_unchanged(
+        run_folder, ImageFilesError, re.escape(f"1 of 12 image(s) of {path} not found"),
+        lambda: _lazy_setup(tmp_path, test=name),
+    )  # fmt: skip
+
+
+def test_lazy_eval_only_wrong_checkpoint_names_lazy_keys(tiny_dataset, tmp_path, run_folder):
+    DetectionCheckpointer(torch.nn.Linear(2, 4), str(tmp_path)).save("other")
+    ckpt = str(tmp_path / "other.pth")
+    msg = _fails_unchanged(
+        run_folder, ValueError, re.escape(f"{ckpt}: The checkpoint does not fit this model (2 "),
+        lambda: _lazy_setup(tmp_path, init=ckpt, eval_only=True),
+    )  # fmt: skip
+    assert "  weight: checkpoint (4, 2), model (3, 2)" in msg
+    assert "model.roi_heads.num_classes" in msg and "MODEL." not in msg

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 from itertools import chain
+from operator import itemgetter
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -85,9 +86,17 @@ class ImageFilesError(FileNotFoundError):
     """Images of a dataset are not where detectron2's loader will look for them."""
 
 
-def _all_numbers(values) -> bool:
-    # bool is a subclass of int but never a coordinate; json gives only int, float, str, ...
-    return set(map(type, values)) <= set(_NUMBER_TYPES)
+def _sums(rows):
+    """(N,) float64 sum of each row of numbers, or None if a row holds a non-number.
+
+    One C-level pass: a NaN or infinity anywhere in a row makes its sum non-finite, and ``sum``
+    raises TypeError on a string, None or a list. (json's ``true``/``false`` are ints to ``sum``:
+    polygons are checked this way, the LVIS train json has ~100M coordinates; boxes, areas and
+    image sizes also by type, :func:`_rows_ok`.)"""
+    try:
+        return np.fromiter(map(sum, rows), dtype=np.float64, count=len(rows))
+    except TypeError:
+        return None
 
 
 def _numbers_mask(rows) -> np.ndarray:
@@ -100,7 +109,8 @@ def _numbers_mask(rows) -> np.ndarray:
 def _float_rows(rows, ok: np.ndarray, width: int) -> np.ndarray:
     """(N, width) float64 of ``rows`` (NaN where a row is not all numbers)."""
     if ok.all():
-        return np.asarray(rows, dtype=np.float64).reshape(len(rows), width)
+        flat = chain.from_iterable(rows)
+        return np.fromiter(flat, dtype=np.float64, count=len(rows) * width).reshape(-1, width)
     out = np.full((len(rows), width), np.nan)
     idx = np.flatnonzero(ok)
     if len(idx):
@@ -108,12 +118,18 @@ def _float_rows(rows, ok: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
+def _rows_ok(rows) -> np.ndarray:
+    """(N,) bool: row i holds only numbers (json's true/false excluded). One C-level pass over the
+    types; per-value Python only if a non-number is somewhere."""
+    if set(map(type, chain.from_iterable(rows))) <= set(_NUMBER_TYPES):
+        return np.ones(len(rows), bool)
+    return _numbers_mask(rows)
+
+
 def _image_sizes(images) -> Tuple[np.ndarray, np.ndarray]:
     """(M, 2) float64 (width, height), NaN where not a number; (M,) bool: size is invalid."""
     rows = [(im["width"], im["height"]) for im in images]
-    ok = (
-        np.ones(len(rows), bool) if _all_numbers(chain.from_iterable(rows)) else _numbers_mask(rows)
-    )
+    ok = _rows_ok(rows)
     wh = _float_rows(rows, ok, 2)
     with np.errstate(invalid="ignore"):
         bad = ~ok | ~np.isfinite(wh).all(1) | (wh <= 0).any(1)
@@ -122,6 +138,9 @@ def _image_sizes(images) -> Tuple[np.ndarray, np.ndarray]:
 
 def find_invalid_annotations(data: dict) -> Tuple[np.ndarray, np.ndarray]:
     """Problems of every annotation (and image size) of a structurally valid LVIS-format dict.
+
+    Vectorised: a few C-level passes over the values (``map(sum, ...)``, ``numpy``), per-value
+    Python only for rows that hold a non-number.
 
     Returns:
         (N,) int64 bit mask per annotation (0: valid; see ``_WORDS``), and (M,) bool per image:
@@ -134,19 +153,23 @@ def find_invalid_annotations(data: dict) -> Tuple[np.ndarray, np.ndarray]:
     if n == 0:
         return problems, bad_image
     # Boxes: the structural check made each a list of 4.
-    boxes = [a["bbox"] for a in anns]
-    ok = np.ones(n, bool) if _all_numbers(chain.from_iterable(boxes)) else _numbers_mask(boxes)
+    boxes = list(map(itemgetter("bbox"), anns))
+    ok = _rows_ok(boxes)
     b = _float_rows(boxes, ok, 4)
     problems[~ok] |= _BBOX_TYPE
     finite = np.isfinite(b).all(1)
     problems[ok & ~finite] |= _BBOX_NONFINITE
+    image_ids = np.asarray([im["id"] for im in images])
+    order = np.argsort(image_ids, kind="stable")
+    # Annotations point at existing images (structural check): searchsorted finds each one.
+    img = order[
+        np.searchsorted(image_ids[order], np.asarray(list(map(itemgetter("image_id"), anns))))
+    ]
+    size = wh[img]
+    tol = BORDER_TOLERANCE
     with np.errstate(invalid="ignore"):
         problems[finite & (b[:, 2] <= 0)] |= _BBOX_W
         problems[finite & (b[:, 3] <= 0)] |= _BBOX_H
-        index = {im["id"]: i for i, im in enumerate(images)}
-        img = np.fromiter((index[a["image_id"]] for a in anns), dtype=np.int64, count=n)
-        size = wh[img]
-        tol = BORDER_TOLERANCE
         outside = (
             (b[:, 0] < -tol)
             | (b[:, 1] < -tol)
@@ -156,28 +179,23 @@ def find_invalid_annotations(data: dict) -> Tuple[np.ndarray, np.ndarray]:
     problems[finite & ~bad_image[img] & outside] |= _BBOX_OUT
     problems[bad_image[img]] |= _IMAGE_SIZE
     # Polygons: the structural check made each segmentation a list of lists of even length >= 6.
-    polys = list(chain.from_iterable(a["segmentation"] for a in anns))
-    per_ann = np.fromiter((len(a["segmentation"]) for a in anns), dtype=np.int64, count=n)
+    segs = list(map(itemgetter("segmentation"), anns))
+    per_ann = np.fromiter(map(len, segs), dtype=np.int64, count=n)
     owner = np.repeat(np.arange(n), per_ann)  # annotation of each polygon
-    lengths = np.fromiter(map(len, polys), dtype=np.int64, count=len(polys))
-    coords = chain.from_iterable(polys)
-    if _all_numbers(chain.from_iterable(polys)):
-        values = np.fromiter(coords, dtype=np.float64, count=int(lengths.sum()))
-        nonfinite_coord = ~np.isfinite(values)
-        if nonfinite_coord.any():
-            poly_of_coord = np.repeat(np.arange(len(polys)), lengths)
-            problems[np.unique(owner[poly_of_coord[nonfinite_coord]])] |= _POLY_NONFINITE
+    polys = list(chain.from_iterable(segs))
+    sums = _sums(polys)
+    if sums is not None:
+        problems[np.unique(owner[~np.isfinite(sums)])] |= _POLY_NONFINITE
     else:
-        for p, poly in enumerate(polys):
-            if not all(type(v) in _NUMBER_TYPES for v in poly):
-                problems[owner[p]] |= _POLY_TYPE
-            elif not np.isfinite(np.asarray(poly, dtype=np.float64)).all():
+        numbers = _numbers_mask(polys)  # the slow path: a non-number is somewhere
+        problems[owner[~numbers]] |= _POLY_TYPE
+        for p in np.flatnonzero(numbers):
+            if not np.isfinite(np.asarray(polys[p], dtype=np.float64)).all():
                 problems[owner[p]] |= _POLY_NONFINITE
     # Area.
-    areas = [a["area"] for a in anns]
-    ok = np.fromiter((type(v) in _NUMBER_TYPES for v in areas), dtype=bool, count=n)
-    area = np.full(n, np.nan)
-    area[ok] = np.asarray([areas[i] for i in np.flatnonzero(ok)], dtype=np.float64)
+    areas = [(a,) for a in map(itemgetter("area"), anns)]
+    ok = _rows_ok(areas)
+    area = _float_rows(areas, ok, 1)[:, 0]
     problems[~ok] |= _AREA_TYPE
     finite = np.isfinite(area)
     problems[ok & ~finite] |= _AREA_NONFINITE
