@@ -72,8 +72,9 @@ def main(argv=None):
             json.dump(data, f)
         del data
         size = os.path.getsize(path) / 2**20
+        took = time.perf_counter() - t
         print(f"generated {path}: {args.annotations} annotations, {args.images} images, "
-              f"{args.coords} coords each, {size:.0f} MiB ({time.perf_counter() - t:.1f} s)")  # fmt: skip
+              f"{args.coords} coords each, {size:.0f} MiB ({took:.1f} s)")  # fmt: skip
         t = time.perf_counter()
         with open(path) as f:
             data = json.load(f)
@@ -83,8 +84,11 @@ def main(argv=None):
         print(f"structure (validate_lvis_dict):  {time.perf_counter() - t:7.2f} s")
         t = time.perf_counter()
         problems, bad_images = find_invalid_annotations(data)
-        print(f"values (find_invalid_annotations): {time.perf_counter() - t:5.2f} s "
-              f"({int((problems != 0).sum())} invalid, {int(bad_images.sum())} bad images)")  # fmt: skip
+        took = time.perf_counter() - t
+        invalid, bad = int((problems != 0).sum()), int(bad_images.sum())
+        print(
+            f"values (find_invalid_annotations): {took:5.2f} s ({invalid} invalid, {bad} bad imgs)"
+        )
         del data
 
         folder = os.path.join(tmp, "images", "train2017")
