@@ -228,37 +228,46 @@ def test_image_size_not_positive(tiny_dataset, tmp_path):
         register_lvis_format(_uniq("size"), path, tiny_dataset["image_root"])
 
 
-def test_vectorised_check_matches_a_per_annotation_loop(tiny_dataset):
-    # Random corruptions; the vectorised mask must flag exactly what a plain loop flags.
+@pytest.mark.parametrize("with_strings", [False, True])
+def test_vectorised_check_matches_a_per_annotation_loop(tiny_dataset, with_strings):
+    # Random corruptions; the vectorised mask must flag exactly what a plain loop flags. With
+    # strings, the slow paths (a non-number somewhere) are taken for boxes and polygons.
     data = _load(tiny_dataset["train_json"])
-    rng = np.random.default_rng(0)
-    for i in rng.choice(len(data["annotations"]), 40, replace=False):
+    rng = np.random.default_rng(int(with_strings))
+    for i in rng.choice(len(data["annotations"]), 60, replace=False):
         a = data["annotations"][i]
-        kind = rng.integers(4)
+        kind = rng.integers(6 if with_strings else 4)
         if kind == 0:
             a["bbox"][rng.integers(4)] = float(rng.choice([np.nan, -2.0, 0.0, 1e4]))
         elif kind == 1:
             a["segmentation"][0][rng.integers(6)] = float("inf")
         elif kind == 2:
             a["area"] = float(rng.choice([0.0, -1.0, np.nan]))
-        else:
+        elif kind == 3:
             a["bbox"][1] = -float(rng.integers(0, 3))
+        elif kind == 4:
+            a["segmentation"][-1][rng.integers(6)] = "1"
+        else:
+            a["bbox"][rng.integers(4)] = "2"
     sizes = {im["id"]: (im["width"], im["height"]) for im in data["images"]}
 
+    def number(v):
+        return type(v) in (int, float) and math.isfinite(v)
+
     def wrong(a):
-        x, y, w, h = a["bbox"]
         W, H = sizes[a["image_id"]]
         t = BORDER_TOLERANCE
-        box_ok = all(map(math.isfinite, a["bbox"])) and w > 0 and h > 0
-        inside = x >= -t and y >= -t and x + w <= W + t and y + h <= H + t
-        polys_ok = all(math.isfinite(v) for p in a["segmentation"] for v in p)
-        area_ok = math.isfinite(a["area"]) and a["area"] > 0
-        return not (box_ok and (inside or not all(map(math.isfinite, a["bbox"])))
-                    and polys_ok and area_ok)  # fmt: skip
+        if all(map(number, a["bbox"])):
+            x, y, w, h = a["bbox"]
+            box_ok = w > 0 and h > 0 and x >= -t and y >= -t and x + w <= W + t and y + h <= H + t
+        else:
+            box_ok = False
+        polys_ok = all(number(v) for p in a["segmentation"] for v in p)
+        return not (box_ok and polys_ok and number(a["area"]) and a["area"] > 0)
 
     problems, _ = find_invalid_annotations(data)
     expected = np.array([wrong(a) for a in data["annotations"]])
-    assert expected.sum() > 10
+    assert expected.sum() > 20
     np.testing.assert_array_equal(problems != 0, expected)
 
 

@@ -189,9 +189,9 @@ def find_invalid_annotations(data: dict) -> Tuple[np.ndarray, np.ndarray]:
     else:
         numbers = _numbers_mask(polys)  # the slow path: a non-number is somewhere
         problems[owner[~numbers]] |= _POLY_TYPE
-        for p in np.flatnonzero(numbers):
-            if not np.isfinite(np.asarray(polys[p], dtype=np.float64)).all():
-                problems[owner[p]] |= _POLY_NONFINITE
+        idx = np.flatnonzero(numbers)
+        sums = _sums([polys[i] for i in idx])
+        problems[owner[idx[~np.isfinite(sums)]]] |= _POLY_NONFINITE
     # Area.
     areas = [(a,) for a in map(itemgetter("area"), anns)]
     ok = _rows_ok(areas)
