@@ -507,6 +507,14 @@ def test_eval_only_disalign_without_weights_is_an_error(tiny_dataset, tmp_path, 
     )  # fmt: skip
 
 
+def test_eval_only_weights_file_missing(tiny_dataset, tmp_path, run_folder):
+    gone = str(tmp_path / "gone.pth")
+    _fails_unchanged(
+        run_folder, FileNotFoundError, re.escape(f"MODEL.WEIGHTS='{gone}' does not exist"),
+        lambda: _train_net(tmp_path, opts=["MODEL.WEIGHTS", gone], eval_only=True),
+    )  # fmt: skip
+
+
 def test_plain_model_without_weights_warns_loudly(tiny_dataset, caplog):
     model = build_model(tiny_cfg())
     with caplog.at_level(logging.WARNING, logger="disalign_det"):

@@ -46,6 +46,8 @@ class InferenceCheckpointer(DisAlignCheckpointer):
         super().__init__(model, save_dir, strict_stage_one=False, **checkpointables)
         self.keys = dict(keys or YAML_KEYS)
         self._path = None
+        # True: load() reads and checks the file but loads nothing (the model may be on "meta").
+        self.dry_run = False
 
     def load(self, path, checkpointables=None):
         self._path = path
@@ -58,8 +60,11 @@ class InferenceCheckpointer(DisAlignCheckpointer):
         return message
 
     def _load_model(self, checkpoint):
-        if not checkpoint.get("matching_heuristics", False):
+        heuristics = checkpoint.get("matching_heuristics", False)
+        if not heuristics:
             self.check_exact(checkpoint["model"])  # before loading: no "Skip loading" warnings
+        if self.dry_run:  # precheck_inference_weights: nothing is loaded
+            return None
         incompatible = super()._load_model(checkpoint)
         shapes = list(getattr(incompatible, "incorrect_shapes", ()) or ())
         self._raise_if(shapes, list(incompatible.missing_keys), incompatible.unexpected_keys)
@@ -139,14 +144,11 @@ def precheck_inference_weights(
     if not path:
         _no_weights(model, checkpointer.keys)
         return
-    checkpointer._path = path
-    if not os.path.isfile(path):
-        path = checkpointer.path_manager.get_local_path(path)
-    if not os.path.isfile(path):
+    local = path if os.path.isfile(path) else checkpointer.path_manager.get_local_path(path)
+    if not os.path.isfile(local):
         raise FileNotFoundError(f"{checkpointer.keys['weights']}={path!r} does not exist")
-    checkpoint = checkpointer._load_file(path)
-    if not checkpoint.get("matching_heuristics", False):
-        checkpointer.check_exact(checkpoint["model"])
+    checkpointer.dry_run = True
+    checkpointer.load(path, checkpointables=[])
 
 
 def load_for_inference(
