@@ -42,17 +42,17 @@ def generate(num_annotations, num_images, coords, seed=0):
     wh = rng.uniform(1, 150, (num_annotations, 2)).round(2)
     img = rng.integers(1, num_images + 1, num_annotations)
     cat = rng.integers(1, 1204, num_annotations)
-    anns = []
-    for i in range(num_annotations):
-        x, y = xy[i].tolist()
-        w, h = wh[i].tolist()
-        t = np.linspace(0, 2 * np.pi, coords // 2, endpoint=False)
-        poly = np.stack([x + w / 2 * (1 + np.cos(t)), y + h / 2 * (1 + np.sin(t))], 1)
-        anns.append({
-            "id": i + 1, "image_id": int(img[i]), "category_id": int(cat[i]),
-            "segmentation": [poly.round(2).ravel().tolist()], "area": round(w * h * 0.78, 2),
-            "bbox": [x, y, w, h],
-        })  # fmt: skip
+    t = np.linspace(0, 2 * np.pi, coords // 2, endpoint=False)
+    px = xy[:, :1] + wh[:, :1] / 2 * (1 + np.cos(t))  # (N, coords / 2)
+    py = xy[:, 1:] + wh[:, 1:] / 2 * (1 + np.sin(t))
+    polys = np.stack([px, py], 2).reshape(num_annotations, -1).round(2).tolist()
+    boxes = np.concatenate([xy, wh], 1).tolist()
+    areas = (wh.prod(1) * 0.78).round(2).tolist()
+    anns = [
+        {"id": i + 1, "image_id": int(img[i]), "category_id": int(cat[i]),
+         "segmentation": [polys[i]], "area": areas[i], "bbox": boxes[i]}
+        for i in range(num_annotations)
+    ]  # fmt: skip
     return {"images": images, "annotations": anns, "categories": cats}
 
 

@@ -193,9 +193,12 @@ def find_invalid_annotations(data: dict) -> Tuple[np.ndarray, np.ndarray]:
         sums = _sums([polys[i] for i in idx])
         problems[owner[idx[~np.isfinite(sums)]]] |= _POLY_NONFINITE
     # Area.
-    areas = [(a,) for a in map(itemgetter("area"), anns)]
-    ok = _rows_ok(areas)
-    area = _float_rows(areas, ok, 1)[:, 0]
+    areas = list(map(itemgetter("area"), anns))
+    if set(map(type, areas)) <= set(_NUMBER_TYPES):
+        ok, area = np.ones(n, bool), np.fromiter(areas, dtype=np.float64, count=n)
+    else:
+        ok = np.fromiter((type(a) in _NUMBER_TYPES for a in areas), dtype=bool, count=n)
+        area = np.array([a if k else np.nan for a, k in zip(areas, ok)], dtype=np.float64)
     problems[~ok] |= _AREA_TYPE
     finite = np.isfinite(area)
     problems[ok & ~finite] |= _AREA_NONFINITE
