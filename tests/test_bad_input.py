@@ -523,6 +523,16 @@ def test_plain_model_without_weights_warns_loudly(tiny_dataset, caplog):
                for r in caplog.records)  # fmt: skip
 
 
+def test_disalign_without_weights_only_warns_outside_evaluation(tiny_dataset, caplog):
+    # Export / visualisation of a random DisAlign model is a legitimate try-out: a warning.
+    model = Trainer.build_model(tiny_cfg(STAGE_TWO))
+    with pytest.raises(ValueError, match=r"^MODEL\.WEIGHTS is empty: this DisAlign model"):
+        load_for_inference(model, "")
+    with caplog.at_level(logging.WARNING, logger="disalign_det"):
+        assert load_for_inference(model, "", evaluating=False) == {}
+    assert any("RANDOMLY INITIALISED" in r.getMessage() for r in caplog.records)
+
+
 def test_eval_only_exact_checkpoint_loads(disalign_ckpt):
     model = Trainer.build_model(tiny_cfg(STAGE_TWO))
     load_for_inference(model, disalign_ckpt)

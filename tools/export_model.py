@@ -77,7 +77,7 @@ def build_eager_model(cfg):
     from disalign_det.engine.strict_load import load_for_inference
 
     model = build_model(cfg).eval()
-    load_for_inference(model, cfg.MODEL.WEIGHTS)  # exact match; empty: warns (DisAlign: raises)
+    load_for_inference(model, cfg.MODEL.WEIGHTS, evaluating=False)  # exact match; empty: warns
     return model
 
 

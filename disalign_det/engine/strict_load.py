@@ -5,8 +5,8 @@ detectron2 loads any checkpoint for inference: tensors of another shape or name 
 "Skip loading parameter" warning and the model evaluates randomly initialised heads (with exit
 status 0 and a ``metrics_final.json``). Here anything but an exact match of the model is an error
 that names the mismatched tensors and the config key to change, and a model with no weights at
-all is a loud warning, or an error for a DisAlign model (its calibration would be evaluated at its
-identity initialisation on top of a random network).
+all is a loud warning, or, when evaluating (``--eval-only``), an error for a DisAlign model (its
+calibration would be evaluated at its identity initialisation on top of a random network).
 """
 
 import logging
@@ -158,12 +158,15 @@ def load_for_inference(
     save_dir: str = "",
     resume: bool = False,
     keys: Optional[dict] = None,
+    evaluating: bool = True,
 ):
     """Load ``weights`` (or, with ``resume``, the checkpoint ``save_dir/last_checkpoint`` names)
     into ``model`` for inference, exactly (:class:`InferenceCheckpointer`).
 
-    No weights at all: ValueError for a model with DisAlign state (calibration or its buffers),
-    else a warning that the model is randomly initialised.
+    No weights at all: a warning that the model is randomly initialised; a ValueError instead
+    when ``evaluating`` (``--eval-only``: metrics would be written) a model with DisAlign state
+    (calibration or its buffers). Export and visualisation (``evaluating=False``) only warn: a
+    random model is a legitimate way to try them.
 
     Returns:
         the checkpoint dict (empty when nothing was loaded).
@@ -172,7 +175,8 @@ def load_for_inference(
     checkpointer = InferenceCheckpointer(model, save_dir, keys=keys)
     path = _weights_to_load(checkpointer, weights, save_dir, resume)
     if not path:
-        _no_weights(model, keys)
+        if evaluating:
+            _no_weights(model, keys)
         logger.warning(
             "%s is empty: the model is RANDOMLY INITIALISED; its predictions and metrics mean "
             "nothing. Set %s to a trained checkpoint.",
@@ -195,4 +199,4 @@ class DisAlignPredictor(DefaultPredictor):
         empty.MODEL.WEIGHTS = ""  # DefaultPredictor loads nothing; we load strictly below
         super().__init__(empty)
         self.cfg = cfg.clone()
-        load_for_inference(self.model, weights)
+        load_for_inference(self.model, weights, evaluating=False)
