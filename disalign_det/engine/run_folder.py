@@ -122,7 +122,7 @@ def check_config_values(cfg, training: bool = True):
     from detectron2.modeling import build_model
 
     from ..modeling import install_class_weights
-    from ..modeling.freeze import apply_freeze
+    from .loop import freeze_model
 
     meta_cfg = cfg.clone()
     meta_cfg.defrost()
@@ -130,7 +130,7 @@ def check_config_values(cfg, training: bool = True):
     try:
         with torch.device("meta"):
             model = build_model(meta_cfg)
-            apply_freeze(model, cfg.MODEL.DISALIGN.FREEZE)
+            freeze_model(model, cfg.MODEL.DISALIGN.FREEZE)  # as Trainer.build_model
             if training:
                 install_class_weights(model, meta_cfg)
     except (ValueError, KeyError):
@@ -177,11 +177,11 @@ def _meta_lazy_model(cfg, mode):
     reason other than a named config error, e.g. ``.item()`` in a ViT's init)."""
     from detectron2.config import instantiate
 
-    from ..lazy.train import prepare_stage_two
+    from .loop import freeze_model
 
     try:
         with torch.device("meta"):
-            return prepare_stage_two(instantiate(cfg.model), mode)
+            return freeze_model(instantiate(cfg.model), mode)
     except (ValueError, KeyError):
         raise
     except Exception as e:
