@@ -32,7 +32,6 @@ from disalign_det.data import (
     register_datasets_from_cfg,
     register_lvis_format,
 )
-from disalign_det.data.builtin import register_lvis_builtin
 from disalign_det.data.validate import (
     BORDER_TOLERANCE,
     ImageFilesError,
@@ -650,36 +649,31 @@ def test_failing_setup_leaves_stale_temporaries_alone(stage_one, tmp_path, run_f
 # --------------------------------------------------------------------------------------------------
 
 
-def test_custom_json_at_a_builtin_path_gives_one_message(tiny_dataset, tmp_path):
+def test_custom_json_at_a_builtin_path_gives_one_message(tiny_dataset, tmp_path, monkeypatch):
+    # detectron2 registers lvis_v1_train with its 1203 class names and a json path under
+    # $DETECTRON2_DATASETS (default: "datasets", relative to the working folder).
     name = "lvis_v1_train"
-    root = tmp_path / "ds"
-    (root / "lvis").mkdir(parents=True)
-    os.symlink(tiny_dataset["train_json"], root / "lvis" / "lvis_v1_train.json")
-    os.symlink(tiny_dataset["image_root"], root / "coco")
-    saved_loader, saved_meta = DatasetCatalog[name], MetadataCatalog.get(name)
-    try:
-        register_lvis_builtin(str(root), {name: ("lvis/lvis_v1_train.json", "coco/")})
-        expected = re.escape(
-            f"Dataset '{name}' is registered with 1203 class names (detectron2's built-in list for "
-            f"that name), but its json '{root}/lvis/lvis_v1_train.json' has {TINY_CLASSES} "
-            "categories: a custom json at a built-in path. Register it under a name of its own "
-            f"with DATASETS.LVIS_FORMAT (classes, buckets and counts then come from the json) "
-            f"and set MODEL.ROI_HEADS.NUM_CLASSES {TINY_CLASSES}."
-        )
-        for k in ("1203", str(TINY_CLASSES)):  # stage one, whatever NUM_CLASSES says
-            cfg = tiny_cfg(
-                opts=["DATASETS.TRAIN", f"('{name}',)", "MODEL.ROI_HEADS.NUM_CLASSES", k]
-            )
-            with pytest.raises(ValueError, match=expected):
-                check_num_classes(cfg)
-        # Stage two's class counts: the same message.
-        cfg = tiny_cfg(STAGE_TWO, opts=["DATASETS.TRAIN", f"('{name}',)"])
+    json_file = MetadataCatalog.get(name).json_file
+    if os.path.isabs(json_file):
+        pytest.skip("DETECTRON2_DATASETS is absolute here: the built-in path is not in tmp_path")
+    monkeypatch.chdir(tmp_path)
+    os.makedirs(os.path.dirname(json_file))
+    os.symlink(tiny_dataset["train_json"], json_file)
+    expected = re.escape(
+        f"Dataset '{name}' is registered with 1203 class names (detectron2's built-in list for "
+        f"that name), but its json '{json_file}' has {TINY_CLASSES} categories: a custom json at a "
+        "built-in path. Register it under a name of its own with DATASETS.LVIS_FORMAT (classes, "
+        f"buckets and counts then come from the json) and set MODEL.ROI_HEADS.NUM_CLASSES "
+        f"{TINY_CLASSES}."
+    )
+    for k in ("1203", str(TINY_CLASSES)):  # stage one, whatever NUM_CLASSES says
+        cfg = tiny_cfg(opts=["DATASETS.TRAIN", f"('{name}',)", "MODEL.ROI_HEADS.NUM_CLASSES", k])
         with pytest.raises(ValueError, match=expected):
-            class_counts_from_cfg(cfg)
-    finally:
-        DatasetCatalog.remove(name)
-        DatasetCatalog.register(name, saved_loader)
-        MetadataCatalog[name] = saved_meta
+            check_num_classes(cfg)
+    # Stage two's class counts: the same message (before any count is read).
+    cfg = tiny_cfg(STAGE_TWO, opts=["DATASETS.TRAIN", f"('{name}',)"])
+    with pytest.raises(ValueError, match=expected):
+        class_counts_from_cfg(cfg)
 
 
 # --------------------------------------------------------------------------------------------------
