@@ -17,6 +17,7 @@ Prints seconds; nothing is kept (a temporary folder).
 """
 
 import argparse
+import functools
 import json
 import os
 import tempfile
@@ -27,6 +28,8 @@ import numpy as np
 import disalign_det  # noqa: F401  isort: skip  (shims)
 from disalign_det.data.lvis_json import validate_lvis_dict
 from disalign_det.data.validate import check_image_files, find_invalid_annotations
+
+print = functools.partial(print, flush=True)  # progress shows when stdout is a file
 
 
 def generate(num_annotations, num_images, coords, seed=0):
