@@ -8,6 +8,8 @@ selects ``DisAlignROIHeads`` / ``DisAlignMaskRCNNConvUpsampleHead`` or sets
 
 from detectron2.config import CfgNode as CN
 
+from .config_sem_seg import add_sem_seg_disalign_config
+
 __all__ = ["add_disalign_config", "get_inference_cfg"]
 
 
@@ -82,6 +84,7 @@ def add_disalign_config(cfg):
         # Autocast dtype of SOLVER.AMP.ENABLED: "auto" (float16 on CUDA, bfloat16 on CPU),
         # "float16" (CUDA, with a grad scaler) or "bfloat16" (disalign_det.engine.loop).
         _C.SOLVER.AMP.PRECISION = "auto"
+    add_sem_seg_disalign_config(_C)  # semantic segmentation (docs/semantic_segmentation.md)
     return cfg
 
 

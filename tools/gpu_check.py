@@ -53,7 +53,7 @@ MEASURES = ("s1_iter", "s2_iter", "s2_forward", "infer_plain", "infer_disalign")
 OFFICIAL_STAGE_TWO_ITERS = 9000  # configs/LVIS/disalign_mask_rcnn.yaml, 16 images per iteration
 GOALS = {"s2_iter_over_s2_forward": 1.1, "stage_two_hours": 1.0}
 # (batch, (height, width), objects per image, iterations, warm-up)
-GPU_SIZES = (16, (800, 1067), 12, 10, 3)
+GPU_SIZES = (16, (800, 1067), 12, 8, 2)
 DRY_RUN_SIZES = (2, (96, 128), 3, 1, 1)
 AMP_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 # The dry run also shrinks the per-image work (proposals, sampled RoIs, detections); the code
@@ -271,8 +271,10 @@ def device_name(device):
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def run(device, sizes, amp_dtype="bfloat16", workdir=None, log=print, opts=()):
-    """Measure everything; returns the result dict (see the module docstring)."""
+def run(device, sizes, amp_dtype="bfloat16", workdir=None, log=print, opts=(), partial=None):
+    """Measure everything; returns the result dict (see the module docstring). ``partial``: a
+    json path where the result so far is written after each precision (a run killed by its time
+    limit still leaves the float32 numbers)."""
     import torch
 
     from disalign_det.compat.shims import has_compiled_ops
@@ -306,6 +308,9 @@ def run(device, sizes, amp_dtype="bfloat16", workdir=None, log=print, opts=()):
             result["ratios"][name] = ratios(result["precisions"][name])
             result["detections_per_image"] = check.detections
             del check
+            if partial:
+                with open(partial, "w") as f:
+                    json.dump({**result, "complete": False}, f, indent=2)
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
     finally:
@@ -387,7 +392,9 @@ def main(argv=None):
         return 0
     import torch
 
-    import disalign_det  # noqa: F401  (shims and registrations before detectron2)
+    import disalign_det  # registrations only; the v0.6 shims come from the explicit call below
+
+    disalign_det.compat.apply_legacy_shims()  # numpy aliases: detectron2 v0.6's loader, lvis
 
     logging.basicConfig(level=logging.WARNING)
     device = "cpu" if args.cpu_dry_run else args.device
@@ -401,9 +408,10 @@ def main(argv=None):
     if args.cpu_dry_run:
         torch.set_num_threads(1)
     opts = DRY_RUN_OPTS if args.cpu_dry_run else ()
-    result = run(device, tuple(sizes), AMP_DTYPES[args.amp_dtype], opts=opts)
-    result["dry_run"] = bool(args.cpu_dry_run)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    result = run(device, tuple(sizes), AMP_DTYPES[args.amp_dtype], opts=opts, partial=args.out)
+    result["dry_run"] = bool(args.cpu_dry_run)
+    result["complete"] = True
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(render_table(result))
