@@ -65,6 +65,10 @@ def add_disalign_config(cfg):
     # instance_count) is read from the json. Example on the command line:
     #   DATASETS.LVIS_FORMAT "(('my_train', 'a/train.json', 'a/images/'),)"
     _C.DATASETS.LVIS_FORMAT = ()
+    # Annotations of those jsons with invalid values (bbox not finite / w or h <= 0 / off the image,
+    # non-finite polygon, area <= 0) fail registration naming them; True drops them instead, with a
+    # logged count (docs/errors.md).
+    _C.DATASETS.DROP_INVALID_ANNOTATIONS = False
 
     # LVIS evaluation options (disalign_det.evaluation; docs/eval_backends.md).
     _C.TEST.LVIS_EVAL = CN()

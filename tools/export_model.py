@@ -74,14 +74,12 @@ def setup_cfg(config_file, opts):
 
 def build_eager_model(cfg):
     """The model of ``cfg`` in eval mode with ``MODEL.WEIGHTS`` loaded (as DefaultPredictor)."""
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
+    from disalign_det.engine.strict_load import load_for_inference
+
     model = build_model(cfg).eval()
-    if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    else:
-        logger.warning("MODEL.WEIGHTS is empty: exporting a randomly initialised model")
+    load_for_inference(model, cfg.MODEL.WEIGHTS, evaluating=False)  # exact match; empty: warns
     return model
 
 

@@ -22,6 +22,7 @@ from detectron2.engine import default_argument_parser, default_setup  # noqa: F4
 from detectron2.utils import comm
 
 from disalign_det.engine import launch_from_argv
+from disalign_det.engine.run_folder import preflight_lazy, remove_stale_temporaries
 from disalign_det.lazy.train import do_eval_only, do_train, freeze_mode
 
 logger = logging.getLogger("disalign_det.lazyconfig_train_net")
@@ -49,6 +50,9 @@ def setup(args):
             "add train.init_checkpoint=path/to/stage_one/model_final.pth"
             + (f" (--resume found no last_checkpoint in {out!r})" if args.resume else "")
         )
+    # disalign.freeze, every dataset file and image, last_checkpoint (docs/errors.md).
+    preflight_lazy(cfg, resume=args.resume, eval_only=args.eval_only)
+    remove_stale_temporaries(out)  # a killed save's *.tmp.<pid>, once all checks pass
     default_setup(cfg, args)
     return cfg
 

@@ -21,15 +21,15 @@ os.environ.setdefault("DISALIGN_QUIET_WARNINGS", "1")
 import disalign_det  # noqa: E402  isort: skip  (a real _C or the stand-in, registrations)
 
 disalign_det.compat.apply_legacy_shims()  # numpy aliases: detectron2 v0.6's loader, lvis
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup  # noqa: E402,F401  (re-export)
 from detectron2.evaluation import verify_results  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 
 from disalign_det import add_disalign_config  # noqa: E402
-from disalign_det.data import check_num_classes  # noqa: E402
 from disalign_det.engine import Trainer, launch_from_argv  # noqa: E402
+from disalign_det.engine.run_folder import preflight, remove_stale_temporaries  # noqa: E402
+from disalign_det.engine.strict_load import load_for_inference  # noqa: E402
 from disalign_det.evaluation import apply_fixed_ap_config  # noqa: E402
 from disalign_det.model_zoo import merge_config_file  # noqa: E402
 
@@ -46,8 +46,9 @@ def setup(args):
     apply_fixed_ap_config(cfg)  # TEST.LVIS_EVAL.FIXED_AP: no per-image cap at inference
     cfg.freeze()
     # Validate before default_setup: it writes OUTPUT_DIR/config.yaml, which must not replace the
-    # config of an earlier run in that folder with one that cannot run.
-    check_num_classes(cfg)  # registers DATASETS.LVIS_FORMAT first
+    # config of an earlier run in that folder with one that cannot run. Config values, every
+    # dataset file and image, last_checkpoint (docs/errors.md):
+    preflight(cfg, resume=args.resume, eval_only=args.eval_only)
     resumable = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
     if cfg.MODEL.DISALIGN.FREEZE != "none" and not cfg.MODEL.WEIGHTS and not resumable:
         raise ValueError(
@@ -59,6 +60,7 @@ def setup(args):
                 else ""
             )
         )
+    remove_stale_temporaries(cfg.OUTPUT_DIR)  # a killed save's *.tmp.<pid>, once all checks pass
     default_setup(cfg, args)
     return cfg
 
@@ -67,9 +69,8 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        # Exactly this model's tensors, or an error naming them (not random heads).
+        load_for_inference(model, cfg.MODEL.WEIGHTS, save_dir=cfg.OUTPUT_DIR, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

@@ -207,8 +207,9 @@ def visualize(
     """Draw predictions of ``cfg``'s model on ``inputs`` (files/folders) and/or ``num`` images of
     ``dataset``; returns (and writes to OUTPUT/predictions.json) one summary per image."""
     from detectron2.data.detection_utils import read_image
-    from detectron2.engine import DefaultPredictor
     from detectron2.utils.visualizer import ColorMode
+
+    from disalign_det.engine.strict_load import DisAlignPredictor
 
     if not inputs and not dataset:
         raise ValueError("Give --input images/folders and/or --dataset NAME")
@@ -227,7 +228,7 @@ def visualize(
         items += [(r["file_name"], r) for r in records]
 
     visualizer_cls = _visualizer_class()
-    predictor = DefaultPredictor(cfg)
+    predictor = DisAlignPredictor(cfg)  # MODEL.WEIGHTS must match the model exactly
     input_format = cfg.INPUT.FORMAT
     os.makedirs(output, exist_ok=True)
     used, summary = set(), []

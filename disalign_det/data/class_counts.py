@@ -22,6 +22,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from .frequency import check_frequency_source, frequency_bucket
 from .lvis_format import register_datasets_from_cfg
 from .lvis_json import lvis_category_info
+from .validate import check_builtin_classes
 
 __all__ = ["class_counts_from_cfg", "get_class_counts", "get_class_frequency_buckets"]
 
@@ -129,6 +130,8 @@ def class_counts_from_cfg(cfg) -> np.ndarray:
             "MODEL.DISALIGN needs class frequencies from DATASETS.TRAIN, which is empty "
             "(CLS_LOSS='grw', MASK_LOSS='grw' or POSTHOC='norcal')."
         )
+    for name in names:
+        check_builtin_classes(name)  # the message check_num_classes gives, not a NUM_CLASSES hint
     source = cfg.MODEL.DISALIGN.FREQUENCY_SOURCE
     key = (names, source, tuple(_json_stamp(n) for n in names))
     if key not in _CACHE:

@@ -17,6 +17,7 @@ from detectron2.data.catalog import Metadata
 from detectron2.data.datasets.lvis import load_lvis_json
 
 from .lvis_json import README_HINT, lvis_category_info
+from .validate import check_builtin_classes, check_image_files
 
 __all__ = [
     "check_num_classes",
@@ -60,27 +61,13 @@ def mark_registered(name: str, json_file: str, image_root: str) -> None:
     _REGISTERED[name] = (json_file, image_root)
 
 
-def _check_image_paths(dicts, json_file, image_root, max_checks=5):
-    """Fail early, with the path rule spelled out, when images are not where the loader looks."""
-    if not dicts:
-        return
-    step = max(1, len(dicts) // max_checks)
-    for d in dicts[::step][:max_checks]:
-        if not os.path.isfile(d["file_name"]):
-            raise FileNotFoundError(
-                f"Image '{d['file_name']}' of {json_file} not found. detectron2's LVIS loader "
-                f"builds image_root ('{image_root}') + the folder and file name of coco_url. "
-                f"{README_HINT}"
-            )
-
-
 def load_lvis_format(json_file: str, image_root: str, check_images: bool = True):
     if not os.path.isfile(json_file):
         raise FileNotFoundError(f"LVIS-format json not found: '{json_file}'. {README_HINT}")
     # dataset_name=None: with a name, v0.6 would replace our metadata with its built-in LVIS lists.
     dicts = load_lvis_json(json_file, image_root, None)
-    if check_images:
-        _check_image_paths(dicts, json_file, image_root)
+    if check_images:  # every image: one stat each (docs/errors.md)
+        check_image_files([d["file_name"] for d in dicts], json_file, image_root)
     return dicts
 
 
@@ -89,13 +76,18 @@ def _normalise(json_file: str, image_root: str) -> Tuple[str, str]:
     return os.path.abspath(json_file), os.path.join(os.path.abspath(image_root), "")
 
 
-def register_lvis_format(name: str, json_file: str, image_root: str) -> Metadata:
+def register_lvis_format(
+    name: str, json_file: str, image_root: str, drop_invalid: bool = False
+) -> Metadata:
     """Register an LVIS-format dataset whose classes and statistics come from its json.
 
     Args:
         name: any dataset name (no built-in metadata is looked up, "v1" in it is harmless).
         json_file: LVIS-format json, category ids contiguous 1..K.
         image_root: folder such that ``image_root/<folder of coco_url>/<file name>`` is an image.
+        drop_invalid: drop annotations with invalid values (logged with their count; the loader
+            and the evaluation then read a cleaned copy) instead of raising
+            :class:`~disalign_det.data.validate.LVISValueError`.
 
     Metadata set: ``thing_classes`` (names by category id), ``json_file``, ``image_root``,
     ``evaluator_type="lvis"``, ``class_frequency`` ('r'/'c'/'f' per class), ``class_image_count``
@@ -115,11 +107,14 @@ def register_lvis_format(name: str, json_file: str, image_root: str) -> Metadata
         raise FileNotFoundError(
             f"Image root of dataset '{name}' not found: '{image_root}'. {README_HINT}"
         )
-    info = lvis_category_info(json_abs, name)
-    DatasetCatalog.register(name, functools.partial(load_lvis_format, json_abs, root_abs))
+    info = lvis_category_info(json_abs, name, drop_invalid)
+    # info.json_file: json_abs, or its cleaned copy when annotations were dropped.
+    DatasetCatalog.register(name, functools.partial(load_lvis_format, info.json_file, root_abs))
     mark_registered(name, json_abs, root_abs)
     meta = MetadataCatalog.get(name)
-    meta.set(json_file=json_abs, image_root=root_abs, evaluator_type="lvis", **info.metadata())
+    meta.set(
+        json_file=info.json_file, image_root=root_abs, evaluator_type="lvis", **info.metadata()
+    )
     logger.info(
         "Registered LVIS-format dataset '%s': %d classes (%s r / %s c / %s f) from %s",
         name,
@@ -143,7 +138,7 @@ def register_datasets_from_cfg(cfg) -> List[str]:
             f"DATASETS.LVIS_FORMAT must be a list of (name, json_file, image_root) triples, "
             f"got {entries!r}"
         )
-    names = []
+    names, drop = [], bool(cfg.DATASETS.get("DROP_INVALID_ANNOTATIONS", False))
     for i, entry in enumerate(entries):
         ok = (
             isinstance(entry, (list, tuple))
@@ -155,7 +150,7 @@ def register_datasets_from_cfg(cfg) -> List[str]:
                 f"DATASETS.LVIS_FORMAT[{i}] must be a (name, json_file, image_root) triple of "
                 f"non-empty strings, got {entry!r}"
             )
-        register_lvis_format(*entry)
+        register_lvis_format(*entry, drop_invalid=drop)
         names.append(entry[0])
     return names
 
@@ -178,6 +173,7 @@ def check_num_classes(cfg) -> None:
     expected = cfg.MODEL.ROI_HEADS.NUM_CLASSES
     for key in ("TRAIN", "TEST"):
         for name in getattr(cfg.DATASETS, key):
+            check_builtin_classes(name)  # a custom json at a built-in path: one message
             k = num_classes_of(name)
             if k is None:
                 logger.warning("Dataset '%s' has no thing_classes: NUM_CLASSES not checked", name)

@@ -128,8 +128,19 @@ def validate_lvis_dict(data: dict, json_file: str = "<json>") -> None:
             )
 
 
-def read_lvis_json(json_file: str, dataset_name: Optional[str] = None) -> dict:
-    """Parse and validate an LVIS-format json; clear errors name the file (and dataset)."""
+def read_lvis_json(
+    json_file: str, dataset_name: Optional[str] = None, drop_invalid: bool = False
+) -> dict:
+    """Parse and validate an LVIS-format json (structure here, values in :mod:`.validate`); clear
+    errors name the file (and dataset). ``drop_invalid``: annotations with invalid values are
+    dropped (logged with their count) instead of raising."""
+    return _read_checked(json_file, dataset_name, drop_invalid)[0]
+
+
+def _read_checked(json_file, dataset_name, drop_invalid):
+    """(data, number of annotations dropped) of :func:`read_lvis_json`."""
+    from .validate import apply_value_policy
+
     who = f" of dataset '{dataset_name}'" if dataset_name else ""
     if not os.path.isfile(json_file):
         raise FileNotFoundError(f"LVIS-format json{who} not found: '{json_file}'. {README_HINT}")
@@ -139,7 +150,7 @@ def read_lvis_json(json_file: str, dataset_name: Optional[str] = None) -> dict:
     except json.JSONDecodeError as e:
         raise LVISFormatError(f"{json_file}: not valid json ({e})") from e
     validate_lvis_dict(data, json_file)
-    return data
+    return apply_value_policy(data, json_file, drop_invalid, dataset_name)
 
 
 @dataclass(frozen=True)
@@ -154,6 +165,13 @@ class LVISCategoryInfo:
     # True when image/instance counts were counted from this json's annotations because its
     # categories lack them (then they are THIS split's statistics, not necessarily train's).
     counted_from_annotations: bool
+    # The "<folder>/<file name>" end of every image's coco_url (the loader reads image_root + it).
+    image_files: Tuple[str, ...] = ()
+    # Ids of the categories without a valid "frequency" field (LVIS's evaluation needs it).
+    missing_frequency: Tuple[int, ...] = ()
+    # Annotations dropped for invalid values (DATASETS.DROP_INVALID_ANNOTATIONS); json_file is
+    # then the cleaned copy that the loader and the evaluation read.
+    dropped: int = 0
 
     @property
     def num_classes(self) -> int:
@@ -172,7 +190,7 @@ class LVISCategoryInfo:
         }
 
 
-def category_info_from_dict(data: dict, json_file: str) -> LVISCategoryInfo:
+def category_info_from_dict(data: dict, json_file: str, dropped: int = 0) -> LVISCategoryInfo:
     cats = sorted(data["categories"], key=lambda c: c["id"])
     k = len(cats)
     has_counts = all("image_count" in c and "instance_count" in c for c in cats)
@@ -192,26 +210,41 @@ def category_info_from_dict(data: dict, json_file: str) -> LVISCategoryInfo:
         image_count=tuple(image_count),
         instance_count=tuple(instance_count),
         counted_from_annotations=not has_counts,
+        image_files=tuple(
+            "/".join(im["coco_url"].split("/")[-2:]) for im in data.get("images", ())
+        ),
+        missing_frequency=tuple(c["id"] for c in cats if c.get("frequency") not in ("r", "c", "f")),
+        dropped=dropped,
     )
 
 
 _INFO_CACHE: Dict[tuple, LVISCategoryInfo] = {}
 
 
-def lvis_category_info(json_file: str, dataset_name: Optional[str] = None) -> LVISCategoryInfo:
+def lvis_category_info(
+    json_file: str, dataset_name: Optional[str] = None, drop_invalid: bool = False
+) -> LVISCategoryInfo:
     """Validated class list and statistics of an LVIS-format json (cached per file state).
 
-    Only the small summary is cached, never the parsed json (LVIS train is ~1 GB).
+    Only the small summary is cached, never the parsed json (LVIS train is ~1 GB). With
+    ``drop_invalid``, annotations with invalid values are dropped; if there were any, the result's
+    ``json_file`` is a cleaned copy (:func:`.validate.write_cleaned_json`) for the loader and the
+    evaluation to read instead.
     """
     path = os.path.abspath(json_file)
     if not os.path.isfile(path):
         who = f" of dataset '{dataset_name}'" if dataset_name else ""
         raise FileNotFoundError(f"LVIS-format json{who} not found: '{json_file}'. {README_HINT}")
     st = os.stat(path)
-    key = (path, st.st_mtime_ns, st.st_size)
+    key = (path, st.st_mtime_ns, st.st_size, bool(drop_invalid))
     if key not in _INFO_CACHE:
-        data = read_lvis_json(path, dataset_name)
-        _INFO_CACHE[key] = category_info_from_dict(data, path)
+        data, dropped = _read_checked(path, dataset_name, drop_invalid)
+        used = path
+        if dropped:
+            from .validate import write_cleaned_json
+
+            used = write_cleaned_json(data, path)
+        _INFO_CACHE[key] = category_info_from_dict(data, used, dropped)
         if _INFO_CACHE[key].counted_from_annotations:
             logger.info("%s: categories lack image/instance counts; counted from annotations", path)
     return _INFO_CACHE[key]

@@ -119,6 +119,14 @@ class DisAlignCheckpointer(DetectionCheckpointer):
                 write(f)
 
     # ---- loading --------------------------------------------------------------------------
+    def get_checkpoint_file(self):
+        path = super().get_checkpoint_file()
+        if path and not self.path_manager.exists(path):
+            from .run_folder import check_last_checkpoint
+
+            check_last_checkpoint(self.save_dir)  # names the checkpoints that do exist
+        return path
+
     def _load_file(self, filename):
         try:
             return super()._load_file(filename)

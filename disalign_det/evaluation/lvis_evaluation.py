@@ -75,6 +75,7 @@ from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 
 from ..compat.features import lvis_evaluator_takes_max_dets
+from ..data.validate import fill_missing_frequency
 from ..utils.memory import malloc_trim, release_memory
 from . import backends, fixed_ap
 from .backends import LVIS_METRICS
@@ -268,6 +269,8 @@ class StreamingLVISEvaluator(LVISEvaluator):
         self._per_class_dir = per_class_dir
         self._per_class_basename = per_class_basename
         self._train_counts = train_counts
+        # LVISEval reads every category's "frequency" (a KeyError after all inference otherwise).
+        fill_missing_frequency(self._lvis_api, train_counts, dataset_name)
         self._background_json = bool(background_results_json)
 
         if hasattr(self._metadata, "thing_dataset_id_to_contiguous_id"):

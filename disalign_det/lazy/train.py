@@ -35,6 +35,7 @@ from ..engine.loop import (
     walk_loader,
     write_final_metrics,
 )
+from ..engine.strict_load import LAZY_KEYS, load_for_inference
 from ..modeling import set_class_frequencies
 from .swap import _target
 
@@ -256,6 +257,12 @@ def do_train(cfg, resume=False):
 def do_eval_only(cfg, resume=False):
     """Build, load ``train.init_checkpoint`` (or the last checkpoint with ``resume``), evaluate."""
     model = build_stage_two_model(cfg)
-    build_checkpointer(cfg, model).resume_or_load(cfg.train.init_checkpoint, resume=resume)
+    load_for_inference(  # exactly this model's tensors, or an error naming them
+        model,
+        cfg.train.init_checkpoint,
+        save_dir=cfg.train.output_dir,
+        resume=resume,
+        keys=LAZY_KEYS,
+    )
     with torch.no_grad():
         return do_test(cfg, model)
