@@ -32,12 +32,12 @@ from disalign_det.data import (
     register_datasets_from_cfg,
     register_lvis_format,
 )
+from disalign_det.data.dataset_checks import fill_missing_frequency
 from disalign_det.data.validate import (
     BORDER_TOLERANCE,
     ImageFilesError,
     LVISValueError,
     check_image_files,
-    fill_missing_frequency,
     find_invalid_annotations,
 )
 from disalign_det.engine import DisAlignCheckpointer, DisAlignPredictor, Trainer

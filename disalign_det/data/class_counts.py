@@ -19,10 +19,10 @@ from typing import List, Sequence, Union
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from .dataset_checks import check_builtin_classes
 from .frequency import check_frequency_source, frequency_bucket
 from .lvis_format import register_datasets_from_cfg
 from .lvis_json import lvis_category_info
-from .validate import check_builtin_classes
 
 __all__ = ["class_counts_from_cfg", "get_class_counts", "get_class_frequency_buckets"]
 

@@ -16,8 +16,9 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.catalog import Metadata
 from detectron2.data.datasets.lvis import load_lvis_json
 
+from .dataset_checks import check_builtin_classes
 from .lvis_json import README_HINT, lvis_category_info
-from .validate import check_builtin_classes, check_image_files
+from .validate import check_image_files
 
 __all__ = [
     "check_num_classes",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 from .frequency import counts_from_annotations, frequency_bucket
+from .validate import README_HINT, LVISFormatError, apply_value_policy, write_cleaned_json
 
 __all__ = [
     "README_HINT",
@@ -25,16 +26,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-README_HINT = "See datasets/README.md for the expected layout and how to register LVIS-format data."
 
 REQUIRED_TOP_LEVEL = ("images", "annotations", "categories")
 REQUIRED_IMAGE_FIELDS = ("id", "width", "height", "coco_url")
 REQUIRED_ANNOTATION_FIELDS = ("id", "image_id", "category_id", "segmentation", "area", "bbox")
 REQUIRED_CATEGORY_FIELDS = ("id", "name")
-
-
-class LVISFormatError(ValueError):
-    """An LVIS-format json lacks something detectron2's loader or LVISEval relies on."""
 
 
 def _first_missing(records, fields, what, json_file):
@@ -139,7 +135,6 @@ def read_lvis_json(
 
 def _read_checked(json_file, dataset_name, drop_invalid):
     """(data, number of annotations dropped) of :func:`read_lvis_json`."""
-    from .validate import apply_value_policy
 
     who = f" of dataset '{dataset_name}'" if dataset_name else ""
     if not os.path.isfile(json_file):
@@ -241,7 +236,6 @@ def lvis_category_info(
         data, dropped = _read_checked(path, dataset_name, drop_invalid)
         used = path
         if dropped:
-            from .validate import write_cleaned_json
 
             used = write_cleaned_json(data, path)
         _INFO_CACHE[key] = category_info_from_dict(data, used, dropped)

@@ -1,9 +1,11 @@
 """``DetectionCheckpointer`` with atomic saves, RNG state for exact resumes, clear load errors and
 a strict mode for loading a stage-one checkpoint into a frozen stage-two model."""
 
+import glob
 import logging
 import os
 import random
+from typing import List
 
 import numpy as np
 import torch
@@ -13,7 +15,13 @@ from detectron2.utils.env import seed_all_rng
 
 from ..modeling.freeze import is_calibration_parameter, is_disalign_state
 
-__all__ = ["DisAlignCheckpointer", "get_rng_state", "set_rng_state"]
+__all__ = [
+    "DisAlignCheckpointer",
+    "check_last_checkpoint",
+    "existing_checkpoints",
+    "get_rng_state",
+    "set_rng_state",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +130,6 @@ class DisAlignCheckpointer(DetectionCheckpointer):
     def get_checkpoint_file(self):
         path = super().get_checkpoint_file()
         if path and not self.path_manager.exists(path):
-            from .run_folder import check_last_checkpoint
-
             check_last_checkpoint(self.save_dir)  # names the checkpoints that do exist
         return path
 
@@ -263,3 +269,29 @@ def _atomic_write(path, write, binary):
         pass
     finally:
         os.close(fd)
+
+
+def existing_checkpoints(folder: str) -> List[str]:
+    """The ``*.pth`` files in ``folder``, sorted by name."""
+    return sorted(
+        os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(folder), "*.pth"))
+    )
+
+
+def check_last_checkpoint(folder: str) -> None:
+    """FileNotFoundError if ``folder/last_checkpoint`` names a file that does not exist, naming the
+    checkpoints that do (resuming would otherwise fail with a bare "Checkpoint ... not found!")."""
+    tag = os.path.join(folder, "last_checkpoint")
+    if not os.path.isfile(tag):
+        return
+    with open(tag) as f:
+        name = f.read().strip()
+    if name and os.path.isfile(os.path.join(folder, name)):
+        return
+    there = existing_checkpoints(folder)
+    raise FileNotFoundError(
+        f"{tag} names {name!r}, which does not exist in {folder}. Checkpoints there: "
+        + (", ".join(there) if there else "none")
+        + ". Write the name of one of them into last_checkpoint to resume from it, or remove "
+        "last_checkpoint (and --resume) to start over."
+    )

@@ -9,7 +9,7 @@ config. They check, in this order,
    validates, e.g. ``MODEL.DISALIGN.*``: the model is built on the ``meta`` device, no memory, no
    weights), then
 2. the inputs: every training and test dataset's json (structure and values), every image file,
-   the test json's categories (:func:`~disalign_det.data.validate.check_dataset_inputs`), then
+   the test json's categories (:func:`~disalign_det.data.dataset_checks.check_dataset_inputs`), then
 3. the run folder: a ``last_checkpoint`` that names a deleted file (with ``--resume``) fails naming
    the checkpoints that are there.
 
@@ -27,12 +27,12 @@ import torch
 from detectron2.utils import comm
 
 from ..data import check_num_classes
-from ..data.validate import check_dataset_inputs
+from ..data.dataset_checks import check_dataset_inputs
+from .checkpoint import check_last_checkpoint
 from .strict_load import LAZY_KEYS, precheck_inference_weights
 
 __all__ = [
     "check_config_values",
-    "check_last_checkpoint",
     "preflight",
     "preflight_lazy",
     "remove_stale_temporaries",
@@ -79,32 +79,6 @@ def remove_stale_temporaries(folder: str) -> List[str]:
             [os.path.basename(p) for p in removed],
         )
     return removed
-
-
-def existing_checkpoints(folder: str) -> List[str]:
-    """The ``*.pth`` files in ``folder``, sorted by name."""
-    return sorted(
-        os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(folder), "*.pth"))
-    )
-
-
-def check_last_checkpoint(folder: str) -> None:
-    """FileNotFoundError if ``folder/last_checkpoint`` names a file that does not exist, naming the
-    checkpoints that do (resuming would otherwise fail with a bare "Checkpoint ... not found!")."""
-    tag = os.path.join(folder, "last_checkpoint")
-    if not os.path.isfile(tag):
-        return
-    with open(tag) as f:
-        name = f.read().strip()
-    if name and os.path.isfile(os.path.join(folder, name)):
-        return
-    there = existing_checkpoints(folder)
-    raise FileNotFoundError(
-        f"{tag} names {name!r}, which does not exist in {folder}. Checkpoints there: "
-        + (", ".join(there) if there else "none")
-        + ". Write the name of one of them into last_checkpoint to resume from it, or remove "
-        "last_checkpoint (and --resume) to start over."
-    )
 
 
 def check_config_values(cfg, training: bool = True):

@@ -75,7 +75,7 @@ from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 
 from ..compat.features import lvis_evaluator_takes_max_dets
-from ..data.validate import fill_missing_frequency
+from ..data.dataset_checks import fill_missing_frequency
 from ..utils.memory import malloc_trim, release_memory
 from . import backends, fixed_ap
 from .backends import LVIS_METRICS
