@@ -21,6 +21,7 @@ from detectron2.utils import comm
 from torch import nn
 
 from ..data import get_class_counts
+from ..data.samplers import GroupedBatchSampler
 from ..engine.checkpoint import DisAlignCheckpointer
 from ..engine.trainer import (
     NamedErrorMapper,
@@ -218,8 +219,13 @@ def do_train(cfg, resume=False):
     start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
     if start_iter > 0:
         per_process = cfg.dataloader.train.total_batch_size // comm.get_world_size()
+        batch_sampler = _find_loader_part(loader, GroupedBatchSampler)
         sampler = _find_loader_part(loader, ResumableSampler)
-        if sampler is not None:
+        if batch_sampler is not None:
+            # A resumable loader (e.g. the classification one): batch i feeds iteration i, with
+            # the per-image seeds of an uninterrupted run.
+            batch_sampler.start = start_iter
+        elif sampler is not None:
             sampler.start = start_iter * per_process
     trainer.train(start_iter, cfg.train.max_iter)
     return results

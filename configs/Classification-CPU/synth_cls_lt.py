@@ -1,0 +1,13 @@
+"""Stage one on the generated long-tail set of fine-grained families (30 classes: frequent
+parents, rare variants that add a small detail; 100 -> 2 training images per class, balanced test
+split; disalign_det.data.classification_cpu), the narrow ResNet-18 of digits_lt.py."""
+
+from .digits_lt import dataloader, lr_multiplier, model, optimizer, train
+
+model.num_classes = 30
+dataloader.train.dataset.names = "synth_cls_lt_train"
+dataloader.test.dataset.names = "synth_cls_lt_test"
+train.max_iter = 1000  # ~40 epochs of the ~780 training images
+train.eval_period = train.max_iter
+train.checkpointer.period = train.max_iter
+train.output_dir = "output/classification_cpu/synth_cls_lt"
