@@ -351,6 +351,10 @@ def build_classification_train_loader(
     aspect-ratio grouping. ``sampler`` defaults to ``TrainingSampler`` (shuffled epochs)."""
     if sampler is None:
         sampler = TrainingSampler(len(dataset))
+    # The DataLoader's worker base seed from a generator seeded now, at build time: without one,
+    # the first batch draws it from the global RNG, which a resumed run has just restored, and
+    # every later augmentation would shift.
+    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), dtype=torch.int64)))
     return build_resumable_train_loader(
         list(dataset),
         mapper=mapper,
@@ -358,6 +362,7 @@ def build_classification_train_loader(
         total_batch_size=total_batch_size,
         aspect_ratio_grouping=False,
         num_workers=num_workers,
+        generator=generator,
     )
 
 
