@@ -3,8 +3,8 @@
 files, their format, class counts, the many / medium / few split of the training counts, image
 paths.
 
-    python datasets/prepare_classification.py [--root DIR] [--datasets imagenet_lt places_lt inat2018]
-                                              [--check-images N|all]
+    python datasets/prepare_classification.py [--root DIR] [--check-images N|all]
+        [--datasets imagenet_lt places_lt inat2018]
 
 Expected layout (``DIR`` defaults to ``$DETECTRON2_DATASETS``, else ``datasets``), the paths of the
 built-in names registered by ``disalign_det.data.classification``::

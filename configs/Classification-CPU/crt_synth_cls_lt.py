@@ -4,7 +4,13 @@ from detectron2.config import LazyCall as L
 
 from disalign_det.data.classification import ClassBalancedTrainingSampler, dataset_labels
 
-from .synth_cls_lt import dataloader, lr_multiplier, model, optimizer, train
+from .synth_cls_lt import (  # noqa: F401  (the config's nodes)
+    dataloader,
+    lr_multiplier,
+    model,
+    optimizer,
+    train,
+)
 
 disalign = {"freeze": "all_but_classifier"}
 dataloader.train.sampler = L(ClassBalancedTrainingSampler)(

@@ -5,7 +5,13 @@ a narrow ResNet-18 (widths 16-128) on 1 CPU core, about a minute.
     python tools/lazyconfig_train_net.py --config-file configs/Classification-CPU/digits_lt.py
 """
 
-from ..common.classification import dataloader, lr_multiplier, model, optimizer, train
+from ..common.classification import (  # noqa: F401  (the config's nodes)
+    dataloader,
+    lr_multiplier,
+    model,
+    optimizer,
+    train,
+)
 
 model.backbone.depth = 18
 model.backbone.stem_out_channels = 16

@@ -2,7 +2,13 @@
 parents, rare variants that add a small detail; 100 -> 2 training images per class, balanced test
 split; disalign_det.data.classification_cpu), the narrow ResNet-18 of digits_lt.py."""
 
-from .digits_lt import dataloader, lr_multiplier, model, optimizer, train
+from .digits_lt import (  # noqa: F401  (the config's nodes)
+    dataloader,
+    lr_multiplier,
+    model,
+    optimizer,
+    train,
+)
 
 model.num_classes = 30
 dataloader.train.dataset.names = "synth_cls_lt_train"

@@ -1,6 +1,13 @@
 """ImageNet-LT DisAlign stage two on the ResNet-50 stage one (the official stage-two recipe)."""
 
-from .disalign_resnext50 import dataloader, disalign, lr_multiplier, model, optimizer, train
+from .disalign_resnext50 import (  # noqa: F401  (the config's nodes)
+    dataloader,
+    disalign,
+    lr_multiplier,
+    model,
+    optimizer,
+    train,
+)
 
 model.backbone.num_groups = 1
 model.backbone.width_per_group = 64

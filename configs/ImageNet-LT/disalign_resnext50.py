@@ -8,7 +8,7 @@ LR 0.1 cosine, weight decay 5e-4, GRW exponent 1.2.
 """
 
 from ..common.classification import disalign_stage_two, epochs_to_iters
-from .resnext50 import (
+from .resnext50 import (  # noqa: F401  (the config's nodes)
     IMAGENET_LT_TRAIN_IMAGES,
     dataloader,
     lr_multiplier,

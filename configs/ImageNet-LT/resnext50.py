@@ -6,7 +6,7 @@ batch 256, SGD LR 0.1 momentum 0.9 weight decay 5e-4 (norms too), cosine to 0, 9
     python tools/lazyconfig_train_net.py --num-gpus 8 --config-file configs/ImageNet-LT/resnext50.py
 """
 
-from ..common.classification import (
+from ..common.classification import (  # noqa: F401  (the config's nodes)
     dataloader,
     epochs_to_iters,
     lr_multiplier,

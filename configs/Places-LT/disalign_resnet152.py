@@ -3,7 +3,14 @@ cosine, weight decay 5e-4, GRW exponent 1.2 (the official ImageNet-LT stage-two 
 official repo has no Places-LT config)."""
 
 from ..common.classification import disalign_stage_two, epochs_to_iters
-from .resnet152 import PLACES_LT_TRAIN_IMAGES, dataloader, lr_multiplier, model, optimizer, train
+from .resnet152 import (  # noqa: F401  (the config's nodes)
+    PLACES_LT_TRAIN_IMAGES,
+    dataloader,
+    lr_multiplier,
+    model,
+    optimizer,
+    train,
+)
 
 disalign = disalign_stage_two(model, optimizer, train, rho=1.2, lr=0.1, weight_decay=5e-4)
 

@@ -11,7 +11,7 @@ The converted file has no classifier (ImageNet's 1000 classes, Places-LT has 365
 ``head.cls_score`` starts from scratch.
 """
 
-from ..common.classification import (
+from ..common.classification import (  # noqa: F401  (the config's nodes)
     dataloader,
     epochs_to_iters,
     lr_multiplier,

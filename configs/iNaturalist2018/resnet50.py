@@ -3,7 +3,7 @@ ships no iNaturalist config: the optimizer and augmentations are those of the of
 recipe, 90 epochs at batch 256, see docs/classification.md). Evaluated on the val split (the
 literature's test set)."""
 
-from ..common.classification import (
+from ..common.classification import (  # noqa: F401  (the config's nodes)
     dataloader,
     epochs_to_iters,
     lr_multiplier,

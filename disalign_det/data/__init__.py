@@ -21,8 +21,8 @@ json) and ``lvis_synth_train`` / ``lvis_synth_val`` (generated on first load) un
 
 from .. import compat  # noqa: F401  (shims before detectron2 / lvis are imported)
 from .builtin import LVIS_V1_DATASETS, LVIS_V05_DATASETS, register_builtin_datasets
-from .classification import register_builtin_classification
 from .class_counts import class_counts_from_cfg, get_class_counts, get_class_frequency_buckets
+from .classification import register_builtin_classification
 from .frequency import frequency_bucket
 from .lvis_format import (
     check_num_classes,

@@ -5,8 +5,8 @@ DisAlignMaskRCNNConvUpsampleHead; ``PROPOSAL_GENERATOR_REGISTRY``: DisAlignRPN).
 from . import losses  # noqa: F401
 from .box_predictor import DisAlignFastRCNNOutputLayers
 from .calibration import CosineLinear, calibrate_logits
-from .classification import DisAlignClassifierHead, ImageClassifier
 from .class_weights import install_class_weights, set_class_frequencies
+from .classification import DisAlignClassifierHead, ImageClassifier
 from .freeze import CALIBRATION_PARAMETER_NAMES, apply_freeze, is_calibration_parameter
 from .losses import (
     grw_class_weights,

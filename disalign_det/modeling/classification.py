@@ -314,7 +314,8 @@ class ImageClassifier(nn.Module):
 
 def add_classification_config(cfg):
     """``MODEL.CLASSIFIER``: NUM_CLASSES, CALIBRATION, LOSS ("ce"/"grw"), RHO, for
-    ``META_ARCH: "ImageClassifier"`` in a YAML config (the LazyConfigs set the same as arguments)."""
+    ``META_ARCH: "ImageClassifier"`` in a YAML config (the LazyConfigs set the same as arguments).
+    """
     from detectron2.config import CfgNode as CN
 
     cfg.MODEL.CLASSIFIER = CN()
@@ -374,4 +375,3 @@ def convert_torchvision_resnet(
             raise ValueError(f"convert_torchvision_resnet: unknown torchvision key {name!r}")
         out["backbone." + new] = value
     return out
-
