@@ -93,7 +93,7 @@ def test_grw_loss_against_the_formula_and_rho_zero_is_plain_ce():
     z = model.head(x)
     ce = -F.log_softmax(z.double(), 1)[torch.arange(6), labels]
     expected = (w[labels] * ce).sum() / w[labels].sum()
-    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
     # rho = 0: all weights 1, exactly plain cross-entropy.
     zero = tiny_model(loss="grw", rho=0.0, class_counts=counts)
     zero.load_state_dict(model.state_dict())
