@@ -2,10 +2,7 @@
 classifier trains, with class-balanced sampling and plain cross-entropy, the DisAlign stage-two
 schedule. (The classifier continues from its stage-one weights.)"""
 
-from detectron2.config import LazyCall as L
-
-from disalign_det.data.classification import ClassBalancedTrainingSampler, dataset_labels
-
+from ..common.classification import crt_stage_two, set_run
 from .digits_lt import (  # noqa: F401  (the config's nodes)
     dataloader,
     lr_multiplier,
@@ -14,13 +11,10 @@ from .digits_lt import (  # noqa: F401  (the config's nodes)
     train,
 )
 
-disalign = {"freeze": "all_but_classifier"}
-dataloader.train.sampler = L(ClassBalancedTrainingSampler)(
-    labels=L(dataset_labels)(names="${...dataset.names}")
+disalign = crt_stage_two(dataloader, optimizer)
+set_run(
+    train,
+    max_iter=150,
+    output_dir="output/classification_cpu/crt_digits_lt",
+    init_checkpoint="output/classification_cpu/digits_lt/model_final.pth",
 )
-optimizer.weight_decay = 5e-4
-train.init_checkpoint = "output/classification_cpu/digits_lt/model_final.pth"
-train.max_iter = 150
-train.eval_period = train.max_iter
-train.checkpointer.period = train.max_iter
-train.output_dir = "output/classification_cpu/crt_digits_lt"

@@ -10,6 +10,7 @@ from ..common.classification import (  # noqa: F401  (the config's nodes)
     lr_multiplier,
     model,
     optimizer,
+    set_run,
     train,
 )
 
@@ -32,8 +33,5 @@ dataloader.test.num_workers = 0
 
 optimizer.lr = 0.1
 train.device = "cpu"
-train.max_iter = 600  # ~45 epochs of the 419 training images
-train.eval_period = train.max_iter
-train.checkpointer.period = train.max_iter
+set_run(train, max_iter=600, output_dir="output/classification_cpu/digits_lt")  # ~45 epochs
 train.log_period = 100
-train.output_dir = "output/classification_cpu/digits_lt"

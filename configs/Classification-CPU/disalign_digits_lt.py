@@ -6,7 +6,7 @@ weight decay 5e-4 (the official ImageNet-LT stage-two recipe), 150 iterations (1
         train.init_checkpoint=output/classification_cpu/digits_lt/model_final.pth
 """
 
-from ..common.classification import disalign_stage_two
+from ..common.classification import disalign_stage_two, set_run
 from .digits_lt import (  # noqa: F401  (the config's nodes)
     dataloader,
     lr_multiplier,
@@ -15,9 +15,10 @@ from .digits_lt import (  # noqa: F401  (the config's nodes)
     train,
 )
 
-disalign = disalign_stage_two(model, optimizer, train, rho=1.2, lr=0.1, weight_decay=5e-4)
-train.init_checkpoint = "output/classification_cpu/digits_lt/model_final.pth"
-train.max_iter = 150
-train.eval_period = train.max_iter
-train.checkpointer.period = train.max_iter
-train.output_dir = "output/classification_cpu/disalign_digits_lt"
+disalign = disalign_stage_two(model, optimizer, rho=1.2, lr=0.1, weight_decay=5e-4)
+set_run(
+    train,
+    max_iter=150,
+    output_dir="output/classification_cpu/disalign_digits_lt",
+    init_checkpoint="output/classification_cpu/digits_lt/model_final.pth",
+)

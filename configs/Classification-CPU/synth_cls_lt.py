@@ -2,6 +2,7 @@
 parents, rare variants that add a small detail; 100 -> 2 training images per class, balanced test
 split; disalign_det.data.classification_cpu), the narrow ResNet-18 of digits_lt.py."""
 
+from ..common.classification import set_run
 from .digits_lt import (  # noqa: F401  (the config's nodes)
     dataloader,
     lr_multiplier,
@@ -13,7 +14,4 @@ from .digits_lt import (  # noqa: F401  (the config's nodes)
 model.num_classes = 30
 dataloader.train.dataset.names = "synth_cls_lt_train"
 dataloader.test.dataset.names = "synth_cls_lt_test"
-train.max_iter = 1000  # ~40 epochs of the ~780 training images
-train.eval_period = train.max_iter
-train.checkpointer.period = train.max_iter
-train.output_dir = "output/classification_cpu/synth_cls_lt"
+set_run(train, max_iter=1000, output_dir="output/classification_cpu/synth_cls_lt")  # ~40 epochs

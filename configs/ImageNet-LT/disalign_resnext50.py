@@ -7,7 +7,7 @@ LR 0.1 cosine, weight decay 5e-4, GRW exponent 1.2.
         train.init_checkpoint=output/imagenet_lt/resnext50/model_final.pth
 """
 
-from ..common.classification import disalign_stage_two, epochs_to_iters
+from ..common.classification import disalign_stage_two, epochs_to_iters, set_run
 from .resnext50 import (  # noqa: F401  (the config's nodes)
     IMAGENET_LT_TRAIN_IMAGES,
     dataloader,
@@ -17,10 +17,12 @@ from .resnext50 import (  # noqa: F401  (the config's nodes)
     train,
 )
 
-disalign = disalign_stage_two(model, optimizer, train, rho=1.2, lr=0.1, weight_decay=5e-4)
+disalign = disalign_stage_two(model, optimizer, rho=1.2, lr=0.1, weight_decay=5e-4)
 
-train.init_checkpoint = "output/imagenet_lt/resnext50/model_final.pth"
-train.max_iter = epochs_to_iters(IMAGENET_LT_TRAIN_IMAGES, 10, 256)
-train.eval_period = train.max_iter
-train.checkpointer.period = epochs_to_iters(IMAGENET_LT_TRAIN_IMAGES, 2, 256)
-train.output_dir = "output/imagenet_lt/disalign_resnext50"
+set_run(
+    train,
+    max_iter=epochs_to_iters(IMAGENET_LT_TRAIN_IMAGES, 10, 256),
+    checkpoint_period=epochs_to_iters(IMAGENET_LT_TRAIN_IMAGES, 2, 256),
+    output_dir="output/imagenet_lt/disalign_resnext50",
+    init_checkpoint="output/imagenet_lt/resnext50/model_final.pth",
+)

@@ -12,6 +12,7 @@ from ..common.classification import (  # noqa: F401  (the config's nodes)
     lr_multiplier,
     model,
     optimizer,
+    set_run,
     train,
 )
 
@@ -25,7 +26,9 @@ model.num_classes = 1000
 dataloader.train.dataset.names = "imagenet_lt_train"
 dataloader.test.dataset.names = "imagenet_lt_test"
 
-train.max_iter = epochs_to_iters(IMAGENET_LT_TRAIN_IMAGES, 90, 256)
-train.eval_period = train.max_iter
-train.checkpointer.period = epochs_to_iters(IMAGENET_LT_TRAIN_IMAGES, 5, 256)
-train.output_dir = "output/imagenet_lt/resnext50"
+set_run(
+    train,
+    max_iter=epochs_to_iters(IMAGENET_LT_TRAIN_IMAGES, 90, 256),
+    checkpoint_period=epochs_to_iters(IMAGENET_LT_TRAIN_IMAGES, 5, 256),
+    output_dir="output/imagenet_lt/resnext50",
+)

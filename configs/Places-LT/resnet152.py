@@ -17,6 +17,7 @@ from ..common.classification import (  # noqa: F401  (the config's nodes)
     lr_multiplier,
     model,
     optimizer,
+    set_run,
     train,
 )
 
@@ -29,8 +30,10 @@ optimizer.lr = 0.01
 dataloader.train.dataset.names = "places_lt_train"
 dataloader.test.dataset.names = "places_lt_test"
 
-train.init_checkpoint = "output/pretrained/resnet152_torchvision_d2.pth"
-train.max_iter = epochs_to_iters(PLACES_LT_TRAIN_IMAGES, 30, 256)
-train.eval_period = train.max_iter
-train.checkpointer.period = epochs_to_iters(PLACES_LT_TRAIN_IMAGES, 5, 256)
-train.output_dir = "output/places_lt/resnet152"
+set_run(
+    train,
+    max_iter=epochs_to_iters(PLACES_LT_TRAIN_IMAGES, 30, 256),
+    checkpoint_period=epochs_to_iters(PLACES_LT_TRAIN_IMAGES, 5, 256),
+    output_dir="output/places_lt/resnet152",
+    init_checkpoint="output/pretrained/resnet152_torchvision_d2.pth",
+)

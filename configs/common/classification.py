@@ -11,9 +11,11 @@ from fvcore.common.param_scheduler import CosineParamScheduler
 from omegaconf import OmegaConf
 
 from disalign_det.data.classification import (
+    ClassBalancedTrainingSampler,
     ClassificationMapper,
     build_classification_test_loader,
     build_classification_train_loader,
+    dataset_labels,
     get_classification_dicts,
 )
 from disalign_det.evaluation.classification_evaluation import ClassificationEvaluator
@@ -82,7 +84,28 @@ def epochs_to_iters(num_images: int, epochs: float, batch: int) -> int:
     return int(round(num_images * epochs / batch))
 
 
-def disalign_stage_two(model, optimizer, train, *, rho, lr=None, weight_decay=None):
+def set_run(train, *, max_iter, output_dir, checkpoint_period=None, init_checkpoint=None):
+    """``max_iter`` iterations evaluated once at the end, a checkpoint every ``checkpoint_period``
+    iterations (default: only at the end), outputs in ``output_dir``."""
+    train.max_iter = max_iter
+    train.eval_period = max_iter
+    train.checkpointer.period = checkpoint_period or max_iter
+    train.output_dir = output_dir
+    if init_checkpoint is not None:
+        train.init_checkpoint = init_checkpoint
+
+
+def crt_stage_two(dataloader, optimizer, *, weight_decay=5e-4):
+    """cRT (Kang et al. 2020) in place: only the linear classifier trains, with class-balanced
+    sampling and plain cross-entropy. Returns the ``disalign`` node (freeze mode)."""
+    dataloader.train.sampler = L(ClassBalancedTrainingSampler)(
+        labels=L(dataset_labels)(names="${...dataset.names}")
+    )
+    optimizer.weight_decay = weight_decay
+    return {"freeze": "all_but_classifier"}
+
+
+def disalign_stage_two(model, optimizer, *, rho, lr=None, weight_decay=None):
     """Turn a stage-one config into DisAlign's stage two in place: calibration on, GRW loss with
     exponent ``rho`` (class counts from ``dataloader.train``'s dataset metadata), everything but
     the calibration frozen (the trunk then runs without autograd). Returns the ``disalign`` node

@@ -9,6 +9,7 @@ from ..common.classification import (  # noqa: F401  (the config's nodes)
     lr_multiplier,
     model,
     optimizer,
+    set_run,
     train,
 )
 
@@ -22,7 +23,9 @@ optimizer.weight_decay = 1e-4
 dataloader.train.dataset.names = "inat2018_train"
 dataloader.test.dataset.names = "inat2018_val"
 
-train.max_iter = epochs_to_iters(INAT2018_TRAIN_IMAGES, 90, 256)
-train.eval_period = train.max_iter
-train.checkpointer.period = epochs_to_iters(INAT2018_TRAIN_IMAGES, 5, 256)
-train.output_dir = "output/inat2018/resnet50"
+set_run(
+    train,
+    max_iter=epochs_to_iters(INAT2018_TRAIN_IMAGES, 90, 256),
+    checkpoint_period=epochs_to_iters(INAT2018_TRAIN_IMAGES, 5, 256),
+    output_dir="output/inat2018/resnet50",
+)
