@@ -74,6 +74,10 @@ def add_disalign_config(cfg):
     # Write lvis_instances_results.json in a child process while the metrics are computed (same
     # bytes; it is float formatting, ~30 s on LVIS val). Local OUTPUT_DIR only.
     _C.TEST.LVIS_EVAL.BACKGROUND_RESULTS_JSON = True
+    if "PRECISION" not in _C.SOLVER.AMP:  # detectron2 (v0.6 and main) has only ENABLED
+        # Autocast dtype of SOLVER.AMP.ENABLED: "auto" (float16 on CUDA, bfloat16 on CPU),
+        # "float16" (CUDA, with a grad scaler) or "bfloat16" (disalign_det.engine.loop).
+        _C.SOLVER.AMP.PRECISION = "auto"
     return cfg
 
 

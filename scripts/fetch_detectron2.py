@@ -1,65 +1,30 @@
 #!/usr/bin/env python
-"""Fetch the pure-Python detectron2 v0.6 sdist (``pb1-detectron2==0.6``) and make it buildable.
+"""Make the pure-Python detectron2 v0.6 sdist (``pb1-detectron2==0.6``) buildable.
 
-The sdist's Python files are the official v0.6 tag, but its C++ sources (``layers/csrc``) are
-missing, so its setup.py cannot build as shipped. This script downloads it from the package index
-(checking its sha256), unpacks it and rewrites setup.py so that:
+``scripts/install.sh`` downloads the sdist with ``pip download`` (the user's pip configuration
+applies, and pip checks its sha256). Its Python files are the official v0.6 tag, but its C++ sources
+(``layers/csrc``) are missing, so its setup.py cannot build as shipped. This script unpacks it and
+rewrites setup.py so that:
 
-* ``ext_modules`` is empty (no ``detectron2._C``; see ``disalign_det/compat.py`` for the stand-in),
+* ``ext_modules`` is empty (no ``detectron2._C``; ``disalign_det.compat`` installs a stand-in where
+  detectron2 has no compiled extension),
 * the top-level ``tools`` folder is not installed as a package,
 * the ``all`` extra that names a direct URL is dropped (pip refuses it).
 
-Usage: ``python scripts/fetch_detectron2.py DEST_DIR`` prints the path of the patched source tree.
+Usage: ``python scripts/fetch_detectron2.py SDIST DEST_DIR`` prints the path of the patched source
+tree.
 """
 
-import hashlib
 import os
-import re
 import sys
 import tarfile
-import urllib.request
 
-NAME = "pb1-detectron2"
-FILENAME = "pb1-detectron2-0.6.tar.gz"
-SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
-
-
-def _index_url():
-    return os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
-
-
-def download(dest):
-    path = os.path.join(dest, FILENAME)
-    if os.path.isfile(path) and _sha256(path) == SHA256:
-        return path
-    page_url = f"{_index_url()}/{NAME}/"
-    html = urllib.request.urlopen(page_url, timeout=120).read().decode()
-    links = re.findall(r'href="([^"]+)"', html)
-    links = [link for link in links if FILENAME in link]
-    if not links:
-        raise SystemExit(f"{FILENAME} is not listed at {page_url}")
-    url = urllib.parse.urljoin(page_url, links[0].split("#")[0])
-    tmp = path + ".part"
-    with urllib.request.urlopen(url, timeout=300) as r, open(tmp, "wb") as f:
-        f.write(r.read())
-    digest = _sha256(tmp)
-    if digest != SHA256:
-        os.remove(tmp)
-        raise SystemExit(f"sha256 mismatch for {url}: {digest} != {SHA256}")
-    os.replace(tmp, path)
-    return path
-
-
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+SRC_DIR = "pb1-detectron2-0.6"
 
 
 def patch_setup(setup_py):
-    text = open(setup_py).read()
+    with open(setup_py) as f:
+        text = f.read()
     replacements = [
         ("ext_modules=get_extensions(),", "ext_modules=[],"),
         (
@@ -80,12 +45,13 @@ def patch_setup(setup_py):
 
 
 def main():
-    dest = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else ".")
+    if len(sys.argv) != 3:
+        raise SystemExit(f"usage: {sys.argv[0]} SDIST DEST_DIR")
+    archive, dest = sys.argv[1], os.path.abspath(sys.argv[2])
     os.makedirs(dest, exist_ok=True)
-    archive = download(dest)
     with tarfile.open(archive) as tar:
         tar.extractall(dest, filter="data")
-    src = os.path.join(dest, "pb1-detectron2-0.6")
+    src = os.path.join(dest, SRC_DIR)
     patch_setup(os.path.join(src, "setup.py"))
     print(src)
 

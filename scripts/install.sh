@@ -15,8 +15,10 @@
 #      clone, in $DISALIGN_CACHE_DIR (default ${XDG_CACHE_HOME:-~/.cache}/disalign-det), under a
 #      folder named by the archive's sha256, the torch version and the Python tag: a second
 #      install on the same machine reuses it;
-#   3. otherwise the pure-Python v0.6 sdist from PyPI (`pb1-detectron2==0.6`) is built with its C++
-#      extension list emptied (its csrc/ sources are not in the sdist) and installed.
+#   3. otherwise the pure-Python v0.6 sdist (`pb1-detectron2==0.6`, sha256-checked) is fetched with
+#      `pip download` (so the user's pip configuration applies: index, mirror, proxy, certificates),
+#      built with its C++ extension list emptied (its csrc/ sources are not in the sdist;
+#      scripts/fetch_detectron2.py patches its setup.py) and installed.
 # Detectron2 is never listed in setup.py's install_requires: two distributions would own the
 # `detectron2` import.
 set -euo pipefail
@@ -34,6 +36,10 @@ CACHE_ROOT="${DISALIGN_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/disalign-det}"
 TORCH_SPEC="${DISALIGN_TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}"
 # setuptools >= 82 dropped pkg_resources (imported by detectron2); torch needs >= 77.0.3.
 SETUPTOOLS_SPEC='setuptools>=77.0.3,<82'
+D2_V06_SHA256="5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
+# pip >= 26 refuses to download a PyPI sdist whose metadata names a direct URL, and v0.6's `all`
+# extra names panopticapi by URL: the download runs with this pip, in a temporary folder.
+D2_V06_PIP_SPEC='pip>=23,<26'
 
 log() { echo "[install] $*" >&2; }
 # pip run quietly; the extra local indexes of some machines print one "is ignored" line per package.
@@ -153,7 +159,12 @@ else
   log "building pure-Python detectron2 v0.6 (pb1-detectron2==0.6, no C++ extension)"
   WORK="$(mktemp -d)"
   trap 'rm -rf "$WORK"' EXIT
-  SRC="$("$PY" "$ROOT/scripts/fetch_detectron2.py" "$WORK")"
+  "${PIP[@]}" install -q --target "$WORK/pip" "$D2_V06_PIP_SPEC"
+  echo "pb1-detectron2==0.6 --hash=sha256:$D2_V06_SHA256" > "$WORK/requirements.txt"
+  # No build isolation: pip reads the sdist's metadata by running its setup.py, which imports torch.
+  PYTHONPATH="$WORK/pip" pip_quiet "$PY" download -q --no-deps --no-binary pb1-detectron2 \
+    --no-build-isolation -r "$WORK/requirements.txt" -d "$WORK/sdist"
+  SRC="$("$PY" "$ROOT/scripts/fetch_detectron2.py" "$WORK/sdist/pb1-detectron2-0.6.tar.gz" "$WORK")"
   "${PIP[@]}" install -q --no-build-isolation --no-deps "$SRC"
 fi
 

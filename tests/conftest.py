@@ -1,14 +1,18 @@
 """Shared test setup: the ``tiny_dataset`` fixture; helpers live in ``tests/common.py``.
 
-``disalign_det`` is imported first: its compatibility shims must be in place before any detectron2
-module that needs them is imported by a test module.
+``disalign_det`` is imported first (it imports detectron2's compiled extension, or installs the
+stand-in where there is none, before a test module imports ``detectron2.layers``), then the explicit
+legacy shims are applied as every entry point does (numpy aliases for detectron2 v0.6's data loader
+and ``lvis.LVISEval`` used directly; ``tests/test_compat.py`` checks a bare import adds none).
 """
 
-import disalign_det  # noqa: F401  isort:skip
+import disalign_det  # isort:skip
 
 import pytest
 import torch
 from common import CONFIGS, REPO, TINY_CLASSES, load_script, make_tiny_dataset, tiny_cfg
+
+disalign_det.compat.apply_legacy_shims()
 
 # Re-exported for the test modules that import them from conftest.
 __all__ = ["CONFIGS", "REPO", "TINY_CLASSES", "load_script", "tiny_cfg"]

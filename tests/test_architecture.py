@@ -106,7 +106,7 @@ def test_cycle_finder_finds_a_cycle_and_accepts_a_tree():
 
 def test_no_import_cycle_in_disalign_det():
     graph = _graph()
-    assert "disalign_det.data.frequency" in graph and "disalign_det.benchmarks.run" in graph
+    assert "disalign_det.data.frequency" in graph and "disalign_det.data.synthetic.cache" in graph
     # The data layer's leaf imports nothing of ours.
     assert graph["disalign_det.data.frequency"] == set()
     cycle = _find_cycle(graph)
@@ -157,15 +157,19 @@ def test_readme_layout_table_matches_the_tree():
     for path in rows:
         assert os.path.exists(os.path.join(REPO, path)), f"README layout lists missing {path}"
 
-    # Every subpackage and top-level module of disalign_det has a row; a package's row names each
-    # of its modules, and names none that does not exist.
+    # Every subpackage (nested ones too) and top-level module of disalign_det has a row; a
+    # package's row names each of its modules, and names none that does not exist.
     expected = {}
     for entry in sorted(os.listdir(PACKAGE)):
-        full = os.path.join(PACKAGE, entry)
-        if os.path.isdir(full) and os.path.isfile(os.path.join(full, "__init__.py")):
-            expected[f"disalign_det/{entry}/"] = _listed_files(f"disalign_det/{entry}", ".py")
-        elif entry.endswith(".py"):
+        if entry.endswith(".py"):
             expected[f"disalign_det/{entry}"] = None
+    for folder, dirs, files in os.walk(PACKAGE):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        rel = os.path.relpath(folder, REPO)
+        if folder != PACKAGE and "__init__.py" in files:
+            expected[f"{rel}/"] = _listed_files(rel, ".py")
+    # The lab (experiments, not installed) beside the library.
+    expected["lab/"] = _listed_files("lab", ".py")
     # The folders of scripts a user runs: each file named in its row.
     expected["tools/"] = _listed_files("tools", ".py")
     expected["datasets/"] = _listed_files("datasets", (".py", ".md"))

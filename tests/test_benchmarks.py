@@ -1,5 +1,5 @@
 """Benchmark tools: per-class AP against the LVIS API, seed statistics, progress, and end-to-end
-smoke runs of the long-tail benchmark (:mod:`disalign_det.benchmarks`) and
+smoke runs of the long-tail benchmark (the checkout's :mod:`lab`) and
 ``tools/benchmark_speed.py`` on tiny inputs (no timing checks).
 """
 
@@ -16,11 +16,11 @@ import pytest
 from common import TINY_CLASSES, tiny_opts
 from lvis import LVIS, LVISEval, LVISResults
 
-from disalign_det.benchmarks import longtail, plan, results
-from disalign_det.benchmarks.progress import Progress, format_duration
-from disalign_det.benchmarks.run import InProcessRunner
-from disalign_det.benchmarks.stats import format_gain, format_stats, gain_stats, median, seed_stats
 from disalign_det.evaluation.per_class import lvis_per_class_ap, per_class_ap_from_precision
+from lab import longtail, plan, results
+from lab.progress import Progress, format_duration
+from lab.run import InProcessRunner
+from lab.stats import format_gain, format_stats, gain_stats, median, seed_stats
 
 # --------------------------------------------------------------------------------------------------
 # Per-class AP

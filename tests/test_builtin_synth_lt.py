@@ -8,7 +8,8 @@ import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from disalign_det.data import synthetic, synthetic_cache
+from disalign_det.data import synthetic
+from disalign_det.data.synthetic import cache as synthetic_cache
 from disalign_det.data.synthetic import synthetic_categories
 
 

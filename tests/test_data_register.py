@@ -23,9 +23,9 @@ from disalign_det.data import (
     register_lvis_format,
     register_lvis_synth,
     synthetic,
-    synthetic_cache,
     synthetic_categories,
 )
+from disalign_det.data.synthetic import cache as synthetic_cache
 
 TINY = dict(num_classes=5, num_train_images=40, num_val_images=12, image_size=48)
 

@@ -15,7 +15,12 @@ from lvis import LVIS
 from PIL import Image
 
 from disalign_det.data import synthetic
-from disalign_det.data.synthetic import class_styles, generate_synthetic_lvis, synthetic_categories
+from disalign_det.data.synthetic import (
+    class_styles,
+    generate_synthetic_lvis,
+    synthetic_categories,
+    visible_polygons,
+)
 
 TINY = dict(num_classes=6, num_train_images=130, num_val_images=30, image_size=64)
 
@@ -238,14 +243,14 @@ def test_class_styles_unique_and_bounded():
 def test_visible_polygons_refuse_holes_and_trace_pixel_edges():
     m = np.zeros((20, 20), np.uint8)
     m[5:12, 4:9] = 1
-    polys = synthetic._visible_polygons(m)
+    polys = visible_polygons(m)
     assert len(polys) == 1
     pts = np.reshape(polys[0], (-1, 2))
     # Pixel edges, not pixel centres: x spans 4..9 and y 5..12.
     assert pts[:, 0].min() == 4 and pts[:, 0].max() == 9
     assert pts[:, 1].min() == 5 and pts[:, 1].max() == 12
     m[7, 6] = 0  # a hole
-    assert synthetic._visible_polygons(m) is None
+    assert visible_polygons(m) is None
 
 
 def test_bad_sizes_are_rejected(tmp_path):

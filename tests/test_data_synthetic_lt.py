@@ -14,7 +14,8 @@ from common import evaluate_lvis, ground_truth_as_results, rasterize
 from lvis import LVIS
 from PIL import Image
 
-from disalign_det.data import synth_families, synthetic
+from disalign_det.data import synthetic
+from disalign_det.data.synthetic import families as synth_families
 from disalign_det.data.synthetic import (
     generate_synthetic_lvis,
     plan_images,

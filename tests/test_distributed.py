@@ -19,9 +19,9 @@ from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
 from torch.nn.parallel import DistributedDataParallel
 
+from disalign_det.data import class_counts_from_cfg
 from disalign_det.engine import Trainer, launch
 from disalign_det.modeling import is_calibration_parameter
-from disalign_det.modeling.frequency import class_counts_from_cfg
 
 # 2 processes x batch 1 against 1 process x batch 2. The data, the proposals and the sampled RoIs
 # are the same (no flip, every proposal kept, same seed). The GRW losses are weighted means,

@@ -14,7 +14,7 @@ from iopath.common.file_io import PathHandler, PathManager
 
 from disalign_det.compat import features
 from disalign_det.engine import DisAlignCheckpointer, Trainer
-from disalign_det.engine.trainer import _SimpleTrainer
+from disalign_det.engine.loop import SimpleTrainLoop
 
 # The module (``disalign_det.engine.launch`` the attribute is the function).
 launch_module = importlib.import_module("disalign_det.engine.launch")
@@ -42,7 +42,7 @@ def _toy_trainer(**kwargs):
     model = _ToyModel()
     data = iter(lambda: torch.ones(3), None)  # infinite
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    return _SimpleTrainer(model, data, opt, **kwargs), model
+    return SimpleTrainLoop(model, data, opt, **kwargs), model
 
 
 @pytest.mark.parametrize(
@@ -91,7 +91,7 @@ def test_trainer_loads_state_without_optimizer(tiny_dataset, tmp_path, caplog):
     # A checkpoint written by detectron2 v0.6's DefaultTrainer has no "_trainer": main's
     # DefaultTrainer.load_state_dict raised KeyError on it.
     trainer = Trainer(tiny_cfg(output_dir=str(tmp_path)))
-    with caplog.at_level(logging.WARNING, logger="disalign_det.engine.trainer"):
+    with caplog.at_level(logging.WARNING, logger="disalign_det.engine.loop"):
         trainer.load_state_dict({"iteration": 4})
     assert trainer.iter == 4
     assert "no optimizer state" in caplog.text
@@ -217,3 +217,57 @@ def test_launch_two_cpu_processes(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["rank0", "rank1"]
     assert (tmp_path / "rank0").read_text() == "2 0 2"
     assert (tmp_path / "rank1").read_text() == "2 1 2"
+
+
+class _StochasticToy(torch.nn.Module):
+    """A BatchNorm, a dropout and a drop-path-like layer before DisAlign's calibration parameter:
+    stage-two freezing must keep all three in eval mode, on both entry points."""
+
+    def __init__(self, cfg=None):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm1d(4)
+        self.drop = torch.nn.Dropout(0.5)
+        self.path = DropPath()
+        self.logit_scale = torch.nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return self.path(self.drop(self.bn(x))) * self.logit_scale
+
+
+class DropPath(torch.nn.Module):
+    # Named as timm's stochastic depth (recognised by its class name): drops everything in training.
+    def forward(self, x):
+        return x * 0 if self.training else x
+
+
+def _check_frozen_stochastic_layers(model):
+    model.train()
+    x = torch.randn(8, 4)
+    with torch.no_grad():
+        a, b = model(x), model(x)
+    assert torch.equal(a, b) and a.abs().sum() > 0  # no dropout, no dropped path
+    assert not model.bn.training and not model.drop.training and not model.path.training
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["logit_scale"]
+
+
+def test_freezing_is_the_same_on_both_entry_points():
+    from detectron2.config import LazyCall as L
+    from detectron2.modeling import META_ARCH_REGISTRY
+    from omegaconf import OmegaConf
+
+    from disalign_det.lazy import build_stage_two_model
+
+    if "_StochasticToy" not in META_ARCH_REGISTRY:
+        META_ARCH_REGISTRY.register(_StochasticToy)
+    cfg = tiny_cfg(opts=["MODEL.META_ARCHITECTURE", "_StochasticToy"])
+    cfg.MODEL.DISALIGN.FREEZE = "all_but_calibration"
+    _check_frozen_stochastic_layers(Trainer.build_model(cfg))
+    lazy = OmegaConf.create(
+        {"model": L(_StochasticToy)(), "train": {"device": "cpu"}, "disalign": {}}
+    )
+    lazy.disalign.freeze = "all_but_calibration"
+    _check_frozen_stochastic_layers(build_stage_two_model(lazy))
+    # Stage one ("none"): nothing frozen, dropout active.
+    lazy.disalign.freeze = "none"
+    model = build_stage_two_model(lazy).train()
+    assert model.drop.training and model.bn.training

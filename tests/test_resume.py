@@ -1,11 +1,13 @@
-"""Interrupted runs resume exactly: a ``tools/train_net.py`` process SIGKILLed right after a
-checkpoint, or (with 2 data-loader workers and images of both orientations) at a random iteration
-between checkpoints, restarted with ``--resume``, ends bit-identical to an uninterrupted run and
-trains on the same images at every iteration (stage one and stage two); a save that fails half-way
-leaves the previous checkpoint and ``last_checkpoint`` intact."""
+"""Interrupted runs resume exactly, on both entry points: a ``tools/train_net.py`` (YAML) or
+``tools/lazyconfig_train_net.py`` (LazyConfig) process SIGKILLed right after a checkpoint, or (with
+2 data-loader workers and images of both orientations) at a random iteration between checkpoints,
+restarted with ``--resume``, ends bit-identical to an uninterrupted run and trains on the same
+images at every iteration (stage one and stage two); a save that fails half-way leaves the previous
+checkpoint and ``last_checkpoint`` intact."""
 
 import disalign_det  # noqa: F401  isort:skip
 
+import importlib
 import json
 import os
 import random
@@ -25,21 +27,27 @@ from disalign_det.data import generate_synthetic_lvis
 from disalign_det.data.samplers import LOG_BATCHES_ENV
 from disalign_det.engine import DisAlignCheckpointer
 
-TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
+# The entry point of each path: (script, module holding the trainer class ("" = the script),
+# trainer class name).
+PATHS = {
+    "yaml": ("tools/train_net.py", "", "Trainer"),
+    "lazy": ("tools/lazyconfig_train_net.py", "disalign_det.lazy.train", "LazyTrainer"),
+}
 
-# Runs tools/train_net.py with one more hook, after the checkpointer: it SIGKILLs the process at
-# the end of iteration $KILL_AFTER_ITER, i.e. right after that iteration's checkpoint is written.
+# Runs the entry point with one more hook, after the checkpointer: it SIGKILLs the process at the
+# end of iteration $KILL_AFTER_ITER, i.e. right after that iteration's checkpoint is written.
 KILLED_RUN = r"""
-import os, signal, sys, importlib.util
+import os, signal, sys, importlib, importlib.util
 import disalign_det
 import torch
 from detectron2.engine import HookBase
 
 torch.set_num_threads(2)
-spec = importlib.util.spec_from_file_location("train_net", sys.argv[1])
+spec = importlib.util.spec_from_file_location("entry_point", sys.argv[1])
 tn = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(tn)
 kill_after = int(os.environ["KILL_AFTER_ITER"])
+holder = importlib.import_module(sys.argv[2]) if sys.argv[2] else tn
 
 
 class Kill(HookBase):
@@ -48,13 +56,13 @@ class Kill(HookBase):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-class KilledTrainer(tn.Trainer):
+class KilledTrainer(getattr(holder, sys.argv[3])):
     def build_hooks(self):
         return super().build_hooks() + [Kill()]
 
 
-tn.Trainer = KilledTrainer
-tn.cli(sys.argv[2:])
+setattr(holder, sys.argv[3], KilledTrainer)
+tn.cli(sys.argv[4:])
 """
 
 
@@ -68,12 +76,87 @@ def _config_file(tmp_path, tiny_dataset, config, opts, name="tiny_train"):
     return str(path)
 
 
-def _killed_run(config_file, output_dir, kill_after, log_batches=""):
-    """Start train_net in a child process that SIGKILLs itself after iteration ``kill_after``."""
+def _lazy_config_file(tmp_path, dataset, config, opts, name="tiny_train", sampler="none"):
+    """A LazyConfig file training the model of the tiny YAML ``config`` (+ ``opts``) through the
+    LazyConfig path: its model and mapper built from that YAML config, everything else (data
+    loader, optimizer, schedule, ``train``, ``disalign``) written as LazyConfig nodes; it registers
+    the dataset itself (for the child process). ``sampler``: "none" (detectron2's default
+    TrainingSampler) or "rfs" (repeat-factor sampling)."""
+    yaml_file = _config_file(tmp_path, dataset, config, opts, name=name)
+    cfg = tiny_cfg(config, "", ["DATASETS.TRAIN", repr((name,)), *opts])
+    text = f"""
+from detectron2.config import LazyCall as L
+from detectron2.data import DatasetMapper, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data.samplers import RepeatFactorTrainingSampler
+from detectron2.modeling import build_model
+from detectron2.solver import WarmupParamScheduler
+from detectron2.solver.build import get_default_optimizer_params
+from fvcore.common.param_scheduler import MultiStepParamScheduler
+from omegaconf import OmegaConf
+import torch
+
+from disalign_det.config import get_inference_cfg
+from disalign_det.data import register_lvis_format
+
+register_lvis_format({name!r}, {dataset["train_json"]!r}, {dataset["image_root"]!r})
+_cfg = L(get_inference_cfg)(config_file={yaml_file!r})
+model = L(build_model)(cfg=_cfg)
+_dataset = L(get_detection_dataset_dicts)(names={name!r})
+dataloader = OmegaConf.create()
+dataloader.train = L(build_detection_train_loader)(
+    dataset=_dataset,
+    mapper=L(DatasetMapper)(cfg=_cfg, is_train=True),
+    total_batch_size={cfg.SOLVER.IMS_PER_BATCH},
+    num_workers={cfg.DATALOADER.NUM_WORKERS},
+)
+if {sampler!r} == "rfs":
+    dataloader.train.sampler = L(RepeatFactorTrainingSampler)(
+        repeat_factors=L(RepeatFactorTrainingSampler.repeat_factors_from_category_frequency)(
+            dataset_dicts=_dataset, repeat_thresh={cfg.DATALOADER.REPEAT_THRESHOLD}
+        )
+    )
+optimizer = L(torch.optim.SGD)(
+    params=L(get_default_optimizer_params)(), lr={cfg.SOLVER.BASE_LR}, momentum=0.9
+)
+lr_multiplier = L(WarmupParamScheduler)(
+    scheduler=L(MultiStepParamScheduler)(
+        values=[1.0, 0.1], milestones=[{cfg.SOLVER.MAX_ITER - 1}], num_updates={cfg.SOLVER.MAX_ITER}
+    ),
+    warmup_length=0.25,
+    warmup_factor=0.1,
+)
+train = dict(
+    output_dir="",
+    init_checkpoint={cfg.MODEL.WEIGHTS!r},
+    max_iter={cfg.SOLVER.MAX_ITER},
+    amp=dict(enabled=False),
+    ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),
+    checkpointer=dict(period={cfg.SOLVER.CHECKPOINT_PERIOD}, max_to_keep=100),
+    eval_period=0,
+    log_period=20,
+    device="cpu",
+    seed={cfg.SEED},  # as SEED in the YAML configs: the data stream's seed (exact resumes)
+)
+if {cfg.MODEL.DISALIGN.FREEZE!r} != "none":
+    disalign = dict(freeze={cfg.MODEL.DISALIGN.FREEZE!r}, train_datasets={name!r})
+"""
+    path = tmp_path / "config.py"
+    path.write_text(text)
+    return str(path)
+
+
+def _output_args(path, output_dir):
+    return ["OUTPUT_DIR", output_dir] if path == "yaml" else [f"train.output_dir={output_dir}"]
+
+
+def _killed_run(config_file, output_dir, kill_after, log_batches="", path="yaml"):
+    """Start the entry point of ``path`` in a child process that SIGKILLs itself after iteration
+    ``kill_after``."""
     env = dict(os.environ, KILL_AFTER_ITER=str(kill_after), **{LOG_BATCHES_ENV: log_batches})
-    argv = ["--config-file", config_file, "OUTPUT_DIR", output_dir]
+    script, holder, name = PATHS[path]
+    argv = ["--config-file", config_file, *_output_args(path, output_dir)]
     return subprocess.Popen(
-        [sys.executable, "-c", KILLED_RUN, TRAIN_NET, *argv],
+        [sys.executable, "-c", KILLED_RUN, os.path.join(REPO, script), holder, name, *argv],
         env=env,
         cwd=REPO,
         stdout=subprocess.DEVNULL,
@@ -81,38 +164,41 @@ def _killed_run(config_file, output_dir, kill_after, log_batches=""):
     )
 
 
-def _in_process_run(config_file, output_dir, resume, log_batches="", trainers=None):
+def _in_process_run(config_file, output_dir, resume, log_batches="", trainers=None, path="yaml"):
     # The same thread count as the child (KILLED_RUN): floating-point reductions, hence the bits
     # of the result, depend on it.
     torch.set_num_threads(2)
-    tn = load_script("tools/train_net.py")
+    script, holder_name, name = PATHS[path]
+    tn = load_script(script)
+    holder = importlib.import_module(holder_name) if holder_name else tn
+    original = getattr(holder, name)
     if trainers is not None:
 
-        class Recorded(tn.Trainer):
+        class Recorded(original):
             def __init__(self, cfg):
                 super().__init__(cfg)
                 trainers.append(self)
 
-        tn.Trainer = Recorded
+        setattr(holder, name, Recorded)
     argv = [
         "--config-file",
         config_file,
         *(["--resume"] if resume else []),
-        "OUTPUT_DIR",
-        output_dir,
+        *_output_args(path, output_dir),
     ]
     old = os.environ.get(LOG_BATCHES_ENV)
     os.environ[LOG_BATCHES_ENV] = log_batches
     try:
         tn.main(tn.default_argument_parser().parse_args(argv))
     finally:
+        setattr(holder, name, original)
         if old is None:
             del os.environ[LOG_BATCHES_ENV]
         else:
             os.environ[LOG_BATCHES_ENV] = old
 
 
-def _check_resume_is_exact(tmp_path, config_file, max_iter, period, kill_after=None):
+def _check_resume_is_exact(tmp_path, config_file, max_iter, period, kill_after=None, path="yaml"):
     """Uninterrupted run vs. run killed after iteration ``kill_after`` and resumed from the last
     checkpoint before it: every tensor of model_final.pth (model, BatchNorm statistics) and the
     optimizer state are bit-identical.
@@ -127,12 +213,16 @@ def _check_resume_is_exact(tmp_path, config_file, max_iter, period, kill_after=N
     if kill_after is None:
         kill_after = period - 1
         # The child's interpreter start overlaps with the uninterrupted run in this process.
-        child = _killed_run(config_file, killed, kill_after, logs["killed"])
-        _in_process_run(config_file, full, False, log_batches=logs["full"], trainers=trainers)
+        child = _killed_run(config_file, killed, kill_after, logs["killed"], path=path)
+        _in_process_run(
+            config_file, full, False, log_batches=logs["full"], trainers=trainers, path=path
+        )
     else:
-        _in_process_run(config_file, full, False, log_batches=logs["full"], trainers=trainers)
+        _in_process_run(
+            config_file, full, False, log_batches=logs["full"], trainers=trainers, path=path
+        )
         kill_after = kill_after(trainers[0])
-        child = _killed_run(config_file, killed, kill_after, logs["killed"])
+        child = _killed_run(config_file, killed, kill_after, logs["killed"], path=path)
     last = (kill_after + 1) // period * period - 1  # iteration index of the last checkpoint
     _, stderr = child.communicate(timeout=300)
     assert child.returncode == -signal.SIGKILL, stderr.decode()[-3000:]
@@ -141,7 +231,7 @@ def _check_resume_is_exact(tmp_path, config_file, max_iter, period, kill_after=N
         assert f.read() == ckpt
     assert not os.path.exists(os.path.join(killed, "model_final.pth"))
 
-    _in_process_run(config_file, killed, resume=True, log_batches=logs["resumed"])
+    _in_process_run(config_file, killed, resume=True, log_batches=logs["resumed"], path=path)
     a = torch.load(os.path.join(full, "model_final.pth"), weights_only=True)
     b = torch.load(os.path.join(killed, "model_final.pth"), weights_only=True)
     assert a["iteration"] == b["iteration"] == max_iter - 1
@@ -173,7 +263,11 @@ def _read_batches(path):
 
 @pytest.fixture(scope="module")
 def stage_one_weights(tiny_dataset, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("resume_stage1"))
+    return save_stage_one(str(tmp_path_factory.mktemp("resume_stage1")))
+
+
+def save_stage_one(out):
+    """A tiny stage one (classifier spread so that scores differ) saved as ``out/stage1.pth``."""
     torch.manual_seed(0)
     model = build_model(tiny_cfg())
     with torch.no_grad():
@@ -182,8 +276,15 @@ def stage_one_weights(tiny_dataset, tmp_path_factory):
     return os.path.join(out, "stage1.pth")
 
 
+def _config(path, tmp_path, dataset, config, opts, name="tiny_train", sampler="none"):
+    if path == "yaml":
+        return _config_file(tmp_path, dataset, config, opts, name=name)
+    return _lazy_config_file(tmp_path, dataset, config, opts, name=name, sampler=sampler)
+
+
 @pytest.mark.slow
-def test_stage_two_resumes_bit_identical(tiny_dataset, stage_one_weights, tmp_path):
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_stage_two_resumes_bit_identical(tiny_dataset, stage_one_weights, tmp_path, path):
     # The default horizontal flip draws from numpy and the 32 sampled RoIs per image from torch,
     # so both RNG streams must continue exactly where the killed run stopped.
     opts = [
@@ -192,8 +293,8 @@ def test_stage_two_resumes_bit_identical(tiny_dataset, stage_one_weights, tmp_pa
         "SOLVER.MAX_ITER", "4",
         "SOLVER.CHECKPOINT_PERIOD", "2",
     ]  # fmt: skip
-    config = _config_file(tmp_path, tiny_dataset, "synthetic/disalign_synth.yaml", opts)
-    final, _, _ = _check_resume_is_exact(tmp_path, config, max_iter=4, period=2)
+    config = _config(path, tmp_path, tiny_dataset, "synthetic/disalign_synth.yaml", opts)
+    final, _, _ = _check_resume_is_exact(tmp_path, config, max_iter=4, period=2, path=path)
     # Stage two did train the calibration in those iterations.
     assert not torch.equal(
         final["roi_heads.box_predictor.logit_scale"],
@@ -252,7 +353,7 @@ def _waiting_at(trainer, iterations):
                 return ret
 
 
-def _check_mixed_resume(tmp_path, mixed_dataset, config, opts, period=3):
+def _check_mixed_resume(tmp_path, mixed_dataset, config, opts, period=3, path="yaml"):
     """With 2 data-loader workers, kill at a random iteration strictly between two checkpoints,
     the first of which has an image waiting in an orientation bucket; weights, optimizer and
     per-iteration image ids must match the uninterrupted run."""
@@ -263,7 +364,8 @@ def _check_mixed_resume(tmp_path, mixed_dataset, config, opts, period=3):
         "SOLVER.MAX_ITER", str(max_iter),
         "SOLVER.CHECKPOINT_PERIOD", str(period),
     ]  # fmt: skip
-    config = _config_file(tmp_path, mixed_dataset, config, opts, name="mixed_train")
+    sampler = "rfs" if config.endswith("_rfs.yaml") else "none"
+    config = _config(path, tmp_path, mixed_dataset, config, opts, "mixed_train", sampler)
 
     def kill_after(trainer):
         # Checkpoints after iterations period - 1 and 2 * period - 1: resuming from one starts
@@ -275,7 +377,7 @@ def _check_mixed_resume(tmp_path, mixed_dataset, config, opts, period=3):
         return random.randint(start, start + period - 2)
 
     final, batches, killed_at = _check_resume_is_exact(
-        tmp_path, config, max_iter, period, kill_after=kill_after
+        tmp_path, config, max_iter, period, kill_after=kill_after, path=path
     )
     full = batches["full"]
     msg = f"killed after iteration {killed_at}"
@@ -289,17 +391,23 @@ def _check_mixed_resume(tmp_path, mixed_dataset, config, opts, period=3):
 
 
 @pytest.mark.slow
-def test_stage_one_resumes_exactly_with_workers_and_both_orientations(mixed_dataset, tmp_path):
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_stage_one_resumes_exactly_with_workers_and_both_orientations(
+    mixed_dataset, tmp_path, path
+):
     # Repeat-factor sampling: its stream (stochastic rounding per epoch) must replay too.
-    _check_mixed_resume(tmp_path, mixed_dataset, "synthetic/mask_rcnn_synth_rfs.yaml", [])
+    config = "synthetic/mask_rcnn_synth_rfs.yaml"
+    _check_mixed_resume(tmp_path, mixed_dataset, config, [], path=path)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("path", sorted(PATHS))
 def test_stage_two_resumes_exactly_with_workers_and_both_orientations(
-    mixed_dataset, stage_one_weights, tmp_path
+    mixed_dataset, stage_one_weights, tmp_path, path
 ):
     opts = ["MODEL.WEIGHTS", stage_one_weights, "SOLVER.BASE_LR", "0.5"]
-    final = _check_mixed_resume(tmp_path, mixed_dataset, "synthetic/disalign_synth.yaml", opts)
+    config = "synthetic/disalign_synth.yaml"
+    final = _check_mixed_resume(tmp_path, mixed_dataset, config, opts, path=path)
     assert not torch.equal(
         final["roi_heads.box_predictor.logit_scale"],
         torch.ones_like(final["roi_heads.box_predictor.logit_scale"]),

@@ -19,7 +19,7 @@ from disalign_det.data.samplers import (
     build_resumable_train_loader,
     orientation_group_ids,
 )
-from disalign_det.engine.trainer import ResumableSampler
+from disalign_det.engine import ResumableSampler
 
 N = 40
 

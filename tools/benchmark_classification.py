@@ -15,7 +15,7 @@ baselines the paper compares with, all from the same stage one:
 Each run goes through tools/lazyconfig_train_net.py's ``main`` with the configs of
 configs/Classification-CPU (``train.seed`` = the seed). Prints top-1, many / medium / few and macro
 F1 as mean ± std (min-max) over seeds, and each method's per-seed gain over stage one with the
-significance rule of disalign_det.benchmarks.stats (every seed the same sign and |mean| > std).
+significance rule of lab/stats.py (every seed the same sign and |mean| > std).
 
 ``--speed``: one stage-two iteration (forward with the frozen trunk, backward, SGD step) over the
 no-grad forward of the same model and batch, timed alternately in one run (median of rounds).
@@ -31,6 +31,8 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Python puts tools/ on sys.path, not the checkout's root (where lab/, the experiment code, lives).
+sys.path.append(ROOT)
 CPU = os.path.join(ROOT, "configs", "Classification-CPU")
 METRICS = ("top1", "many_top1", "medium_top1", "few_top1", "macro_f1")
 METHODS = ("stage one", "DisAlign", "cRT", "tau-norm")
@@ -87,7 +89,7 @@ def run_seed(tool, dataset, seed, out, quick):
 
 
 def report(all_results, seeds):
-    from disalign_det.benchmarks.stats import format_gain, format_stats, gain_stats, seed_stats
+    from lab.stats import format_gain, format_stats, gain_stats, seed_stats
 
     lines = []
     for dataset, per_seed in all_results.items():

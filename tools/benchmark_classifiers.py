@@ -111,9 +111,11 @@ def main(argv=None):
     from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
     from detectron2.utils.events import EventStorage
 
+    from disalign_det.compat import apply_legacy_shims
     from disalign_det.data import generate_synthetic_lvis, register_lvis_format
     from disalign_det.engine import Trainer
 
+    apply_legacy_shims()  # numpy aliases: detectron2 v0.6's data loader
     has_sigmoid = "use_sigmoid_ce" in inspect.signature(FastRCNNOutputLayers.__init__).parameters
     out = tempfile.mkdtemp(prefix="bench_cls_")
     paths = generate_synthetic_lvis(out, seed=0, num_classes=args.classes, num_train_images=30,

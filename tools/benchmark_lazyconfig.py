@@ -27,7 +27,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-import disalign_det  # noqa: E402,F401  isort: skip
+import disalign_det  # noqa: E402  isort: skip
+
+disalign_det.compat.apply_legacy_shims()  # numpy aliases: detectron2 v0.6's loader, lvis
 
 K = 1203
 SIZE = 128
@@ -94,11 +96,11 @@ def build(cfg, stage_two):
 
 
 def trainer_for(model, batch):
-    from disalign_det.engine.trainer import _SimpleTrainer
+    from disalign_det.engine.loop import SimpleTrainLoop
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.0, momentum=0.9)
-    return _SimpleTrainer(model, itertools.repeat(batch), optimizer)
+    return SimpleTrainLoop(model, itertools.repeat(batch), optimizer)
 
 
 def main(argv=None):

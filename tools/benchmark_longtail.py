@@ -37,22 +37,24 @@ MODEL.ROI_HEADS.SCORE_THRESH_TEST 0.001 (``--fixed-ap-score-thresh``), and three
 its saved detections: standard AP at the configs' TEST.DETECTIONS_PER_IMAGE (100), standard AP at
 an LVIS-like budget (``--budget``, default 300 * K / 1203 = 15 for the K = 60 classes) and Fixed
 AP. A per-image cut of the saved detections equals running the model at that limit (see
-:func:`disalign_det.benchmarks.results.run_per_class_ap`). Progress: runs done / total and ETA (one
-redrawn line on a terminal, plain lines otherwise). The code is :mod:`disalign_det.benchmarks`.
+:func:`lab.results.run_per_class_ap`). Progress: runs done / total and ETA (one redrawn line on a
+terminal, plain lines otherwise). The code is the checkout's :mod:`lab` package (not installed).
 """
 
 import os
 import sys
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The built-in datasets live under $DETECTRON2_DATASETS (default: "datasets", relative to the
 # working directory); anchor it to the repository before disalign_det registers them, so that this
 # process and its runs agree.
-os.environ.setdefault(
-    "DETECTRON2_DATASETS",
-    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "datasets"),
-)
+os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(ROOT, "datasets"))
+# lab/ (the experiment code) is not installed: it is imported from this checkout. Run as a script,
+# Python puts tools/ on sys.path, not the checkout's root, hence this one line (appended: an
+# installed disalign_det still wins).
+sys.path.append(ROOT)
 
-from disalign_det.benchmarks.longtail import main  # noqa: E402
+from lab.longtail import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -39,7 +39,7 @@ Examples::
     python tools/benchmark_lvis_eval.py --sizes 100,200,400 --paths ours,faster
 """
 
-import disalign_det  # noqa: F401  isort:skip  (compat shims before detectron2 / lvis)
+import disalign_det  # isort:skip  (a real _C or the stand-in, before detectron2 / lvis)
 
 import argparse
 import json
@@ -331,8 +331,8 @@ def run_worker(args):
     from detectron2.data import MetadataCatalog
     from detectron2.evaluation import LVISEvaluator
 
+    from disalign_det.compat.features import lvis_evaluator_takes_max_dets
     from disalign_det.evaluation import StreamingLVISEvaluator
-    from disalign_det.evaluation.lvis_evaluation import _STOCK_TAKES_MAX_DETS
 
     torch.set_num_threads(1)
     height, width = args.height, args.width
@@ -344,7 +344,7 @@ def run_worker(args):
     recorder = StageRecorder()
     _instrument(args.worker, recorder)
     child_peaks = _record_child_peaks()
-    kwargs = {"max_dets_per_image": args.dets} if _STOCK_TAKES_MAX_DETS else {}
+    kwargs = {"max_dets_per_image": args.dets} if lvis_evaluator_takes_max_dets() else {}
     output_dir = args.output_dir or None
     # Interpreter + torch + detectron2 + the template pool: the same for both paths.
     baseline_mb = current_rss_mb()
@@ -575,6 +575,7 @@ def _max_abs_diff(a, b):
 
 
 def main():
+    disalign_det.compat.apply_legacy_shims()  # numpy aliases: the stock LVISEvaluator
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="200,500,1000", help="comma-separated image counts")
     parser.add_argument("--images", type=int, help="a single size (overrides --sizes)")

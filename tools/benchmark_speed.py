@@ -57,18 +57,24 @@ from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(ROOT, "datasets"))
+# lab/ (the experiment code) is not installed: it is imported from this checkout. Run as a script,
+# Python puts tools/ on sys.path, not the checkout's root, hence this one line (appended: an
+# installed disalign_det still wins).
+sys.path.append(ROOT)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import disalign_det  # noqa: E402,F401  (shims and registrations before detectron2)
-from disalign_det.benchmarks.stats import median  # noqa: E402
+import disalign_det  # noqa: E402  (a real _C or the stand-in, registrations)
+
+disalign_det.compat.apply_legacy_shims()  # numpy aliases: detectron2 v0.6's loader, lvis
 from disalign_det.utils.memory import (  # noqa: E402
     current_rss_mb,
     peak_rss_mb,
     release_memory,
     reset_peak_rss,
 )
+from lab.stats import median  # noqa: E402
 
 logger = logging.getLogger("disalign_det.benchmark_speed")
 

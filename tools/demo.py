@@ -21,14 +21,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Set before disalign_det is imported, here and in the stages' processes (inherited).
 os.environ.setdefault("DISALIGN_QUIET_WARNINGS", "1")
+# lab/ (the experiment code) is not installed: it is imported from this checkout. Run as a script,
+# Python puts tools/ on sys.path, not the checkout's root, hence this one line (appended: an
+# installed disalign_det still wins).
+sys.path.append(ROOT)
 
-from disalign_det.benchmarks.report import load_metrics, metrics_table  # noqa: E402
 from disalign_det.engine.progress import (  # noqa: E402
     _default_interval,
     parse_line,
     progress_style,
     render_bar,
 )
+from lab.report import load_metrics, metrics_table  # noqa: E402
 
 # The LVIS-structured generated data (preset "lvis": 60 classes, rare and common ones fine-grained
 # variants of a frequent parent; docs/synthetic.md), built on first use into datasets/lvis_synth_lt.

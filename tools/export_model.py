@@ -35,7 +35,9 @@ os.environ.setdefault("DISALIGN_QUIET_WARNINGS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import disalign_det  # noqa: E402,F401  (shims and registrations before detectron2)
+import disalign_det  # noqa: E402  (a real _C or the stand-in, registrations)
+
+disalign_det.compat.apply_legacy_shims()  # numpy aliases: detectron2 v0.6's loader, lvis
 
 logger = logging.getLogger("disalign_det.export_model")
 

@@ -16,7 +16,7 @@ KEY=VALUE overrides as in detectron2's tools/lazyconfig_train_net.py. On machine
 import logging
 import os
 
-import disalign_det  # noqa: F401  isort: skip  (shims and registrations first)
+import disalign_det  # isort: skip  (a real _C or the stand-in, before detectron2.layers)
 from detectron2.config import LazyConfig
 from detectron2.engine import default_argument_parser, default_setup  # noqa: F401  (re-export)
 from detectron2.utils import comm
@@ -54,6 +54,7 @@ def setup(args):
 
 
 def main(args):
+    disalign_det.compat.apply_legacy_shims()  # numpy aliases: detectron2 v0.6, lvis
     cfg = setup(args)
     if args.eval_only:
         results = do_eval_only(cfg, resume=args.resume)

@@ -18,7 +18,9 @@ import os
 # Known third-party deprecation noise hidden (disalign_det.utils.warnings); before the import.
 os.environ.setdefault("DISALIGN_QUIET_WARNINGS", "1")
 
-import disalign_det  # noqa: F401,E402  isort: skip  (shims and registrations first)
+import disalign_det  # noqa: E402  isort: skip  (a real _C or the stand-in, registrations)
+
+disalign_det.compat.apply_legacy_shims()  # numpy aliases: detectron2 v0.6's loader, lvis
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup  # noqa: E402,F401  (re-export)

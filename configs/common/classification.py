@@ -5,6 +5,7 @@ two calls :func:`disalign_stage_two` on them (it is importable from this file)."
 
 import torch
 from detectron2.config import LazyCall as L
+from detectron2.data import build_detection_train_loader
 from detectron2.solver import WarmupParamScheduler
 from detectron2.solver.build import get_default_optimizer_params
 from fvcore.common.param_scheduler import CosineParamScheduler
@@ -14,7 +15,6 @@ from disalign_det.data.classification import (
     ClassBalancedTrainingSampler,
     ClassificationMapper,
     build_classification_test_loader,
-    build_classification_train_loader,
     dataset_labels,
     get_classification_dicts,
 )
@@ -34,10 +34,13 @@ model = L(ImageClassifier)(
 )
 
 dataloader = OmegaConf.create()
-dataloader.train = L(build_classification_train_loader)(
+# detectron2's train loader: tools/lazyconfig_train_net.py builds it with the library's resumable
+# loader (exact resumes, with or without workers); no aspect-ratio grouping for square crops.
+dataloader.train = L(build_detection_train_loader)(
     dataset=L(get_classification_dicts)(names="imagenet_lt_train"),
     mapper=L(ClassificationMapper)(is_train=True, image_size=224, color_jitter=0.4),
     total_batch_size=256,
+    aspect_ratio_grouping=False,
     num_workers=8,
 )
 dataloader.test = L(build_classification_test_loader)(

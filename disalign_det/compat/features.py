@@ -3,8 +3,9 @@
 Each function answers one question about the installed detectron2 by looking at the API itself
 (attributes, signatures, source), never at ``__version__`` (v0.6 and main both say ``"0.6"``).
 Each says what it covers and when it can be deleted: all of them go once detectron2 v0.6 is no
-longer supported (then the answer is always the main one). detectron2 is imported lazily, inside
-the functions, so that importing this module does not import detectron2 before the shims.
+longer supported (then the answer is always the main one). Each is used by the code or by the
+tests that skip where detectron2 v0.6 lacks the feature. detectron2 is imported lazily, inside the
+functions: importing this module imports nothing of detectron2.
 """
 
 import functools
@@ -15,7 +16,6 @@ import logging
 __all__ = [
     "accepts_kwarg",
     "create_local_process_group",
-    "default_trainer_has_state_dict",
     "has_federated_loss",
     "launch_supports_cpu",
     "lvis_evaluator_takes_max_dets",
@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 
 def accepts_kwarg(fn, name):
-    """True if ``fn`` takes a parameter called ``name``."""
+    """True if ``fn`` takes a parameter called ``name`` (the feature tests below; ``False`` where
+    ``fn`` has no signature, e.g. a builtin)."""
     try:
         return name in inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -46,10 +47,7 @@ def launch_supports_cpu():
     worker = getattr(launch_module, "_distributed_worker", None)
     try:
         src = inspect.getsource(worker)
-    except (
-        OSError,
-        TypeError,
-    ):  # no source (frozen install): use our own CPU workers, safe on both
+    except (OSError, TypeError):  # no source (frozen install): our own CPU workers, safe on both
         return False
     return "gloo" in src.lower() and "assert torch.cuda.is_available()" not in src
 
@@ -74,19 +72,6 @@ def create_local_process_group(num_per_machine):
         group = dist.new_group(ranks)  # every rank creates every group (collective)
         if i == machine_rank:
             comm._LOCAL_PROCESS_GROUP = group
-
-
-@functools.lru_cache(maxsize=None)
-def default_trainer_has_state_dict():
-    """Does ``DefaultTrainer`` checkpoint its inner trainer (optimizer) under ``"_trainer"``?
-
-    main: yes, and its ``load_state_dict`` then requires that key. v0.6: no (only the iteration
-    and hook states; a resumed run restarted SGD momentum). :class:`disalign_det.engine.Trainer`
-    stores ``"_trainer"`` on both and loads checkpoints without it on both. Delete with v0.6.
-    """
-    from detectron2.engine import DefaultTrainer, TrainerBase
-
-    return DefaultTrainer.state_dict is not TrainerBase.state_dict
 
 
 @functools.lru_cache(maxsize=None)
@@ -118,9 +103,12 @@ def has_federated_loss():
 def lvis_evaluator_takes_max_dets():
     """Does ``LVISEvaluator`` take ``max_dets_per_image``?
 
-    Both v0.6 (the PyPI copy) and main: yes; releases before v0.6 always used LVIS's 300. For
-    ``disalign_det.evaluation`` (its ``_STOCK_TAKES_MAX_DETS``); can be deleted now that both
-    supported versions take it, together with the branch that uses it.
+    v0.6 (the PyPI copy) and main: yes; detectron2 releases before v0.6 always used LVIS's 300.
+    :class:`disalign_det.evaluation.StreamingLVISEvaluator` passes the argument to its base class
+    only where it exists (it applies the limit itself in every case), and the tests and
+    ``tools/benchmark_lvis_eval.py`` compare with the stock evaluator at a non-default limit only
+    where it exists. Can go, with those branches, when a detectron2 before v0.6 is certainly never
+    met (both supported ones answer yes).
     """
     from detectron2.evaluation import LVISEvaluator
 

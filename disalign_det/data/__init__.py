@@ -4,13 +4,13 @@ long-tailed LVIS-format dataset.
 Modules, leaves first (each imports only those above it):
 
 * :mod:`.frequency`: LVIS's r/c/f rule and per-class counting (pure maths);
-* :mod:`.synthetic`: the long-tailed dataset generator (a library; its command line is
-  ``datasets/prepare_synthetic.py``);
 * :mod:`.lvis_json`: reading and validating LVIS-format json, its class summary;
 * :mod:`.metadata`: metadata filled on first access;
 * :mod:`.lvis_format`: registering any LVIS-format json (``DATASETS.LVIS_FORMAT``);
 * :mod:`.class_counts`: the per-class training frequencies n_j of a config's datasets;
-* :mod:`.synthetic_cache`: the generated dataset, generated on first load;
+* :mod:`.synthetic`: the long-tailed dataset generator (a library whose generating modules import
+  only :mod:`.frequency`; command line ``datasets/prepare_synthetic.py``) and its registration,
+  generated on first load;
 * :mod:`.builtin`: the built-in names, registered at import.
 
 Importing this package registers the built-in datasets ``lvis_v1_train`` / ``lvis_v1_val``,
@@ -39,11 +39,12 @@ from .lvis_json import (
     read_lvis_json,
     validate_lvis_dict,
 )
-from .synthetic import generate_synthetic_lvis, synthetic_categories
-from .synthetic_cache import (
+from .synthetic import (
     SYNTH_DATASETS,
     ensure_synthetic_dataset,
+    generate_synthetic_lvis,
     register_lvis_synth,
+    synthetic_categories,
 )
 
 __all__ = [

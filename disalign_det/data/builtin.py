@@ -3,14 +3,14 @@
 Relative to ``$DETECTRON2_DATASETS`` (default ``datasets``; see ``datasets/README.md``):
 
 * ``lvis_v1_train`` / ``lvis_v1_val`` (1203 classes) and ``lvis_v0.5_train`` / ``lvis_v0.5_val``
-  (1230 classes): detectron2's own registration (``lvis/lvis_v1_*.json`` /
-  ``lvis/lvis_v0.5_*.json``, images in ``coco/``; the split folder of each image comes from its
-  ``coco_url``, so val images of COCO's train2017 are found there) and class names, plus
-  ``class_frequency``, ``class_image_count``, ``image_count`` and ``instance_count`` read lazily
-  from the json on first access (LVIS train is ~1 GB: nothing is read at import), and a clear error
-  when the files are missing.
+  (1230 classes): detectron2's own registration, kept as detectron2 defines it (its loader,
+  ``lvis/lvis_v1_*.json`` / ``lvis/lvis_v0.5_*.json`` with images in ``coco/``, its class names,
+  ``json_file``, ``image_root`` and ``evaluator_type``), extended with ``class_frequency``,
+  ``class_image_count``, ``image_count`` and ``instance_count`` read lazily from the json on first
+  access (LVIS train is ~1 GB: nothing is read at import; a missing json raises an error pointing
+  at ``datasets/README.md``).
 * ``lvis_synth_train`` / ``lvis_synth_val``: the generated dataset (preset ``basic``, the tiny
-  20-class fixture) in ``lvis_synth/``, generated on first load (:mod:`.synthetic_cache`).
+  20-class fixture) in ``lvis_synth/``, generated on first load (:mod:`.synthetic.cache`).
 * ``lvis_synth_lt_train`` / ``lvis_synth_lt_val``: the generated dataset with LVIS's long-tail
   structure (preset ``lvis``: 60 classes in families of fine-grained variants) in
   ``lvis_synth_lt/``, generated on first load; what the demo and the benchmark use.
@@ -18,15 +18,14 @@ Relative to ``$DETECTRON2_DATASETS`` (default ``datasets``; see ``datasets/READM
 
 import functools
 import os
-from typing import Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from .lvis_format import load_lvis_format
-from .lvis_json import README_HINT, lvis_category_info
+from .lvis_json import lvis_category_info
 from .metadata import install_lazy_metadata
-from .synthetic import LT_DATASETS, LT_SUBDIR
-from .synthetic_cache import datasets_root, register_lvis_synth
+from .synthetic import LT_DATASETS, LT_SUBDIR, datasets_root, register_lvis_synth
 
 __all__ = ["LVIS_V05_DATASETS", "LVIS_V1_DATASETS", "LVIS_DATASETS", "register_builtin_datasets"]
 
@@ -42,38 +41,31 @@ LVIS_V05_DATASETS = {
 LVIS_DATASETS = {**LVIS_V1_DATASETS, **LVIS_V05_DATASETS}
 
 
-def _checked_loader(orig: Callable, json_file: str, image_root: str):
-    def load():
-        if not os.path.isfile(json_file):
-            raise FileNotFoundError(f"LVIS json not found: '{json_file}'. {README_HINT}")
-        if not os.path.isdir(image_root):
-            raise FileNotFoundError(f"LVIS image root not found: '{image_root}'. {README_HINT}")
-        return orig()
-
-    return load
-
-
 def register_lvis_builtin(root: str, datasets: Dict[str, Tuple[str, str]]) -> None:
     """Register ``{name: (json, image root)}`` (relative to ``root``) the way the LVIS built-ins
-    are: detectron2's loader and class names when it has the name, metadata from the json lazily."""
+    are, with the class statistics read lazily from the json.
+
+    A name detectron2 already registers (``lvis_v1_*``, ``lvis_v0.5_*``) is extended, not
+    replaced: its loader and every metadata field detectron2 set stay (its own paths, which are
+    ``root``'s when ``root`` is ``$DETECTRON2_DATASETS``); only the class statistics are added. Any
+    other name is registered here with :func:`~.lvis_format.load_lvis_format`.
+    """
     for name, (rel_json, rel_root) in datasets.items():
-        json_file = os.path.join(root, rel_json)
-        image_root = os.path.join(root, rel_root)
         if name in DatasetCatalog.list():
-            # Keep detectron2's loader and class names; only add a clear missing-file error.
-            orig = DatasetCatalog[name]
-            DatasetCatalog.remove(name)
-            DatasetCatalog.register(name, _checked_loader(orig, json_file, image_root))
+            json_file = MetadataCatalog.get(name).json_file
+            eager = {}
         else:
+            json_file = os.path.join(root, rel_json)
+            image_root = os.path.join(root, rel_root)
             DatasetCatalog.register(
                 name, functools.partial(load_lvis_format, json_file, image_root, False)
             )
+            eager = {"json_file": json_file, "image_root": image_root, "evaluator_type": "lvis"}
+        # detectron2's Metadata has no way to compute a field on first access, so the entry
+        # becomes a LazyLVISMetadata holding the same fields (DisAlign's class counts come from
+        # the json, which must not be read at import).
         install_lazy_metadata(
-            name,
-            lambda j=json_file, n=name: lvis_category_info(j, n).metadata(),
-            json_file=json_file,
-            image_root=image_root,
-            evaluator_type="lvis",
+            name, lambda j=json_file, n=name: lvis_category_info(j, n).metadata(), **eager
         )
 
 

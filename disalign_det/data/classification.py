@@ -30,18 +30,16 @@ import torch
 from detectron2.data import DatasetCatalog
 from detectron2.data.build import trivial_batch_collator
 from detectron2.data.common import DatasetFromList, MapDataset
-from detectron2.data.samplers import InferenceSampler, TrainingSampler
+from detectron2.data.samplers import InferenceSampler
 from detectron2.utils import comm
 
 from .metadata import install_lazy_metadata
-from .samplers import build_resumable_train_loader
 
 __all__ = [
     "CLASSIFICATION_DATASETS",
     "ClassBalancedTrainingSampler",
     "ClassificationMapper",
     "build_classification_test_loader",
-    "build_classification_train_loader",
     "class_image_counts",
     "get_classification_dicts",
     "read_image_list",
@@ -341,29 +339,6 @@ class ClassBalancedTrainingSampler(torch.utils.data.Sampler):
 def dataset_labels(names) -> List[int]:
     """The labels of the dicts of ``names`` (for :class:`ClassBalancedTrainingSampler`)."""
     return [d["label"] for d in get_classification_dicts(names)]
-
-
-def build_classification_train_loader(
-    dataset, *, mapper, total_batch_size: int, sampler=None, num_workers: int = 0
-):
-    """Training batches (lists of mapped dicts) that a resumed run replays exactly: the resumable
-    loader of the LVIS path (:func:`~.samplers.build_resumable_train_loader`) without
-    aspect-ratio grouping. ``sampler`` defaults to ``TrainingSampler`` (shuffled epochs)."""
-    if sampler is None:
-        sampler = TrainingSampler(len(dataset))
-    # The DataLoader's worker base seed from a generator seeded now, at build time: without one,
-    # the first batch draws it from the global RNG, which a resumed run has just restored, and
-    # every later augmentation would shift.
-    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), dtype=torch.int64)))
-    return build_resumable_train_loader(
-        list(dataset),
-        mapper=mapper,
-        sampler=sampler,
-        total_batch_size=total_batch_size,
-        aspect_ratio_grouping=False,
-        num_workers=num_workers,
-        generator=generator,
-    )
 
 
 def build_classification_test_loader(

@@ -89,8 +89,8 @@ def digits_lt():
 @functools.lru_cache(maxsize=None)
 def synth_cls_lt():
     """``{"train": [...], "test": [...], "classes": [names]}`` of the rendered family set."""
-    from .synth_families import family_styles
-    from .synthetic import RenderSpec, render
+    from .synthetic.families import family_styles
+    from .synthetic.render import RenderSpec, render
 
     styles = family_styles(SYNTH_NUM_CLASSES)
     rng = np.random.default_rng(0)

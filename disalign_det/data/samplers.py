@@ -215,6 +215,7 @@ def build_resumable_train_loader(
     num_workers=0,
     collate_fn=None,
     generator=None,
+    **kwargs,
 ):
     """Like detectron2's ``build_detection_train_loader`` (same arguments), with exact resumes:
     returns a :class:`ResumableTrainLoader` whose ``batch_sampler.start`` selects the first batch.
@@ -224,6 +225,8 @@ def build_resumable_train_loader(
         mapper (callable): dataset dict -> model input dict (or None to skip the image).
         sampler: infinite per-process index sampler (``TrainingSampler``...).
         generator (torch.Generator or None): the DataLoader's generator (workers' base seed).
+        kwargs: more arguments of ``torch.utils.data.DataLoader`` (``pin_memory``,
+            ``prefetch_factor``, ...), as detectron2 main's ``build_detection_train_loader`` takes.
     """
     if not isinstance(dataset, list):
         raise TypeError(
@@ -252,5 +255,6 @@ def build_resumable_train_loader(
         collate_fn=trivial_batch_collator if collate_fn is None else collate_fn,
         worker_init_fn=worker_init_reset_seed,
         generator=generator,
+        **kwargs,
     )
     return ResumableTrainLoader(loader)

@@ -1,5 +1,14 @@
 from .checkpoint import DisAlignCheckpointer
 from .launch import launch, launch_from_argv
-from .trainer import ResumableSampler, Trainer
+from .loop import ResumableSampler, build_train_loop, freeze_model
+from .trainer import Trainer
 
-__all__ = ["DisAlignCheckpointer", "ResumableSampler", "Trainer", "launch", "launch_from_argv"]
+__all__ = [
+    "DisAlignCheckpointer",
+    "ResumableSampler",
+    "Trainer",
+    "build_train_loop",
+    "freeze_model",
+    "launch",
+    "launch_from_argv",
+]

@@ -32,6 +32,9 @@ def get_rng_state():
             "cached_gaussian": float(cached),
         },
         "torch": torch.get_rng_state(),
+        # On a GPU the RoI sampling (detectron2's subsample_labels: randperm on the labels'
+        # device) and the federated loss's negatives draw from the CUDA generators.
+        **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_initialized() else {}),
     }
 
 
@@ -56,6 +59,9 @@ def set_rng_state(state):
         )
     )
     torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 class DisAlignCheckpointer(DetectionCheckpointer):

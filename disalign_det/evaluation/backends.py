@@ -1,4 +1,6 @@
-"""Opt-in metric backends for the LVIS evaluation (``TEST.LVIS_EVAL.BACKEND``).
+"""The metric backends of the LVIS evaluation (``TEST.LVIS_EVAL.BACKEND``): one table,
+:data:`BACKENDS` (name -> :class:`Backend`), which every dispatch uses; :func:`get` validates a
+name once, naming the config key. Adding a backend is one entry.
 
 ``"lvis"`` (default): the LVIS API (``lvis.LVISEval``, through
 :class:`~disalign_det.evaluation.lvis_evaluation.LeanLVISEval`), the reference numbers.
@@ -25,23 +27,79 @@ does (mean of the valid entries, -1 -> reported -100 where a group has no ground
 import copy
 import logging
 from collections import Counter
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
-__all__ = ["BACKENDS", "check", "evaluate", "summarize_precision"]
+__all__ = ["BACKENDS", "Backend", "get", "run_lvis_eval", "summarize_precision"]
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("lvis", "fast", "faster_coco_eval")
+#: The metrics detectron2's LVISEvaluator reports for each of "bbox" and "segm", in its order.
+LVIS_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 
 
-def check(backend):
-    """Raise for an unknown backend, naming the config key."""
-    if backend not in BACKENDS:
-        raise ValueError(f"TEST.LVIS_EVAL.BACKEND must be one of {BACKENDS}, got {backend!r}")
+class Backend(NamedTuple):
+    """One metric backend.
+
+    ``evaluate(lvis_gt, results, iou_type, max_dets_per_image)`` evaluates LVIS result dicts (cut
+    at ``max_dets_per_image`` per image, -1: no cap) and returns ``(metrics, cat_ids, precision)``:
+    the metrics in percent, the category ids in the precision array's order, and the precision
+    array (T, R, K, A[, M]).
+
+    ``evaluate_shards(lvis_gt, paths, iou_type, max_dets_per_image, positions)``, where not None,
+    evaluates the streaming evaluator's shard files directly (no result dict is built) and returns
+    the same triple, or None where it does not apply; the streaming evaluator then builds the
+    result dicts and evaluates them with the reference backend, ``"lvis"``.
+    """
+
+    name: str
+    evaluate: Callable
+    evaluate_shards: Optional[Callable] = None
 
 
-_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+def run_lvis_eval(lvis_eval, max_dets_per_image):
+    """Run a prepared ``LVISEval`` (or :class:`~.fast_lvis_eval.FastLVISEval`) whose results were
+    cut at ``max_dets_per_image`` (-1: no cap), print its summary as the LVIS API does, and return
+    ``(metrics in percent, cat_ids, precision)``."""
+    logger.info("Evaluating with max detections per image = %d", max_dets_per_image)
+    if max_dets_per_image < 0:
+        lvis_eval.params.max_dets = max_dets_per_image  # only names the AR keys
+    lvis_eval.run()
+    lvis_eval.print_results()
+    summary = lvis_eval.get_results()
+    metrics = {metric: float(summary[metric] * 100) for metric in LVIS_METRICS}
+    return metrics, lvis_eval.params.cat_ids, lvis_eval.eval["precision"]
+
+
+def _evaluate_lvis(lvis_gt, results, iou_type, max_dets_per_image):
+    from lvis import LVISResults
+
+    from .lean_eval import LeanLVISEval
+
+    results = LVISResults(lvis_gt, results, max_dets=max_dets_per_image)
+    return run_lvis_eval(LeanLVISEval(lvis_gt, results, iou_type), max_dets_per_image)
+
+
+def _evaluate_fast(lvis_gt, results, iou_type, max_dets_per_image):
+    from .fast_lvis_eval import FastLVISEval
+
+    lvis_eval = FastLVISEval.from_results(lvis_gt, results, iou_type, max_dets_per_image)
+    return run_lvis_eval(lvis_eval, max_dets_per_image)
+
+
+def _evaluate_fast_shards(lvis_gt, paths, iou_type, max_dets_per_image, positions):
+    from .fast_lvis_eval import FastLVISEval
+
+    lvis_eval = FastLVISEval.from_shards(lvis_gt, paths, iou_type, max_dets_per_image, positions)
+    if lvis_eval is None:
+        logger.warning(
+            "NaN scores among the detections: the %s pass uses the LVIS API instead of the "
+            "fast backend (its ordering of NaN scores is not reproduced)",
+            iou_type,
+        )
+        return None
+    return run_lvis_eval(lvis_eval, max_dets_per_image)
 
 
 def summarize_precision(precision, iou_thrs, frequency):
@@ -71,7 +129,7 @@ def summarize_precision(precision, iou_thrs, frequency):
     }
     for group in "rcf":
         out["AP" + group] = mean(p[:, :, frequency == group, 0])
-    return {k: out[k] for k in _METRICS}
+    return {k: out[k] for k in LVIS_METRICS}
 
 
 def _faster_gt(lvis_gt):
@@ -86,15 +144,8 @@ def _faster_gt(lvis_gt):
     return cached
 
 
-def evaluate(backend, lvis_gt, results, iou_type, max_dets_per_image):
-    """Evaluate ``results`` with a non-default backend.
-
-    Returns:
-        (dict, list[int], np.ndarray): the metrics (percent), the category ids in the precision
-        array's order and the precision array.
-    """
-    if backend != "faster_coco_eval":
-        raise ValueError(f"TEST.LVIS_EVAL.BACKEND must be one of {BACKENDS}, got {backend!r}")
+def _evaluate_faster_coco_eval(lvis_gt, results, iou_type, max_dets_per_image):
+    logger.info("Evaluating with max detections per image = %d", max_dets_per_image)
     try:
         from faster_coco_eval import COCOeval_faster
     except ImportError as e:
@@ -123,3 +174,25 @@ def evaluate(backend, lvis_gt, results, iou_type, max_dets_per_image):
     frequency = [c["frequency"] for c in lvis_gt.load_cats(cat_ids)]
     precision = ev.eval["precision"]
     return summarize_precision(precision, ev.params.iouThrs, frequency), cat_ids, precision
+
+
+#: name -> backend: "lvis" the LVIS API (the reference), "fast" bit-identical on arrays,
+#: "faster_coco_eval" C++ (not identical; see the module docstring).
+BACKENDS = {
+    b.name: b
+    for b in (
+        Backend("lvis", _evaluate_lvis),
+        Backend("fast", _evaluate_fast, _evaluate_fast_shards),
+        Backend("faster_coco_eval", _evaluate_faster_coco_eval),
+    )
+}
+
+
+def get(name):
+    """The backend called ``name``; a ValueError naming the config key for an unknown one."""
+    try:
+        return BACKENDS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"TEST.LVIS_EVAL.BACKEND must be one of {tuple(BACKENDS)}, got {name!r}"
+        ) from None

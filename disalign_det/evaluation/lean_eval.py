@@ -4,6 +4,8 @@ imported by both LVIS evaluation backends)."""
 import numpy as np
 from lvis import LVISEval
 
+from ..compat import numpy_aliases
+
 __all__ = ["LeanLVISEval"]
 
 
@@ -43,3 +45,10 @@ class LeanLVISEval(LVISEval):
             for area_rng in self.params.area_rng
             for img_id in self.params.img_ids
         ]
+
+    def accumulate(self):
+        """``LVISEval.accumulate``, with the numpy aliases lvis 0.5.3 uses there (``np.float``,
+        removed in numpy 1.24) set for this call only (:func:`disalign_det.compat.numpy_aliases`;
+        goes when lvis stops using them)."""
+        with numpy_aliases():
+            super().accumulate()

@@ -58,7 +58,6 @@ Differences from the stock evaluator, all deliberate:
 """
 
 import copy
-import inspect
 import itertools
 import logging
 import os
@@ -74,10 +73,11 @@ from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
-from lvis import LVISResults
 
+from ..compat.features import lvis_evaluator_takes_max_dets
 from ..utils.memory import malloc_trim, release_memory
 from . import backends, fixed_ap
+from .backends import LVIS_METRICS
 from .lean_eval import LeanLVISEval
 from .per_class import per_class_ap_from_precision, per_class_table_for
 from .shards import FRAME_HEADER, BackgroundResultsWriter, iter_shard, write_results_json
@@ -89,32 +89,14 @@ __all__ = [
     "StreamingLVISEvaluator",
     "evaluate_results_on_lvis",
     "load_lvis_results",
-    "write_results_json",
 ]
 
 logger = logging.getLogger(__name__)
-
-#: The metrics detectron2's LVISEvaluator reports for each of "bbox" and "segm", in its order.
-LVIS_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 
 #: Official LVIS limit on detections per image (also the lvis API's default).
 DEFAULT_MAX_DETS_PER_IMAGE = 300
 
 _SHARD_SUFFIX = ".lvisdet"
-# Each frame of a shard: an 8-byte little-endian length, then that many bytes of pickle.
-_FRAME_HEADER = FRAME_HEADER
-
-
-def _accepts_kwarg(fn, name):
-    """True if ``fn`` takes a parameter called ``name`` (feature test; versions are unreliable:
-    detectron2 v0.6 and current main both report ``__version__ == "0.6"``)."""
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-_STOCK_TAKES_MAX_DETS = _accepts_kwarg(LVISEvaluator.__init__, "max_dets_per_image")
 
 
 def _nan_metrics():
@@ -151,37 +133,8 @@ def evaluate_results_on_lvis(
         return _nan_metrics()
     if max_dets_per_image is None:
         max_dets_per_image = DEFAULT_MAX_DETS_PER_IMAGE
-
-    if backend == "faster_coco_eval":
-        logger.info("Evaluating with max detections per image = %d", max_dets_per_image)
-        metrics, cat_ids, precision = backends.evaluate(
-            backend, lvis_gt, lvis_results, iou_type, max_dets_per_image
-        )
-        return _report(metrics, cat_ids, precision, iou_type, per_class)
-    if backend == "fast":
-        from .fast_lvis_eval import FastLVISEval
-
-        lvis_eval = FastLVISEval.from_results(lvis_gt, lvis_results, iou_type, max_dets_per_image)
-    else:
-        backends.check(backend)
-        results = LVISResults(lvis_gt, lvis_results, max_dets=max_dets_per_image)
-        lvis_eval = LeanLVISEval(lvis_gt, results, iou_type)
-    return run_lvis_eval(lvis_eval, iou_type, max_dets_per_image, per_class)
-
-
-def run_lvis_eval(lvis_eval, iou_type, max_dets_per_image, per_class=None):
-    """Run a prepared ``LVISEval`` (or :class:`~.fast_lvis_eval.FastLVISEval`) whose results were
-    cut at ``max_dets_per_image`` (-1: no cap), print its summary as the LVIS API does, and return
-    the metrics (see :func:`evaluate_results_on_lvis`)."""
-    logger.info("Evaluating with max detections per image = %d", max_dets_per_image)
-    if max_dets_per_image < 0:
-        lvis_eval.params.max_dets = max_dets_per_image  # only names the AR keys
-    lvis_eval.run()
-    lvis_eval.print_results()
-    summary = lvis_eval.get_results()
-    metrics = {metric: float(summary[metric] * 100) for metric in LVIS_METRICS}
-    cat_ids, precision = lvis_eval.params.cat_ids, lvis_eval.eval["precision"]
-    return _report(metrics, cat_ids, precision, iou_type, per_class)
+    out = backends.get(backend).evaluate(lvis_gt, lvis_results, iou_type, max_dets_per_image)
+    return _report(*out, iou_type, per_class)
 
 
 def _report(metrics, cat_ids, precision, iou_type, per_class):
@@ -233,7 +186,7 @@ class _ShardWriter:
             mask_frame = (None, None)
         for frame in (box_frame, mask_frame):
             data = pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL)
-            self._file.write(_FRAME_HEADER.pack(len(data)))
+            self._file.write(FRAME_HEADER.pack(len(data)))  # length, then the pickle
             self._file.write(data)
         self.num_dets += len(coco_results)
 
@@ -301,7 +254,8 @@ class StreamingLVISEvaluator(LVISEvaluator):
             background_results_json (bool): write ``lvis_instances_results.json`` in a child
                 process while the metrics are computed (:mod:`.shards`); local output_dir only.
         """
-        kwargs = {"max_dets_per_image": max_dets_per_image} if _STOCK_TAKES_MAX_DETS else {}
+        takes_max_dets = lvis_evaluator_takes_max_dets()
+        kwargs = {"max_dets_per_image": max_dets_per_image} if takes_max_dets else {}
         super().__init__(dataset_name, tasks, distributed, output_dir, **kwargs)
         # Set in every case: older LVISEvaluators neither store nor honour it; we use it ourselves.
         self._max_dets_per_image = max_dets_per_image
@@ -309,12 +263,8 @@ class StreamingLVISEvaluator(LVISEvaluator):
         self._shard_dir = shard_dir
         self._writer = None
         self._proposals = []
-        if backend not in backends.BACKENDS:
-            raise ValueError(
-                f"TEST.LVIS_EVAL.BACKEND must be one of {backends.BACKENDS}, got {backend!r}"
-            )
         self._fixed_k = int(fixed_ap_dets_per_class or 0)
-        self._backend = backend
+        self._backend = backends.get(backend)
         self._per_class_dir = per_class_dir
         self._per_class_basename = per_class_basename
         self._train_counts = train_counts
@@ -526,7 +476,7 @@ class StreamingLVISEvaluator(LVISEvaluator):
                             paths, self._fixed_k, iter_shard
                         )
                     self._results[name] = self._evaluate_fixed_task(task, paths, positions)
-                if self._backend == "fast":
+                if self._backend.evaluate_shards is not None:
                     malloc_trim()  # few Python objects die: a full collection costs, finds nothing
                 else:
                     release_memory()
@@ -552,7 +502,7 @@ class StreamingLVISEvaluator(LVISEvaluator):
         )
         name = fixed_ap.fixed_task_name(task)
         per_class = self._per_class.setdefault(name, {})
-        metrics = self._evaluate_fast(task, paths, -1, positions, per_class)
+        metrics = self._metrics_from_shards(task, paths, -1, positions, per_class)
         if metrics is None:
             results = fixed_ap.load_fixed_ap_results(
                 paths,
@@ -571,32 +521,24 @@ class StreamingLVISEvaluator(LVISEvaluator):
 
     @property
     def _dict_backend(self):
-        """The backend for result dicts: the LVIS API where "fast" fell back (NaN scores)."""
-        return "lvis" if self._backend == "fast" else self._backend
+        """The backend for result dicts: the reference (LVIS API) where a backend that reads the
+        shards declined them (see :class:`.backends.Backend`)."""
+        return "lvis" if self._backend.evaluate_shards is not None else self._backend.name
 
-    def _evaluate_fast(self, task, paths, max_dets, positions, per_class):
-        """The "fast" backend straight from the shards (no result dicts); None when it does not
-        apply (another backend, or NaN scores: then the caller uses the LVIS API)."""
-        if self._backend != "fast":
+    def _metrics_from_shards(self, task, paths, max_dets, positions, per_class):
+        """The backend straight from the shards (no result dicts); None when it does not apply
+        (a backend without a shard reader, or one that declined: the caller builds dicts)."""
+        if self._backend.evaluate_shards is None:
             return None
-        from .fast_lvis_eval import FastLVISEval
-
-        lvis_eval = FastLVISEval.from_shards(self._lvis_api, paths, task, max_dets, positions)
-        if lvis_eval is None:
-            self._logger.warning(
-                "NaN scores among the detections: the %s pass uses the LVIS API instead of the "
-                "fast backend (its ordering of NaN scores is not reproduced)",
-                task,
-            )
-            return None
-        return run_lvis_eval(lvis_eval, task, max_dets, per_class)
+        out = self._backend.evaluate_shards(self._lvis_api, paths, task, max_dets, positions)
+        return None if out is None else _report(*out, task, per_class)
 
     def _evaluate_task(self, task, paths):
         """Load only the fields ``task`` needs from the shards and evaluate them."""
         per_class = self._per_class.setdefault(task, {})
         max_dets = self._max_dets_per_image
         max_dets = DEFAULT_MAX_DETS_PER_IMAGE if max_dets is None else max_dets
-        metrics = self._evaluate_fast(task, paths, max_dets, None, per_class)
+        metrics = self._metrics_from_shards(task, paths, max_dets, None, per_class)
         if metrics is not None:
             return metrics
         results = load_lvis_results(paths, task, self._lvis_api, self._max_dets_per_image)

@@ -11,10 +11,10 @@ A stage-two config is the stage-one config plus one call::
 :func:`use_disalign` swaps the DisAlign box predictor(s) and mask head into ``model`` (keeping every
 argument of the stage one's), drops repeat-factor sampling and returns the ``disalign`` node that
 ``tools/lazyconfig_train_net.py`` reads: it instantiates the model, freezes everything but the
-calibration (:func:`prepare_stage_two`), installs the GRW class weights computed once from
-``dataloader.train.dataset.names`` and loads the stage one strictly (only calibration keys may be
-missing). :func:`load_project_config` loads a config of a detectron2 project (ViTDet) that the
-installed detectron2 package does not ship.
+calibration (:func:`disalign_det.engine.loop.freeze_model`, as the YAML path does), installs the
+GRW class weights computed once from ``dataloader.train.dataset.names`` and loads the stage one
+strictly (only calibration keys may be missing). :func:`load_project_config` loads a config of a
+detectron2 project (ViTDet) that the installed detectron2 package does not ship.
 """
 
 from .recipe import OFFICIAL_STAGE_TWO, set_stage_two_schedule
@@ -24,16 +24,16 @@ from .swap import (
     load_project_config,
     use_disalign,
 )
-from .train import build_stage_two_model, install_lazy_class_weights, prepare_stage_two
+from .train import LazyTrainer, build_stage_two_model, install_lazy_class_weights
 
 __all__ = [
     "DEFAULT_FED_LOSS_FREQ_WEIGHT_POWER",
+    "LazyTrainer",
     "OFFICIAL_STAGE_TWO",
     "build_stage_two_model",
     "find_project_config",
     "install_lazy_class_weights",
     "load_project_config",
-    "prepare_stage_two",
     "set_stage_two_schedule",
     "use_disalign",
 ]

@@ -1,51 +1,53 @@
-"""Training and evaluation of LazyConfig models with the guarantees of the YAML path.
+"""Training and evaluation of LazyConfig models with the loop of the YAML path.
 
-What ``tools/lazyconfig_train_net.py`` runs, reusing the engine of the YAML path: the stage one is
-loaded by :class:`~disalign_det.engine.DisAlignCheckpointer` in strict mode (only DisAlign's own
-keys may be missing), saves are atomic with RNG states, a resumed run continues the data stream, a
-non-finite loss stops training naming it before the optimizer step, and CPU multi-process runs
-work (gloo).
+What ``tools/lazyconfig_train_net.py`` runs: :class:`LazyTrainer` is the LazyConfig twin of
+:class:`~disalign_det.engine.Trainer`, built from ``cfg.model`` / ``cfg.dataloader`` /
+``cfg.optimizer`` / ``cfg.lr_multiplier`` / ``cfg.train`` and running the same loop
+(:mod:`disalign_det.engine.loop`): the same inner trainer (non-finite losses named before the
+optimizer step, ``train.amp`` mixed precision), the same freezing (norms and dropout / drop-path in
+eval mode), the same resumable data stream (exact after a kill, with workers and mixed aspect
+ratios), the same checkpointer (the stage one loaded strictly: only DisAlign's own keys may be
+missing; atomic saves with every rank's RNG state) and CPU multi-process runs (gloo).
 """
 
-import json
 import logging
-import os
+import weakref
 
 import torch
 from detectron2.config import instantiate
+from detectron2.data import build_detection_train_loader
 from detectron2.data.samplers import TrainingSampler
-from detectron2.engine import default_writers, hooks
-from detectron2.engine.defaults import create_ddp_model
+from detectron2.engine import TrainerBase, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
-from torch import nn
 
 from ..data import get_class_counts
-from ..data.samplers import GroupedBatchSampler
+from ..data.samplers import build_resumable_train_loader
 from ..engine.checkpoint import DisAlignCheckpointer
-from ..engine.trainer import (
+from ..engine.loop import (
     NamedErrorMapper,
-    ResumableSampler,
-    _AMPTrainer,
-    _find_loader_part,
-    _GatherRNGStates,
-    _jsonable,
-    _private_generator,
-    _SimpleTrainer,
-    _walk_loader,
-    model_on_cuda,
+    ResumableLoopMixin,
+    amp_precision,
+    build_ddp_model,
+    build_train_loop,
+    freeze_model,
+    private_generator,
+    walk_loader,
+    write_final_metrics,
 )
-from ..modeling import apply_freeze, set_class_frequencies
+from ..modeling import set_class_frequencies
 from .swap import _target
 
 __all__ = [
+    "LazyTrainer",
+    "build_checkpointer",
     "build_stage_two_model",
     "build_train_loader",
+    "do_eval_only",
     "do_test",
     "do_train",
     "freeze_mode",
     "install_lazy_class_weights",
-    "prepare_stage_two",
 ]
 
 logger = logging.getLogger(__name__)
@@ -57,39 +59,11 @@ def freeze_mode(cfg):
     return node.get("freeze", "none") if node is not None else "none"
 
 
-def _is_stochastic(module):
-    # Dropout and stochastic depth (timm's DropPath in ViT, MViTv2, Swin).
-    return isinstance(module, nn.modules.dropout._DropoutNd) or type(module).__name__ == "DropPath"
-
-
-def _keep_eval(module, inputs):
-    module.training = False
-
-
-def prepare_stage_two(model, freeze="all_but_calibration"):
-    """Freeze ``model`` in place (``apply_freeze``: everything but the calibration; frozen norms in
-    eval mode) and keep every dropout / drop-path layer without a trainable parameter after it in
-    eval mode: a frozen ViT would otherwise feed the calibration with randomly dropped residual
-    branches (ViTDet trains with drop_path_rate 0.1-0.5), features it never sees at inference.
-
-    Returns:
-        ``model``.
-    """
-    apply_freeze(model, freeze)
-    if freeze == "none":
-        return model
-    for name, module in model.named_modules():
-        if _is_stochastic(module) and not any(p.requires_grad for p in module.parameters()):
-            module.eval()
-            module.register_forward_pre_hook(_keep_eval)
-    return model
-
-
 def build_stage_two_model(cfg):
     """``instantiate(cfg.model)`` on ``cfg.train.device``, frozen by ``cfg.disalign.freeze``."""
     model = instantiate(cfg.model)
     model.to(cfg.train.device)
-    prepare_stage_two(model, freeze_mode(cfg))
+    freeze_model(model, freeze_mode(cfg))
     logger.info("Model:\n%s", model)
     return model
 
@@ -97,7 +71,14 @@ def build_stage_two_model(cfg):
 def _dataset_names(cfg):
     names = cfg.disalign.get("train_datasets") if "disalign" in cfg else None
     if names is None:
-        names = cfg.dataloader.train.dataset.names
+        dataset = cfg.dataloader.train.get("dataset")
+        names = dataset.get("names") if hasattr(dataset, "get") else None
+    if names is None:
+        raise ValueError(
+            "A head of the model needs the training class frequencies (GRW weights) but the "
+            "config names no registered dataset: set disalign.train_datasets (or "
+            "dataloader.train.dataset.names)."
+        )
     return [names] if isinstance(names, str) else list(names)
 
 
@@ -109,7 +90,7 @@ def install_lazy_class_weights(model, cfg):
     if not needs:
         return None
     names = _dataset_names(cfg)
-    source = cfg.disalign.get("frequency_source", "instance_count")
+    source = (cfg.get("disalign") or {}).get("frequency_source", "instance_count")
     counts = get_class_counts(names, source)
     set_class_frequencies(model, counts)
     logger.info("GRW class weights from %s (%s) installed in %d head(s)", names, source, len(needs))
@@ -117,11 +98,25 @@ def install_lazy_class_weights(model, cfg):
 
 
 def build_train_loader(cfg):
-    """``cfg.dataloader.train`` instantiated with its sampler (default: ``TrainingSampler``) wrapped
-    in a :class:`ResumableSampler`, a mapper whose errors name the image and a private generator
-    (see ``disalign_det.engine.trainer``)."""
+    """``cfg.dataloader.train``, built as the YAML path builds it when its target is detectron2's
+    ``build_detection_train_loader``: the same arguments given to
+    :func:`~disalign_det.data.samplers.build_resumable_train_loader` (aspect-ratio grouping on
+    indices in the main process, per-image seeds with workers: exact resumes), the sampler
+    (default: ``TrainingSampler``), a mapper whose errors name the image and a private generator
+    for the workers' base seed. Any other target is instantiated as it is: a resumed run then warns
+    that its data order restarts."""
     node = cfg.dataloader.train
-    build = _target(node)
+    if _target(node) is not build_detection_train_loader:
+        logger.warning(
+            "dataloader.train._target_ is %s, not detectron2's build_detection_train_loader: "
+            "built as it is, without exact resumes.",
+            node.get("_target_"),
+        )
+        loader = instantiate(node)
+        for part in walk_loader(loader):
+            if isinstance(part, torch.utils.data.DataLoader) and part.generator is None:
+                part.generator = private_generator()
+        return loader
     args = {
         k: instantiate(v) for k, v in node.items() if k not in ("_target_", "dataset", "sampler")
     }
@@ -129,20 +124,22 @@ def build_train_loader(cfg):
     sampler = instantiate(node.sampler) if node.get("sampler") is not None else None
     if sampler is None:
         sampler = TrainingSampler(len(dataset))
-    if "mapper" in args:
-        args["mapper"] = NamedErrorMapper(args["mapper"])
-    loader = build(dataset=dataset, sampler=ResumableSampler(sampler), **args)
-    # The DataLoader's worker base seed from a private generator, as in Trainer.build_train_loader
-    # (see engine.trainer._private_generator: exact resumes).
-    for part in _walk_loader(loader):
-        if isinstance(part, torch.utils.data.DataLoader) and part.generator is None:
-            part.generator = _private_generator()
-    return loader
+    if args.get("mapper") is None:
+        raise ValueError("dataloader.train.mapper is required (a dataset dict -> model input)")
+    args["mapper"] = NamedErrorMapper(args["mapper"])
+    if not isinstance(dataset, list):
+        raise TypeError(
+            f"dataloader.train.dataset must build a list of dataset dicts (e.g. "
+            f"get_detection_dataset_dicts), got {type(dataset).__name__}"
+        )
+    args.setdefault("generator", private_generator())
+    return build_resumable_train_loader(dataset, sampler=sampler, **args)
 
 
 def do_test(cfg, model):
-    """Evaluate ``model`` on ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator``; the results
-    are also written to ``<train.output_dir>/metrics_final.json``."""
+    """Evaluate ``model`` on ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator`` (the
+    dataset's own ``DatasetEvaluator``); the results are also written to
+    ``<train.output_dir>/metrics_final.json``."""
     if "evaluator" not in cfg.dataloader:
         return {}
     results = inference_on_dataset(
@@ -150,11 +147,7 @@ def do_test(cfg, model):
     )
     if comm.is_main_process():
         print_csv_format(results)
-        out = cfg.train.output_dir
-        if out:
-            os.makedirs(out, exist_ok=True)
-            with open(os.path.join(out, "metrics_final.json"), "w") as f:
-                json.dump(_jsonable(results), f, indent=2)
+    write_final_metrics(results, cfg.train.output_dir)
     return results
 
 
@@ -167,44 +160,75 @@ def build_checkpointer(cfg, model, **checkpointables):
     )
 
 
-def do_train(cfg, resume=False):
-    """Train ``cfg`` (a LazyConfig with ``model``, ``dataloader``, ``optimizer``, ``lr_multiplier``,
-    ``train`` and optionally ``disalign``); returns the last evaluation results."""
-    model = build_stage_two_model(cfg)
-    install_lazy_class_weights(model, cfg)
-    cfg.optimizer.params.model = model
-    optimizer = instantiate(cfg.optimizer)
-    loader = build_train_loader(cfg)
+class LazyTrainer(ResumableLoopMixin, TrainerBase):
+    """The LazyConfig twin of :class:`~disalign_det.engine.Trainer`, on the same loop.
 
-    ddp = dict(cfg.train.get("ddp") or {})
-    if freeze_mode(cfg) != "none":
-        # A branch can see no foreground in a batch: its calibration gets no gradient there.
-        ddp["find_unused_parameters"] = True
-    if not model_on_cuda(model):
-        # CPU processes (gloo): no device ids, and no fp16 gradient compression (ViTDet's GPU
-        # bandwidth setting; gloo's all-reduce gains nothing from it).
-        ddp["device_ids"] = None
-        ddp["fp16_compression"] = False
-    model = create_ddp_model(model, **ddp)
-    trainer_cls = _AMPTrainer if cfg.train.amp.enabled else _SimpleTrainer
-    trainer = trainer_cls(model, loader, optimizer)
-    checkpointer = build_checkpointer(cfg, model, trainer=trainer)
-    period = cfg.train.checkpointer.period
-    results = {}
+    ``cfg`` is a LazyConfig with ``model``, ``dataloader``, ``optimizer``, ``lr_multiplier``,
+    ``train`` (``train.amp.enabled`` / ``train.amp.precision``: mixed precision as
+    ``SOLVER.AMP``) and optionally ``disalign`` (stage two). Use as detectron2's trainers:
+    ``t = LazyTrainer(cfg); t.resume_or_load(resume); results = t.train()``; override
+    :meth:`build_hooks` to add hooks."""
 
-    def evaluate():
-        results.clear()
-        results.update(do_test(cfg, model))
-        return results
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        model = build_stage_two_model(cfg)
+        install_lazy_class_weights(model, cfg)
+        cfg.optimizer.params.model = model
+        optimizer = instantiate(cfg.optimizer)
+        loader = build_train_loader(cfg)
+        amp = cfg.train.get("amp") or {}
+        precision = amp_precision(
+            amp.get("enabled", False), amp.get("precision", "auto"), model, key="train.amp"
+        )
+        model = build_ddp_model(
+            model,
+            train_calibration_only=freeze_mode(cfg) != "none",
+            **dict(cfg.train.get("ddp") or {}),
+        )
+        self._trainer = build_train_loop(model, loader, optimizer, precision)
+        self.checkpointer = build_checkpointer(cfg, model, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.train.max_iter
+        self.register_hooks(self.build_hooks())
 
-    main = comm.is_main_process()
-    trainer.register_hooks(
-        [
+    @property
+    def model(self):
+        return self._trainer.model
+
+    @property
+    def data_loader(self):
+        return self._trainer.data_loader
+
+    @property
+    def optimizer(self):
+        return self._trainer.optimizer
+
+    def weights(self):
+        return self.cfg.train.init_checkpoint
+
+    def images_per_process(self):
+        return self.cfg.dataloader.train.total_batch_size // comm.get_world_size()
+
+    def seed_key(self):
+        return "train.seed", self.cfg.train.get("seed", -1)
+
+    def evaluate(self):
+        """``do_test`` of the trained model; kept as the last evaluation results."""
+        self._last_eval_results = do_test(self.cfg, self.model)
+        return self._last_eval_results
+
+    def build_hooks(self):
+        cfg, main = self.cfg, comm.is_main_process()
+        ret = [
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-            _GatherRNGStates(checkpointer, period) if comm.get_world_size() > 1 else None,
-            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main else None,
-            hooks.EvalHook(cfg.train.eval_period, evaluate),
+            (
+                hooks.PeriodicCheckpointer(self.checkpointer, **cfg.train.checkpointer)
+                if main
+                else None
+            ),
+            hooks.EvalHook(cfg.train.eval_period, self.evaluate),
             (
                 hooks.PeriodicWriter(
                     default_writers(cfg.train.output_dir, cfg.train.max_iter),
@@ -214,21 +238,19 @@ def do_train(cfg, resume=False):
                 else None
             ),
         ]
-    )
-    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
-    start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
-    if start_iter > 0:
-        per_process = cfg.dataloader.train.total_batch_size // comm.get_world_size()
-        batch_sampler = _find_loader_part(loader, GroupedBatchSampler)
-        sampler = _find_loader_part(loader, ResumableSampler)
-        if batch_sampler is not None:
-            # A resumable loader (e.g. the classification one): batch i feeds iteration i, with
-            # the per-image seeds of an uninterrupted run.
-            batch_sampler.start = start_iter
-        elif sampler is not None:
-            sampler.start = start_iter * per_process
-    trainer.train(start_iter, cfg.train.max_iter)
-    return results
+        return self.add_loop_hooks(ret, cfg.train.checkpointer.period)
+
+    def train(self):
+        """Train; returns the last evaluation results ({} without an evaluator)."""
+        super().train(self.start_iter, self.max_iter)
+        return getattr(self, "_last_eval_results", {})
+
+
+def do_train(cfg, resume=False):
+    """Train ``cfg`` with :class:`LazyTrainer`; returns the last evaluation results."""
+    trainer = LazyTrainer(cfg)
+    trainer.resume_or_load(resume=resume)
+    return trainer.train()
 
 
 def do_eval_only(cfg, resume=False):

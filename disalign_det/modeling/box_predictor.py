@@ -16,7 +16,7 @@ from detectron2.layers import cat
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, _log_classification_stats
 from torch import nn
 
-from .calibration import CosineLinear, add_calibration, calibrate_logits
+from .calibration import CosineLinear, add_calibration, calibrate_logits, confidence_logit
 from .class_weights import ClassFrequencyMixin
 from .losses import weighted_cross_entropy, weighted_sigmoid_cross_entropy
 
@@ -201,9 +201,13 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
         proposal_deltas = self.bbox_pred(x)
         if self.calibrate:
             fg = calibrate_logits(
-                scores[:, :-1], self.confidence_layer(x), self.logit_scale, self.logit_bias
+                scores[:, :-1],
+                confidence_logit(self.confidence_layer, x),
+                self.logit_scale,
+                self.logit_bias,
             )
-            scores = torch.cat([fg, scores[:, -1:]], dim=1)
+            # float32 (calibrate_logits' dtype): under autocast the background logit is half.
+            scores = torch.cat([fg, scores[:, -1:].float()], dim=1)
         return scores, proposal_deltas
 
     def losses(self, predictions, proposals):

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-__all__ = ["add_calibration", "calibrate_logits", "CosineLinear"]
+__all__ = ["add_calibration", "calibrate_logits", "confidence_logit", "CosineLinear"]
 
 
 def calibrate_logits(logits, confidence_logit, logit_scale, logit_bias):
@@ -20,10 +20,38 @@ def calibrate_logits(logits, confidence_logit, logit_scale, logit_bias):
         logit_bias: gamma, same shape as ``logit_scale``.
 
     Returns:
-        Tensor with the shape of ``logits``.
+        float32 tensor with the shape of ``logits``.
+
+    Computed in float32 whatever the dtype of the inputs (fp16/bf16 under autocast): in half
+    precision s(x) would be quantised to 8 (bf16) or 11 (fp16) bits and the small steps of beta
+    and gamma away from (1, 0) would round away; the cast of a half-precision z to float32 is
+    exact, so the identity at init still holds bit for bit.
     """
-    s = torch.sigmoid(confidence_logit)
-    return logits + s * ((logit_scale - 1.0) * logits + logit_bias)
+    logits = logits.float()
+    s = torch.sigmoid(confidence_logit.float())
+    return logits + s * ((logit_scale.float() - 1.0) * logits + logit_bias.float())
+
+
+def confidence_logit(layer, x):
+    """``layer(x)``, the confidence logit w.x + b of s(x), in float32 with autocast off.
+
+    Under autocast a Linear / Conv2d runs in half precision; s(x) is a product of DisAlign's own
+    parameters and is cheap (one output channel), so it is computed in float32 on any device.
+
+    Args:
+        layer: the confidence layer (Linear(D, 1) or a 1x1 Conv2d(C, 1)).
+        x: its input, (R, D) or (R, C, M, M), any floating dtype.
+    """
+    if not _autocast_available(x.device.type):  # e.g. "meta": no autocast to turn off
+        return layer(x.float())
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return layer(x.float())
+
+
+def _autocast_available(device_type):
+    # torch.amp.is_autocast_available exists from torch 2.3 on.
+    check = getattr(torch.amp, "is_autocast_available", None)
+    return check(device_type) if check is not None else device_type in ("cpu", "cuda")
 
 
 def add_calibration(module, num_classes, confidence_layer, init_std):

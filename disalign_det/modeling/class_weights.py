@@ -128,7 +128,7 @@ def install_class_weights(model, cfg):
     Returns:
         The (K,) int64 counts, or None when nothing needed them.
     """
-    from .frequency import class_counts_from_cfg
+    from ..data.class_counts import class_counts_from_cfg
 
     modules = [m for m in _frequency_modules(model) if m.needs_class_frequencies]
     if not modules:

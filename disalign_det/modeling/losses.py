@@ -15,6 +15,11 @@ Every weighted mean takes an optional ``normalize``: a function of the local sum
 0-dim tensor) returning the denominator to use. With several processes it is
 :func:`global_normalizer`, so that the mean runs over the global batch; None (one process) keeps
 the local computation exactly as it was.
+
+Every loss is computed and returned in float32, whatever the dtype of the logits (fp16/bf16
+under autocast): the weights, the per-RoI terms and their sums keep float32's range and
+precision (a sum over R x K sigmoid terms overflows fp16's 65504), and the cast of a half logit
+to float32 is exact.
 """
 
 import logging
@@ -98,8 +103,8 @@ def global_normalizer(local_weight_sum: torch.Tensor) -> torch.Tensor:
 def _empty(x, normalize):
     # 0 connected to ``x`` (keeps the graph alive), after taking part in the all-reduce.
     if normalize is not None:
-        normalize(x.new_zeros(()))
-    return x.sum() * 0.0
+        normalize(x.new_zeros((), dtype=torch.float32))
+    return x.float().sum() * 0.0
 
 
 def weighted_cross_entropy(
@@ -119,6 +124,7 @@ def weighted_cross_entropy(
     if labels.numel() == 0:
         # F.cross_entropy gives NaN (0 / 0) for an empty batch; keep the graph alive instead.
         return _empty(logits, normalize)
+    logits = logits.float()  # fp32 under autocast too (see the module docstring)
     if weights is not None:
         weights = weights.to(dtype=logits.dtype, device=logits.device)
     if normalize is None:
@@ -152,6 +158,7 @@ def weighted_sigmoid_cross_entropy(
     """
     if labels.numel() == 0:
         return _empty(logits, normalize)
+    logits = logits.float()  # fp32 under autocast too (see the module docstring)
     num_rois, num_classes = logits.shape[0], logits.shape[1] - 1
     target = logits.new_zeros(num_rois, num_classes + 1)
     target[range(num_rois), labels] = 1
@@ -186,6 +193,7 @@ def weighted_mask_bce(
     """
     if mask_logits.shape[0] == 0:
         return _empty(mask_logits, normalize)
+    mask_logits = mask_logits.float()  # fp32 under autocast too (see the module docstring)
     gt_masks = gt_masks.to(dtype=mask_logits.dtype)
     if roi_weights is None:
         if normalize is None:

@@ -13,7 +13,7 @@ from detectron2.modeling.roi_heads.mask_head import (
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from .calibration import add_calibration, calibrate_logits
+from .calibration import add_calibration, calibrate_logits, confidence_logit
 from .class_weights import ClassFrequencyMixin
 from .losses import weighted_mask_bce
 
@@ -121,7 +121,7 @@ class DisAlignMaskRCNNConvUpsampleHead(ClassFrequencyMixin, MaskRCNNConvUpsample
         if self.calibrate:
             logits = calibrate_logits(
                 logits,
-                self.confidence_layer(feats)[:, 0],
+                confidence_logit(self.confidence_layer, feats)[:, 0],
                 self.logit_scale[classes][:, None, None],
                 self.logit_bias[classes][:, None, None],
             )
@@ -170,7 +170,7 @@ class DisAlignMaskRCNNConvUpsampleHead(ClassFrequencyMixin, MaskRCNNConvUpsample
             # takes part in the other processes' all-reduce of the weight sum).
             if normalize is not None:
                 normalize(feats.new_zeros(()))
-            zero = feats.sum() * 0.0
+            zero = feats.float().sum() * 0.0
             for p in self.parameters():
                 if p.requires_grad:
                     zero = zero + p.sum() * 0.0

@@ -54,8 +54,11 @@ def check_classifier_options(predictor):
         return
     k = predictor.num_classes
     g = torch.Generator().manual_seed(0)
-    scores = torch.randn(4, k + 1, generator=g) * 3
-    deltas = torch.zeros(4, 4)
+    # Drawn on the CPU (the same numbers everywhere), then on the predictor's device: a predictor
+    # built on (or moved to) a GPU must not meet CPU tensors.
+    device = next(predictor.parameters()).device
+    scores = (torch.randn(4, k + 1, generator=g) * 3).to(device)
+    deltas = torch.zeros(4, 4, device=device)
     proposals = [_Len(4)]
     with torch.no_grad():
         ours = predictor.predict_probs((scores, deltas), proposals)[0]

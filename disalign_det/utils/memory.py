@@ -1,7 +1,7 @@
 """Process memory: resident set size now and at its peak, and handing freed heap back to the OS.
 
 The one copy of these helpers, used by the evaluators (to start each pass low), the speed and
-evaluation benchmarks (to measure stage peaks) and ``disalign_det.benchmark``. Linux exposes what
+evaluation benchmarks (``tools/benchmark_*.py``, to measure stage peaks). Linux exposes what
 is needed in ``/proc``; elsewhere the functions fall back to ``getrusage`` or do nothing.
 """
 

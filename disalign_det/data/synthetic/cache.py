@@ -1,4 +1,4 @@
-"""The generated dataset (:mod:`.synthetic`) as registered detectron2 datasets, generated on first
+"""The generated dataset (:mod:`.generate`) as registered detectron2 datasets, generated on first
 load into a cache folder and regenerated when stale.
 
 A copy is current when both jsons exist and record, in ``info["synthetic_params"]``, exactly the
@@ -16,10 +16,10 @@ from typing import Dict, Optional, Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from . import synthetic
-from .lvis_format import claim_dataset_name, load_lvis_format, mark_registered
-from .lvis_json import category_info_from_dict, lvis_category_info
-from .metadata import install_lazy_metadata
+from ..lvis_format import claim_dataset_name, load_lvis_format, mark_registered
+from ..lvis_json import category_info_from_dict, lvis_category_info
+from ..metadata import install_lazy_metadata
+from . import generate
 
 __all__ = [
     "SYNTH_DATASETS",
@@ -37,7 +37,7 @@ SYNTH_DATASETS = {"lvis_synth_train": "train", "lvis_synth_val": "val"}
 # The parameters the category list depends on: those of synthetic_categories (keyword-only).
 _PLAN_KEYS = tuple(
     k
-    for k, p in inspect.signature(synthetic.synthetic_categories).parameters.items()
+    for k, p in inspect.signature(generate.synthetic_categories).parameters.items()
     if p.kind is p.KEYWORD_ONLY
 )
 
@@ -52,9 +52,9 @@ def synth_paths(root: str, subdir: str = SYNTH_SUBDIR) -> Dict[str, str]:
     out = os.path.join(root, subdir)
     return {
         "out_dir": out,
-        "train_json": os.path.join(out, synthetic.TRAIN_JSON),
-        "val_json": os.path.join(out, synthetic.VAL_JSON),
-        "image_root": os.path.join(out, synthetic.IMAGES_DIR, ""),
+        "train_json": os.path.join(out, generate.TRAIN_JSON),
+        "val_json": os.path.join(out, generate.VAL_JSON),
+        "image_root": os.path.join(out, generate.IMAGES_DIR, ""),
     }
 
 
@@ -86,11 +86,11 @@ def ensure_synthetic_dataset(
     last, atomically) mark a complete dataset.
     """
     paths = synth_paths(datasets_root(root), subdir)
-    expected = synthetic.generation_params(**gen_kwargs)
+    expected = generate.generation_params(**gen_kwargs)
     if _synth_is_current(paths, expected):
         return paths
     os.makedirs(paths["out_dir"], exist_ok=True)
-    with open(os.path.join(paths["out_dir"], ".generate.lock"), "w") as lock:
+    with open(os.path.join(paths["out_dir"], ".synthetic.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             # Another process may have finished while we waited for the lock.
@@ -107,19 +107,19 @@ def ensure_synthetic_dataset(
                     for f in stale:
                         os.remove(f)
                 logger.info("Generating the synthetic LVIS dataset in %s", paths["out_dir"])
-                synthetic.generate_synthetic_lvis(paths["out_dir"], **gen_kwargs)
+                generate.generate_synthetic_lvis(paths["out_dir"], **gen_kwargs)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return paths
 
 
 def _synth_metadata(paths: Dict[str, str], split: str, gen_kwargs: dict) -> dict:
-    if _synth_is_current(paths, synthetic.generation_params(**gen_kwargs)):
+    if _synth_is_current(paths, generate.generation_params(**gen_kwargs)):
         return lvis_category_info(paths[f"{split}_json"]).metadata()
     # Not generated (or stale, hence regenerated on load): the categories are an exact function
     # of the generator's parameters, no rendering needed.
     plan_kwargs = {k: v for k, v in gen_kwargs.items() if k in _PLAN_KEYS}
-    cats = synthetic.synthetic_categories(**plan_kwargs)
+    cats = generate.synthetic_categories(**plan_kwargs)
     return category_info_from_dict({"categories": cats}, paths[f"{split}_json"]).metadata()
 
 

@@ -1,7 +1,7 @@
 """Pixels of the generated LVIS-format dataset: shapes, details, layout, exact visible polygons.
 
 Pure functions of their arguments and of the ``numpy.random.Generator`` they are given; the
-generator (:mod:`disalign_det.data.synthetic`) decides what to draw, this module draws it.
+generator (:mod:`.generate`) decides what to draw, this module draws it.
 """
 
 import functools

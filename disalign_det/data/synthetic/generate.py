@@ -10,7 +10,7 @@ enough that a Mask R-CNN trained from scratch on a CPU learns it. Two presets (d
     images of 1-6 objects; every class absent from an image is a verified negative.
 
 ``"lvis"`` (``lvis_synth_lt_*``)
-    LVIS's structure (:mod:`~disalign_det.data.synth_families`): 60 classes in LVIS v1.0's r/c/f
+    LVIS's structure (:mod:`.families`): 60 classes in LVIS v1.0's r/c/f
     proportions, every rare and common class a fine-grained variant of a frequent parent (same
     shape and colour, one painted detail more); landscape and portrait images of varying sizes;
     several classes per image; ``neg_category_ids`` a subset of the absent classes (always the
@@ -31,8 +31,7 @@ ignores ``file_name`` and builds ``image_root + <folder of coco_url> + <basename
 
 Everything is a pure function of the arguments: the same seed gives byte-identical json and images.
 What each image holds is decided by a "plan" step that draws no pixels (:func:`plan_images`), so
-:func:`synthetic_categories` gives the metadata of a dataset without rendering it. Command line:
-``datasets/prepare_synthetic.py``.
+:func:`synthetic_categories` gives the metadata of a dataset without rendering it.
 """
 
 import inspect
@@ -44,8 +43,8 @@ from typing import Dict, List, Optional
 import numpy as np
 from PIL import Image
 
-from .frequency import frequency_bucket
-from .synth_plan import (
+from ..frequency import frequency_bucket
+from .plan import (
     DEFAULT_NUM_CLASSES,
     DEFAULT_NUM_TRAIN_IMAGES,
     DEFAULT_NUM_VAL_IMAGES,
@@ -62,8 +61,7 @@ from .synth_plan import (
     class_styles,
     synthetic_styles,
 )
-from .synth_render import COLOURS, DETAILS, SHAPES, TEXTURES, RenderSpec, SyntheticClass, render
-from .synth_render import visible_polygons as _visible_polygons  # noqa: F401  (tests use it)
+from .render import COLOURS, DETAILS, SHAPES, TEXTURES, RenderSpec, SyntheticClass, render
 
 __all__ = [
     "SHAPES",
@@ -418,21 +416,3 @@ def summarize(paths: Dict[str, str]) -> str:
         )
         lines.append(f"{label}: {len(members)} classes; train image counts: {counts}")
     return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    """``python -m disalign_det.data.synthetic``: an alias of ``datasets/prepare_synthetic.py``."""
-    import runpy
-
-    script = os.path.join(
-        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-        "datasets",
-        "prepare_synthetic.py",
-    )
-    if not os.path.isfile(script):
-        raise SystemExit(f"{script} not found: run datasets/prepare_synthetic.py from a checkout")
-    return runpy.run_path(script)["main"](argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -22,8 +22,8 @@ __all__ = [
     "method_rows",
 ]
 
-# The benchmark runs the repository's configs and tools/train_net.py (an editable install).
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# lab/ is not installed: it lives in, and runs, a checkout (its configs and tools/train_net.py).
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The LVIS-structured generated data (preset "lvis", lvis_synth_lt_*): its folder mirrors
 # configs/LVIS/synthetic/ file name for file name, so the recipes below name files only.
 SYNTH = os.path.join(REPO_ROOT, "configs", "LVIS", "synthetic_lt")

@@ -69,8 +69,8 @@ class InProcessRunner:
     def __init__(self, threads: Optional[int] = None):
         self.threads = threads
         try:
-            # tools/ is a package: the repository root must be importable (pytest puts it on the
-            # path, see setup.cfg; ``python -m`` from the root does too).
+            # tools/ is a package beside lab/: what put the checkout on the path to import lab
+            # (pytest, see setup.cfg; ``python -m`` from the root; the benchmark tools) lets it in.
             self.train_net = importlib.import_module("tools.train_net")
         except ModuleNotFoundError as e:
             raise ModuleNotFoundError(

@@ -1,4 +1,4 @@
-"""Formatting of LVIS results as the tables the README and the tools print."""
+"""Formatting of LVIS results as the tables the tools print (``tools/demo.py``, the benchmark)."""
 
 import json
 import math

@@ -9,7 +9,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
-from ..evaluation.per_class import PerClassAP, lvis_per_class_ap
+from disalign_det.evaluation.per_class import PerClassAP, lvis_per_class_ap
+
 from .plan import STAGE_ONES, SYNTH, TASK_LABEL, TASKS, Preset, Run, method_rows
 from .report import METRICS, metrics_table
 from .stats import format_gain, format_stats, gain_stats, seed_stats

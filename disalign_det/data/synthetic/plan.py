@@ -1,6 +1,6 @@
 """The plan of the generated dataset: which objects each image holds, its size, its negatives.
 
-No pixels are drawn here: :mod:`disalign_det.data.synthetic` turns plans into images and jsons.
+No pixels are drawn here: :mod:`.generate` turns plans into images and jsons.
 Presets (``"basic"``, ``"lvis"``) fix the rules; see that module's docstring and docs/synthetic.md.
 """
 
@@ -9,9 +9,9 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from . import synth_families
-from .frequency import frequency_bucket
-from .synth_render import COLOURS, SHAPES, TEXTURES, SyntheticClass
+from ..frequency import frequency_bucket
+from . import families
+from .render import COLOURS, SHAPES, TEXTURES, SyntheticClass
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def synthetic_styles(preset: str = "basic", num_classes: Optional[int] = None):
     """The classes of ``preset`` in category-id order (id = index + 1)."""
     p = _preset(preset)
     k = p.num_classes if num_classes is None else num_classes
-    return synth_families.family_styles(k) if p.families else class_styles(k)
+    return families.family_styles(k) if p.families else class_styles(k)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,7 +154,7 @@ def _basic_profile(num_classes: int, num_images: int, rng) -> np.ndarray:
     n_c = max(1, num_classes - n_f - n_r)
     n_r = num_classes - n_f - n_c
     # Frequent: from half the images down to 110 (>100); common 90 -> 12; rare 10 -> 2.
-    geom = synth_families._geom_counts
+    geom = families._geom_counts
     ranked = geom(max(110.0, 0.5 * num_images), 110.0, n_f) + geom(90.0, 12.0, n_c)
     ranked = np.clip(np.array(ranked + geom(10.0, 2.0, n_r), dtype=np.int64), 1, num_images)
     # Which class gets which rank is random (as in LVIS, where ids are alphabetical).
@@ -178,7 +178,7 @@ def _top_up(ranked: np.ndarray, n_f: int, num_images: int) -> np.ndarray:
 def _train_profile(preset: _Preset, styles, num_images: int, rng) -> np.ndarray:
     if not preset.families:
         return _basic_profile(len(styles), num_images, rng)
-    counts = synth_families.family_profile(styles, num_images, rng)
+    counts = families.family_profile(styles, num_images, rng)
     parents = np.flatnonzero([s.parent is None for s in styles])
     counts[parents] = _top_up(counts[parents].copy(), len(parents), num_images)
     return counts
@@ -237,7 +237,7 @@ def _image_plans(objects, preset: _Preset, params, styles, split, rng) -> List[I
             neg = sorted(set(range(k)).difference(objs))
             plans.append(ImagePlan(objs, size, size, [True] * len(objs), neg, []))
         return plans
-    related = synth_families.related(styles)
+    related = families.related(styles)
     for objs in objects:
         short = int(round(rng.uniform(*preset.short_range) * size))
         long_ = int(round(short * rng.uniform(*preset.aspect)))

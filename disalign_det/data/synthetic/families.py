@@ -6,7 +6,7 @@ relatives of a frequent one (a breed beside "dog"). This module builds a class s
 * ``n_f`` frequent **parents**, each a unique (shape, colour), solid;
 * ``n_c + n_r`` **variants**, each a copy of a parent (same shape, colour, so the same mask and
   most of the appearance) plus one learnable detail painted inside it: a dot, a bar, two bars, a
-  cross or a ring (:data:`~disalign_det.data.synth_render.DETAILS`). Siblings differ in the detail;
+  cross or a ring (:data:`.render.DETAILS`). Siblings differ in the detail;
 * which variant is common and which is rare, and the number of train images of each class, are
   drawn from the seed; the counts follow LVIS's buckets (rare 1-10 train images, common 11-100,
   frequent > 100).
@@ -19,7 +19,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from .synth_render import BODIED_SHAPES, COLOURS, DETAILS, SHAPES, SyntheticClass
+from .render import BODIED_SHAPES, COLOURS, DETAILS, SHAPES, SyntheticClass
 
 __all__ = ["LVIS_V1_BUCKETS", "bucket_sizes", "family_styles", "family_profile", "families"]
 
