@@ -8,6 +8,9 @@ selects ``DisAlignROIHeads`` / ``DisAlignMaskRCNNConvUpsampleHead`` or sets
 
 from detectron2.config import CfgNode as CN
 
+from .config_sem_seg import add_sem_seg_disalign_config
+from .modeling.stage_one_losses import add_stage_one_loss_config
+
 __all__ = ["add_disalign_config", "get_inference_cfg"]
 
 
@@ -50,7 +53,9 @@ def add_disalign_config(cfg):
 
     # Training-free test-time alternatives to DisAlign (applied to the box classifier's softmax):
     # "none", "norcal" (foreground probabilities divided by n_j ** gamma, renormalised) or
-    # "tau_norm" (classifier weight rows divided by ||w_j|| ** tau).
+    # "tau_norm" (classifier weight rows divided by ||w_j|| ** tau) or "fracal" (FRACAL: logits
+    # adjusted by the image frequencies, probabilities by the fractal dimensions of the classes'
+    # box centres; MODEL.DISALIGN.FRACAL_*, disalign_det/modeling/fracal.py).
     _C.MODEL.DISALIGN.POSTHOC = "none"
     # gamma of "norcal" / tau of "tau_norm".
     _C.MODEL.DISALIGN.POSTHOC_POWER = 1.0
@@ -78,6 +83,8 @@ def add_disalign_config(cfg):
         # Autocast dtype of SOLVER.AMP.ENABLED: "auto" (float16 on CUDA, bfloat16 on CPU),
         # "float16" (CUDA, with a grad scaler) or "bfloat16" (disalign_det.engine.loop).
         _C.SOLVER.AMP.PRECISION = "auto"
+    add_stage_one_loss_config(_C)  # STAGE_ONE_LOSS, EQLV2, SEESAW, ECM, FRACAL_* keys
+    add_sem_seg_disalign_config(_C)  # semantic segmentation (docs/semantic_segmentation.md)
     return cfg
 
 

@@ -11,7 +11,17 @@ from dataclasses import replace
 from typing import Callable, Optional, Sequence
 
 from .outputs import write_outputs
-from .plan import PRESETS, REPO_ROOT, STAGE_ONES, TASKS, Preset, Run, build_plan
+from .plan import (
+    CLASSIC_STAGE_ONES,
+    PRESETS,
+    REPO_ROOT,
+    SIGMOID_STAGE_ONES,
+    STAGE_ONES,
+    TASKS,
+    Preset,
+    Run,
+    build_plan,
+)
 from .progress import Progress
 from .results import (
     budget_metrics,
@@ -42,7 +52,7 @@ def run_benchmark(
     preset: Preset,
     out: str,
     *,
-    stage_ones: Sequence[str] = tuple(STAGE_ONES),
+    stage_ones: Sequence[str] = CLASSIC_STAGE_ONES,
     jobs: int = 2,
     runner: Optional[Callable[[Run], int]] = None,
     plot_task: str = "segm",
@@ -174,7 +184,8 @@ def parse_args(argv=None):
         "--stage-ones",
         type=str,
         default=None,
-        help=f"comma-separated subset of {','.join(STAGE_ONES)} (default: the preset's, softmax)",
+        help=f"comma-separated subset of {','.join(STAGE_ONES)}, or 'all' (the full grid; "
+        "eqlv2/ecm need detectron2 main) (default: the preset's, softmax)",
     )
     parser.add_argument(
         "--jobs", type=int, default=2, help="runs side by side (each with cores / jobs threads)"
@@ -221,6 +232,16 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def _available_stage_ones():
+    """Every stage one this detectron2 can train (v0.6 lacks the sigmoid classifier)."""
+    from disalign_det.compat.features import has_federated_loss
+
+    if has_federated_loss():
+        return list(STAGE_ONES)
+    print(f"--stage-ones all: {', '.join(SIGMOID_STAGE_ONES)} left out (no sigmoid classifier)")
+    return [s for s in STAGE_ONES if s not in SIGMOID_STAGE_ONES]
+
+
 def preset_from_args(args) -> Preset:
     preset = copy.deepcopy(PRESETS["quick" if args.quick else "full"])
     if args.seeds:
@@ -248,6 +269,8 @@ def main(argv=None, runner=None) -> int:
     stage_ones = (
         [s for s in args.stage_ones.split(",") if s] if args.stage_ones else list(preset.stage_ones)
     )
+    if stage_ones == ["all"]:
+        stage_ones = _available_stage_ones()
     unknown = [s for s in stage_ones if s not in STAGE_ONES]
     if unknown:
         raise SystemExit(f"unknown --stage-ones {unknown}; choose from {list(STAGE_ONES)}")

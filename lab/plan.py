@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 __all__ = [
+    "CLASSIC_STAGE_ONES",
     "PRESETS",
     "REPO_ROOT",
+    "SIGMOID_STAGE_ONES",
     "STAGE_ONES",
     "TASKS",
     "TASK_LABEL",
@@ -41,9 +43,10 @@ class StageOne:
     disalign_box_only: str
     disalign_box_mask: str
     tau_norm: bool  # tau-normalisation needs a linear (non-cosine) classifier
+    softmax: bool = True  # NorCal renormalises softmax probabilities (not EQLv2's / ECM's sigmoids)
 
 
-def _recipe(key, label, suffix, stage_two_suffix, tau_norm):
+def _recipe(key, label, suffix, stage_two_suffix, tau_norm, softmax=True):
     # The config folders name their files after the recipe: mask_rcnn_synth<suffix>.yaml for stage
     # one, disalign{_box_only,}_synth<stage_two_suffix>.yaml for its stage twos.
     return StageOne(
@@ -53,6 +56,7 @@ def _recipe(key, label, suffix, stage_two_suffix, tau_norm):
         disalign_box_only=f"disalign_box_only_synth{stage_two_suffix}.yaml",
         disalign_box_mask=f"disalign_synth{stage_two_suffix}.yaml",
         tau_norm=tau_norm,
+        softmax=softmax,
     )
 
 
@@ -64,8 +68,16 @@ STAGE_ONES = OrderedDict(
         # as in the official recipe).
         _recipe("rfs", "RFS", "_rfs", "", tau_norm=True),
         _recipe("cosine", "cosine", "_cosine", "_cosine", tau_norm=False),
+        # The long-tail losses (disalign_det/modeling/stage_one_losses.py); EQLv2 and ECM need
+        # detectron2 main's sigmoid classifier.
+        _recipe("eqlv2", "EQLv2", "_eqlv2", "_eqlv2", tau_norm=True, softmax=False),
+        _recipe("seesaw", "Seesaw", "_seesaw", "_seesaw", tau_norm=False),
+        _recipe("ecm", "ECM", "_ecm", "_ecm", tau_norm=False, softmax=False),
     )
 )
+SIGMOID_STAGE_ONES = ("eqlv2", "ecm")
+# The stage ones of the original benchmark (run_benchmark's default; the CLI's is the preset's).
+CLASSIC_STAGE_ONES = ("softmax", "rfs", "cosine")
 
 # Evaluating a stage-one checkpoint with a post-hoc adjustment: the DisAlign predictor with
 # calibration and re-weighting off is the stock predictor with the same parameter names, so the
@@ -76,7 +88,26 @@ POSTHOC_DELTA = (
     "MODEL.DISALIGN.CLS_LOSS", "ce",
 )  # fmt: skip
 
-POSTHOC_LABEL = {"norcal": "NorCal γ={p:g}", "tau_norm": "τ-norm τ={p:g}"}
+POSTHOC_LABEL = {
+    "norcal": "NorCal γ={p:g}",
+    "tau_norm": "τ-norm τ={p:g}",
+    "fracal": "FRACAL λ={p:g}",
+}
+# FRACAL runs once, at the paper's lambda (its own key), not at every --posthoc-powers value.
+FRACAL_LAMBDA = 2.0
+
+
+def _posthoc_runs(s1, powers):
+    """(kind, power, config options) of the post-hoc rows of stage one ``s1``."""
+    out = []
+    for kind in ("norcal", "tau_norm", "fracal"):
+        if (kind == "tau_norm" and not s1.tau_norm) or (kind == "norcal" and not s1.softmax):
+            continue
+        if kind == "fracal":
+            out.append((kind, FRACAL_LAMBDA, ["MODEL.DISALIGN.FRACAL_LAMBDA", repr(FRACAL_LAMBDA)]))
+            continue
+        out += [(kind, p, ["MODEL.DISALIGN.POSTHOC_POWER", repr(float(p))]) for p in powers]
+    return out
 
 
 @dataclass
@@ -175,13 +206,8 @@ def method_rows(stage_ones: Sequence[str], powers: Sequence[float]) -> List[Tupl
         rows.append((g, "stage_one", f"{s1.label} (stage one)"))
         rows.append((g, "disalign_box_only", f"{s1.label} + DisAlign box-only"))
         rows.append((g, "disalign_box_mask", f"{s1.label} + DisAlign box+mask"))
-        for kind in ("norcal", "tau_norm"):
-            if kind == "tau_norm" and not s1.tau_norm:
-                continue
-            for p in powers:
-                rows.append(
-                    (g, _posthoc_method(kind, p), f"{s1.label} + {_posthoc_label(kind, p)}")
-                )
+        for kind, p, _ in _posthoc_runs(s1, powers):
+            rows.append((g, _posthoc_method(kind, p), f"{s1.label} + {_posthoc_label(kind, p)}"))
     return rows
 
 
@@ -229,22 +255,18 @@ def build_plan(
                         method, f"+ {what}", config, preset.stage_two_opts(), weights_from=first.key
                     )
                 )
-            for kind in ("norcal", "tau_norm"):
-                if kind == "tau_norm" and not s1.tau_norm:
-                    continue
-                for p in preset.posthoc_powers:
-                    delta = [*POSTHOC_DELTA, "MODEL.DISALIGN.POSTHOC", kind,
-                             "MODEL.DISALIGN.POSTHOC_POWER", repr(float(p))]  # fmt: skip
-                    chain.append(
-                        make(
-                            _posthoc_method(kind, p),
-                            f"+ {_posthoc_label(kind, p)}",
-                            s1.config,
-                            delta,
-                            eval_only=True,
-                            weights_from=first.key,
-                        )
+            for kind, p, power_opts in _posthoc_runs(s1, preset.posthoc_powers):
+                delta = [*POSTHOC_DELTA, "MODEL.DISALIGN.POSTHOC", kind, *power_opts]
+                chain.append(
+                    make(
+                        _posthoc_method(kind, p),
+                        f"+ {_posthoc_label(kind, p)}",
+                        s1.config,
+                        delta,
+                        eval_only=True,
+                        weights_from=first.key,
                     )
+                )
             for run in chain:
                 run.out_dir = os.path.join(out_dir, run.key)
                 if run.weights_from:

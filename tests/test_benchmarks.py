@@ -361,7 +361,7 @@ def test_eval_opts_go_last_on_every_run(tmp_path):
     extra = ["TEST.LVIS_EVAL.FIXED_AP", "True", "TEST.DETECTIONS_PER_IMAGE", "-1"]
     chains = plan.build_plan(preset, str(tmp_path), ["softmax", "cosine"], extra)
     runs = [r for c in chains for r in c]
-    assert len(runs) == 2 * (5 + 4)
+    assert len(runs) == 2 * (6 + 5)  # softmax / cosine: stage one, 2 DisAlign, post-hoc
     for r in runs:
         args = r.command_args()
         # The eval options come after the preset's (the last value of a key wins in detectron2).

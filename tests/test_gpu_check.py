@@ -60,7 +60,7 @@ def test_cpu_dry_run(tmp_path):
     out = tmp_path / "gpu_check.json"
     result = json.loads(out.read_text())
     gc = load_script("tools/gpu_check.py")
-    assert result["dry_run"] and result["num_classes"] == 1203
+    assert result["dry_run"] and result["complete"] and result["num_classes"] == 1203
     for name in ("fp32", "amp"):
         times = result["precisions"][name]
         assert set(times) == set(gc.MEASURES)

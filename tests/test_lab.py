@@ -14,11 +14,9 @@ from common import REPO
 PACKAGE = os.path.join(REPO, "disalign_det")
 CHECKOUT_PACKAGES = ("tools", "lab")  # importable from a checkout only
 
-# Private names the tools still use. The fix (a public name) belongs in files other issue-21 work is
-# rewriting (engine/: the single training loop; evaluation/: the backends table). Exact: an entry
-# no longer used must be deleted here, and any new private use fails.
+# Private names the tools still use; the fix (a public name) belongs in the library module named.
+# Exact: an entry no longer used must be deleted here, and any new private use fails.
 PENDING_PRIVATE_USES = {
-    ("tools/benchmark_lazyconfig.py", "disalign_det.engine.trainer._SimpleTrainer"),
     ("tools/demo.py", "disalign_det.engine.progress._default_interval"),
     (
         "tools/benchmark_lvis_eval.py",

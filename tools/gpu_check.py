@@ -18,13 +18,15 @@ multi-scale range, so an upper bound) with random boxes, masks and classes (no d
 * ``infer_plain`` / ``infer_disalign``: inference per image (batch 1) of the plain Mask R-CNN and
   of the DisAlign model, same weights;
 
-each in float32 and under autocast (``--amp-dtype``, bfloat16 by default: ``torch.autocast`` around
-the model's forward, the backward runs in the dtypes autocast chose; no grad scaler, bfloat16 has
-float32's range). Prints and writes seconds per call, the ratios, the peak GPU memory of each
-measurement (``torch.cuda.max_memory_allocated``) and the extrapolated wall time of the official
-stage two (9000 iterations of 16 images) on this one device. Models are randomly initialised
-(seed 0, box regressions zeroed, see tools/benchmark_speed.py) and the LR is 0: every iteration
-does the same work.
+each in float32 and under autocast (``--amp-dtype``; "auto" = float16 on CUDA, bfloat16 on the
+CPU, as ``SOLVER.AMP.PRECISION: auto``). Training iterations run the project's training loop
+(``disalign_det.engine.loop.build_train_loop``: detectron2's AMPTrainer with its grad scaler for
+float16, autocast without a scaler for bfloat16); the no-grad forward and inference run the model
+under ``torch.autocast``. Prints and writes seconds per call, the ratios, the peak GPU memory of
+each measurement (``torch.cuda.max_memory_allocated``) and the extrapolated wall time of the
+official stage two (9000 iterations of 16 images) on this one device. Models are randomly
+initialised (seed 0, box regressions zeroed, see tools/benchmark_speed.py) and the LR is 0: every
+iteration does the same work.
 
 ``--write-standins DIR`` writes import-only stand-ins for OpenCV (``cv2``) and matplotlib into
 DIR when they are not installed: the prepared run's wheel folder has no room for them (OpenCV alone
@@ -35,6 +37,7 @@ time without using them in the GPU tier. Any use of a stand-in raises an error n
 import argparse
 import copy
 import importlib.util
+import itertools
 import json
 import logging
 import os
@@ -53,9 +56,9 @@ MEASURES = ("s1_iter", "s2_iter", "s2_forward", "infer_plain", "infer_disalign")
 OFFICIAL_STAGE_TWO_ITERS = 9000  # configs/LVIS/disalign_mask_rcnn.yaml, 16 images per iteration
 GOALS = {"s2_iter_over_s2_forward": 1.1, "stage_two_hours": 1.0}
 # (batch, (height, width), objects per image, iterations, warm-up)
-GPU_SIZES = (16, (800, 1067), 12, 10, 3)
+GPU_SIZES = (16, (800, 1067), 12, 8, 2)
 DRY_RUN_SIZES = (2, (96, 128), 3, 1, 1)
-AMP_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+AMP_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}  # "auto": fp16 on CUDA, bf16 on the CPU
 # The dry run also shrinks the per-image work (proposals, sampled RoIs, detections); the code
 # paths are the same.
 DRY_RUN_OPTS = [
@@ -182,15 +185,20 @@ class Check:
         self.inf1, self.inf2 = copy.deepcopy(m1).eval(), copy.deepcopy(m2).eval()
         m1.train(), m2.train()
         self.m2 = m2
-        if amp is not None:
+        dtype = None if amp is None else getattr(torch, amp)
+        if dtype is not None:
             device_type = torch.device(device).type
-            wrap = [_Autocast(m, device_type, getattr(torch, amp)) for m in (m1, m2)]
-            self.inf1, self.inf2 = (_Autocast(m, device_type, getattr(torch, amp))
-                                    for m in (self.inf1, self.inf2))  # fmt: skip
-            self.m2 = wrap[1]
-            m1, m2 = wrap
-        self.t1 = bs.training_step(self.cfg1, m1, self.batch)
-        self.t2 = bs.training_step(self.cfg2, m2, self.batch)
+            self.inf1, self.inf2, self.m2 = (_Autocast(m, device_type, dtype)
+                                             for m in (self.inf1, self.inf2, m2))  # fmt: skip
+        # The training loop both entry points run (disalign_det.engine.loop): float32, bfloat16
+        # autocast, or float16 autocast with detectron2's AMPTrainer and its grad scaler.
+        from disalign_det.engine import Trainer
+        from disalign_det.engine.loop import build_train_loop
+
+        self.t1, self.t2 = (
+            build_train_loop(m, itertools.repeat(self.batch), Trainer.build_optimizer(c, m), dtype)
+            for m, c in ((m1, self.cfg1), (m2, self.cfg2))
+        )
         self.detections = None
 
     def s1_iter(self):
@@ -271,8 +279,10 @@ def device_name(device):
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def run(device, sizes, amp_dtype="bfloat16", workdir=None, log=print, opts=()):
-    """Measure everything; returns the result dict (see the module docstring)."""
+def run(device, sizes, amp_dtype="bfloat16", workdir=None, log=print, opts=(), partial=None):
+    """Measure everything; returns the result dict (see the module docstring). ``partial``: a
+    json path where the result so far is written after each precision (a run killed by its time
+    limit still leaves the float32 numbers)."""
     import torch
 
     from disalign_det.compat.shims import has_compiled_ops
@@ -306,6 +316,9 @@ def run(device, sizes, amp_dtype="bfloat16", workdir=None, log=print, opts=()):
             result["ratios"][name] = ratios(result["precisions"][name])
             result["detections_per_image"] = check.detections
             del check
+            if partial:
+                with open(partial, "w") as f:
+                    json.dump({**result, "complete": False}, f, indent=2)
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
     finally:
@@ -370,7 +383,7 @@ def get_parser():
     p.add_argument("--out", default=os.path.join(ROOT, "output", "gpu_check", "gpu_check.json"))
     p.add_argument("--iters", type=int, help="timed calls per measure")
     p.add_argument("--warmup", type=int, help="untimed calls per measure first")
-    p.add_argument("--amp-dtype", choices=sorted(AMP_DTYPES), default="bf16")
+    p.add_argument("--amp-dtype", choices=["auto", *sorted(AMP_DTYPES)], default="auto")
     p.add_argument("--render", metavar="JSON", help="print the docs table of a result and exit")
     p.add_argument("--write-standins", metavar="DIR", help="write cv2/matplotlib stand-ins, exit")
     return p
@@ -387,7 +400,9 @@ def main(argv=None):
         return 0
     import torch
 
-    import disalign_det  # noqa: F401  (shims and registrations before detectron2)
+    import disalign_det  # registrations only; the v0.6 shims come from the explicit call below
+
+    disalign_det.compat.apply_legacy_shims()  # numpy aliases: detectron2 v0.6's loader, lvis
 
     logging.basicConfig(level=logging.WARNING)
     device = "cpu" if args.cpu_dry_run else args.device
@@ -401,9 +416,13 @@ def main(argv=None):
     if args.cpu_dry_run:
         torch.set_num_threads(1)
     opts = DRY_RUN_OPTS if args.cpu_dry_run else ()
-    result = run(device, tuple(sizes), AMP_DTYPES[args.amp_dtype], opts=opts)
-    result["dry_run"] = bool(args.cpu_dry_run)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    amp = args.amp_dtype
+    if amp == "auto":  # as SOLVER.AMP.PRECISION "auto"
+        amp = "fp16" if device.startswith("cuda") else "bf16"
+    result = run(device, tuple(sizes), AMP_DTYPES[amp], opts=opts, partial=args.out)
+    result["dry_run"] = bool(args.cpu_dry_run)
+    result["complete"] = True
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(render_table(result))

@@ -25,6 +25,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from .lvis_format import load_lvis_format
 from .lvis_json import lvis_category_info
 from .metadata import install_lazy_metadata
+from .sem_seg_synth import register_sem_seg_synth
 from .synthetic import LT_DATASETS, LT_SUBDIR, datasets_root, register_lvis_synth
 
 __all__ = ["LVIS_V05_DATASETS", "LVIS_V1_DATASETS", "LVIS_DATASETS", "register_builtin_datasets"]
@@ -82,4 +83,5 @@ def register_builtin_datasets(root: Optional[str] = None) -> None:
     register_lvis_builtin(root, LVIS_DATASETS)
     register_lvis_synth(root)
     register_lvis_synth(root, names=tuple(LT_DATASETS), subdir=LT_SUBDIR, preset="lvis")
+    register_sem_seg_synth(root)  # sem_seg_synth_lt_{train,val} (docs/semantic_segmentation.md)
     _BUILTINS_DONE = True

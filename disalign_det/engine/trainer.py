@@ -8,7 +8,7 @@ import weakref
 
 from detectron2.data import MetadataCatalog, build_detection_test_loader
 from detectron2.engine import DefaultTrainer, TrainerBase
-from detectron2.evaluation import COCOEvaluator, SemSegEvaluator
+from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -17,7 +17,9 @@ from ..data import check_num_classes
 from ..data.lvis_format import register_datasets_from_cfg
 from ..data.samplers import build_resumable_train_loader
 from ..evaluation import build_lvis_evaluator
+from ..evaluation.sem_seg_evaluation import build_sem_seg_evaluator
 from ..modeling import install_class_weights
+from ..modeling.sem_seg import build_sem_seg_lr_scheduler, install_pixel_class_weights, is_sem_seg
 from .checkpoint import DisAlignCheckpointer
 from .loop import (
     NamedErrorMapper,
@@ -41,16 +43,12 @@ def _coco_evaluator(cfg, dataset_name, output_folder):
     return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
 
 
-def _sem_seg_evaluator(cfg, dataset_name, output_folder):
-    return SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder)
-
-
 #: ``evaluator_type`` of a dataset's metadata -> ``f(cfg, dataset_name, output_folder)`` returning
 #: its DatasetEvaluator (:meth:`Trainer.build_evaluator`). Add an entry for another kind of data.
 EVALUATORS = {
     "lvis": build_lvis_evaluator,
     "coco": _coco_evaluator,
-    "sem_seg": _sem_seg_evaluator,
+    "sem_seg": build_sem_seg_evaluator,  # SemSegEvaluator + head / body / tail mIoU
 }
 
 
@@ -86,7 +84,8 @@ class Trainer(ResumableLoopMixin, DefaultTrainer):
         if hasattr(model, "roi_heads"):
             # Only a model with ROI heads has MODEL.ROI_HEADS.NUM_CLASSES classes to check.
             check_num_classes(cfg)
-        install_class_weights(model, cfg)  # GRW weights: training only, never at build time
+        # GRW weights: training only, never at build time (pixel counts for a segmentation model)
+        (install_pixel_class_weights if is_sem_seg(cfg) else install_class_weights)(model, cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         precision = amp_precision(
@@ -125,6 +124,13 @@ class Trainer(ResumableLoopMixin, DefaultTrainer):
         freeze_model(model, cfg.MODEL.DISALIGN.FREEZE)
         logger.info("Model:\n%s", model)
         return model
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        # DeepLab's "WarmupPolyLR" (the ADE20K recipes) where asked; detectron2's otherwise.
+        return build_sem_seg_lr_scheduler(cfg, optimizer) or super().build_lr_scheduler(
+            cfg, optimizer
+        )
 
     @classmethod
     def build_train_loader(cls, cfg):

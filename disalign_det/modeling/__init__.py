@@ -17,6 +17,7 @@ from .losses import (
 from .mask_head import DisAlignMaskRCNNConvUpsampleHead
 from .roi_heads import DisAlignCascadeROIHeads, DisAlignROIHeads
 from .rpn import DisAlignRPN
+from .sem_seg import DisAlignDeepLabV3PlusHead, DisAlignSemSegFPNHead  # noqa: F401  (registers)
 
 __all__ = [
     "CALIBRATION_PARAMETER_NAMES",

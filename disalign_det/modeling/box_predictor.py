@@ -18,14 +18,16 @@ from torch import nn
 
 from .calibration import CosineLinear, add_calibration, calibrate_logits, confidence_logit
 from .class_weights import ClassFrequencyMixin
+from .fracal import fracal_sigmoid_probs, fracal_softmax_probs, fracal_statistics_from_datasets
 from .losses import weighted_cross_entropy, weighted_sigmoid_cross_entropy
+from .stage_one_losses import StageOneLoss, stage_one_loss_from_config
 
 __all__ = ["DisAlignFastRCNNOutputLayers"]
 
 logger = logging.getLogger(__name__)
 
 _CLS_LOSSES = ("ce", "grw")
-_POSTHOC = ("none", "norcal", "tau_norm")
+_POSTHOC = ("none", "norcal", "tau_norm", "fracal")
 
 
 class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
@@ -56,6 +58,11 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
         posthoc_power: float = 1.0,
         class_counts=None,
         class_counts_fallback=None,
+        stage_one_loss: str = "ce",
+        stage_one_options=None,
+        fracal_lambda: float = 2.0,
+        fracal_grid: int = 64,
+        fracal_fallback=None,
         **kwargs,
     ):
         """
@@ -76,6 +83,12 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
             class_counts_fallback: for "norcal" without ``class_counts``: ``(dataset names,
                 source)`` whose json categories carry the training counts (LVIS val jsons do),
                 read at the first inference if neither a checkpoint nor training installed them.
+            stage_one_loss: "ce" (detectron2's loss) or a loss of :mod:`.stage_one_losses`
+                ("eqlv2", "seesaw", "ecm"), with ``stage_one_options``; it trains while
+                ``cls_loss`` is "ce" and sets the inference activation.
+            fracal_lambda, fracal_grid: lambda and G of ``posthoc="fracal"`` (:mod:`.fracal`).
+            fracal_fallback: (training dataset names) whose boxes give FRACAL's statistics at
+                the first inference when the model (its checkpoint) has none.
         """
         fed_weights = None
         if kwargs.get("use_fed_loss"):
@@ -89,6 +102,16 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
         # Absent on detectron2 v0.6 (softmax only).
         self.sigmoid_ce = bool(getattr(self, "use_sigmoid_ce", False))
         num_classes = self.num_classes
+        self.stage_one_loss = None
+        if stage_one_loss != "ce":
+            self.stage_one_loss = StageOneLoss(
+                stage_one_loss, num_classes, **(stage_one_options or {})
+            )
+            if self.stage_one_loss.uses_sigmoid != self.sigmoid_ce:
+                raise ValueError(
+                    f"MODEL.ROI_BOX_HEAD.STAGE_ONE_LOSS={stage_one_loss!r} needs "
+                    f"MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE={self.stage_one_loss.uses_sigmoid}"
+                )
         in_features = self.cls_score.in_features
         if cosine:
             self.cls_score = CosineLinear(in_features, num_classes + 1, scale=cosine_scale)
@@ -126,6 +149,13 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
             self.class_counts_fallback = class_counts_fallback
             if class_counts is not None:
                 self._set_class_counts(class_counts)
+        if posthoc == "fracal":
+            # FRACAL's statistics (image frequencies f_j, fractal dimensions D_j), saved in
+            # checkpoints; zeros = not known yet (computed at the first inference).
+            self.register_buffer("fracal_freq", torch.zeros(num_classes))
+            self.register_buffer("fracal_dims", torch.zeros(num_classes))
+            self.fracal_lambda, self.fracal_grid = float(fracal_lambda), int(fracal_grid)
+            self.fracal_fallback = fracal_fallback
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -142,18 +172,25 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
             rho=d.RHO,
             # Read only if inference finds no counts in the model (see _norcal_counts).
             class_counts_fallback=(tuple(cfg.DATASETS.TEST), d.FREQUENCY_SOURCE),
+            fracal_lambda=d.FRACAL_LAMBDA,
+            fracal_grid=d.FRACAL_GRID,
+            fracal_fallback=tuple(cfg.DATASETS.TRAIN),
         )
+        ret.update(stage_one_loss_from_config(cfg))
         return ret
 
     # ---- class frequencies (see class_weights.py) -------------------------------------------
     @property
     def needs_class_frequencies(self):
-        return self.uses_grw or self.posthoc == "norcal"
+        stage_one = self.stage_one_loss is not None and self.stage_one_loss.needs_class_frequencies
+        return self.uses_grw or self.posthoc == "norcal" or stage_one
 
     def set_class_frequencies(self, counts, rho=None):
         super().set_class_frequencies(counts, rho)
         if self.posthoc == "norcal":
             self._set_class_counts(counts)
+        if self.stage_one_loss is not None:
+            self.stage_one_loss.set_class_frequencies(counts)
 
     def _set_class_counts(self, counts):
         counts = torch.as_tensor(counts, dtype=torch.float32).flatten()
@@ -232,7 +269,9 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
         losses = {}
         if scores.requires_grad:
             weights, normalize = self.grw_weights(), self.loss_normalizer()
-            if self.sigmoid_ce:
+            if self.stage_one_loss is not None and not self.uses_grw:
+                loss = self.stage_one_loss(scores, gt_classes, normalize)
+            elif self.sigmoid_ce:
                 mask = None
                 if self.use_fed_loss and gt_classes.numel():
                     mask = self._fed_loss_class_mask(gt_classes)
@@ -282,12 +321,24 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
         return mask[:K]
 
     def predict_probs(self, predictions, proposals):
-        """The stage one's probabilities: softmax over K + 1 (NorCal-adjusted if asked), or the
-        sigmoid of each logit for the sigmoid classifier. List of (Ri, K + 1) tensors."""
+        """The stage one's probabilities: softmax over K + 1 (NorCal- or FRACAL-adjusted if
+        asked), or the sigmoid of each logit for the sigmoid classifier (with EQLv2's / ECM's
+        objectness factor for those losses, FRACAL-adjusted if asked). List of (Ri, K + 1) tensors.
+        """
         scores, _ = predictions
         num_inst_per_image = [len(p) for p in proposals]
         if self.sigmoid_ce:
-            return scores.sigmoid().split(num_inst_per_image, dim=0)
+            # EQLv2 / ECM: sigmoid with their objectness factor; else detectron2's sigmoid.
+            s1 = self.stage_one_loss
+            probs = s1.probs(scores) if s1 is not None else scores.sigmoid()
+            if self.posthoc == "fracal":
+                freq, dims = self._fracal_statistics()
+                probs = fracal_sigmoid_probs(probs, scores, freq, dims, self.fracal_lambda)
+            return probs.split(num_inst_per_image, dim=0)
+        if self.posthoc == "fracal":
+            freq, dims = self._fracal_statistics()
+            probs = fracal_softmax_probs(scores, freq, dims, self.fracal_lambda)
+            return probs.split(num_inst_per_image, dim=0)
         probs = F.softmax(scores, dim=-1)
         if self.posthoc == "norcal":
             # p'_j ∝ p_j / n_j ** gamma for the foreground (n_j relative to its mean), background
@@ -296,6 +347,17 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
             probs = torch.cat([fg, probs[:, -1:]], dim=1)
             probs = probs / probs.sum(dim=1, keepdim=True)
         return probs.split(num_inst_per_image, dim=0)
+
+    def _fracal_statistics(self):
+        """FRACAL's (K,) f and D: from the model (its checkpoint), else computed once from the
+        boxes of the training datasets and kept in the buffers."""
+        if not bool((self.fracal_freq > 0).any()):
+            freq, dims = fracal_statistics_from_datasets(
+                self.fracal_fallback or (), self.num_classes, self.fracal_grid
+            )
+            self.fracal_freq.copy_(freq.to(self.fracal_freq.device))
+            self.fracal_dims.copy_(dims.to(self.fracal_dims.device))
+        return self.fracal_freq, self.fracal_dims
 
 
 def _counts_from_test_json(dataset_names, source):

@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 CALIBRATION_PARAMETER_NAMES = ("logit_scale", "logit_bias", "confidence_layer")
 # Persistent buffers of the DisAlign heads (NorCal's training class counts): absent from a stage-one
 # checkpoint, like the calibration parameters.
-DISALIGN_BUFFER_NAMES = ("class_counts",)
+DISALIGN_BUFFER_NAMES = ("class_counts", "fracal_freq", "fracal_dims")  # NorCal, FRACAL
 FREEZE_MODES = ("none", "all_but_calibration", "all_but_classifier")
 
 

@@ -108,30 +108,39 @@ def _empty(x, normalize):
 
 
 def weighted_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, weights=None, normalize=None
+    logits: torch.Tensor, labels: torch.Tensor, weights=None, normalize=None, ignore_index=-100
 ):
     """Softmax cross-entropy weighted per class, weighted-mean reduction.
 
     Args:
-        logits: (R, K + 1) class logits.
-        labels: (R,) int64 labels in [0, K] (K = background).
-        weights: (K + 1,) class weights, or None for plain cross-entropy.
+        logits: (R, K + 1) class logits, or (N, C, H, W) per-pixel logits (semantic segmentation).
+        labels: (R,) int64 labels in [0, K] (K = background), or (N, H, W) labels in [0, C) or
+            ``ignore_index``.
+        weights: (K + 1,) (or (C,)) class weights, or None for plain cross-entropy.
         normalize: see the module docstring (None: the local weighted mean).
+        ignore_index: label whose samples count neither in the loss nor in the denominator.
 
     Returns:
-        Scalar tensor: sum_i w[y_i] CE_i / sum_i w[y_i]; 0 (connected to ``logits``) when R == 0.
+        Scalar tensor: sum_i w[y_i] CE_i / sum_i w[y_i] over the samples not ignored; 0
+        (connected to ``logits``) when there is none.
     """
-    if labels.numel() == 0:
+    valid = labels != ignore_index
+    if labels.numel() == 0 or (ignore_index >= 0 and not bool(valid.any())):
         # F.cross_entropy gives NaN (0 / 0) for an empty batch; keep the graph alive instead.
         return _empty(logits, normalize)
     logits = logits.float()  # fp32 under autocast too (see the module docstring)
     if weights is not None:
         weights = weights.to(dtype=logits.dtype, device=logits.device)
     if normalize is None:
-        return F.cross_entropy(logits, labels, weight=weights, reduction="mean")
-    # reduction="none" with weights gives w[y_i] CE_i.
-    per_roi = F.cross_entropy(logits, labels, weight=weights, reduction="none")
-    local = weights[labels].sum() if weights is not None else logits.new_tensor(len(labels))
+        return F.cross_entropy(
+            logits, labels, weight=weights, reduction="mean", ignore_index=ignore_index
+        )
+    # reduction="none" with weights gives w[y_i] CE_i (0 where ignored).
+    per_roi = F.cross_entropy(
+        logits, labels, weight=weights, reduction="none", ignore_index=ignore_index
+    )
+    kept = labels[valid]
+    local = weights[kept].sum() if weights is not None else logits.new_tensor(kept.numel())
     return per_roi.sum() / normalize(local)
 
 

@@ -52,6 +52,8 @@ def check_classifier_options(predictor):
     ]
     if not options or getattr(predictor, "posthoc", "none") != "none":
         return
+    if getattr(predictor, "stage_one_loss", None) is not None:  # EQLv2 / ECM: their activation
+        return
     k = predictor.num_classes
     g = torch.Generator().manual_seed(0)
     # Drawn on the CPU (the same numbers everywhere), then on the predictor's device: a predictor

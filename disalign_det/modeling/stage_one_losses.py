@@ -1,0 +1,396 @@
+"""Long-tail stage-one classification losses for the box predictor: EQLv2, Seesaw and ECM.
+
+Each loss is a pure function of the (R, K + 1) class logits (detectron2's layout, background LAST)
+and the (R,) labels in [0, K]; the little state two of them keep (EQLv2's accumulated gradients,
+Seesaw's cumulative class counts) lives in the buffers of :class:`StageOneLoss`, saved with the
+model and all-reduced so that every process holds the same values.
+
+* EQLv2 (Tan et al., CVPR 2021, "Equalization Loss v2"): K + 1 sigmoids (the last one is the
+  background/objectness sigmoid). With g_j the ratio of the accumulated positive to negative
+  gradient magnitudes of class j,
+
+      q_j = 1 / (1 + exp(-gamma (g_j - mu))),   r_j = 1 + alpha (1 - q_j),
+
+  each RoI's binary term of class j is weighted r_j if j is its label, q_j otherwise (weight 1 in
+  the background column), summed and divided by R. The accumulated gradients are those of the
+  weighted loss, |sigmoid(z) - y| times the weight, summed over RoIs. Before any accumulation
+  every weight is 1 (nothing is known yet), as in the authors' implementation.
+* Seesaw (Wang et al., CVPR 2021, "Seesaw Loss"): softmax cross-entropy where, for a RoI of class
+  i, every other class j's exp(z_j) is scaled by S_ij = M_ij C_ij,
+
+      M_ij = (N_j / N_i) ** p  if N_j < N_i else 1     (mitigation, N the cumulative counts),
+      C_ij = (s_j / s_i) ** q  if s_j > s_i else 1     (compensation, s = softmax(z) detached,
+                                                         s_i clamped to >= eps),
+
+  i.e. z_j + log S_ij. Here the factors act among the K foreground classes: the background logit
+  and background RoIs are plain cross-entropy (the paper's mmdetection model has a separate
+  objectness branch, K + 2 outputs; we keep detectron2's K + 1 softmax so that DisAlign's
+  calibration and every checkpoint layout stay as they are).
+* ECM (Cho and Kraehenbuehl, ECCV 2022, "Long-tail detection with effective class-margins"):
+  K + 1 sigmoids with class margins from the training frequencies n_j (the background's
+  n_{K} = fg_bg_ratio * sum_j n_j, the empirical foreground/background RoI ratio), n-_j = N - n_j
+  (N the sum over all K + 1):
+
+      m+_j = log((n_j^(1/4) + n-_j^(1/4)) / n-_j^(1/4)),
+      m-_j = log((n_j^(1/4) + n-_j^(1/4)) / n_j^(1/4)),
+      p+_ij = e^(z_ij + m+_j) / (e^(z_ij + m+_j) + e^(-z_ij + m-_j)),
+      L = sum_ij w_j BCE(p+_ij, y_ij) / R,   w_j = a_j log((1 + a_j) / a_j),  a_j = n-_j / n_j.
+
+EQLv2 and ECM predict with the objectness activation of their papers' code:
+p_j = sigmoid(z_j) (1 - sigmoid(z_bg)) for the K classes, sigmoid(z_bg) for the background.
+"""
+
+import logging
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from detectron2.config import CfgNode as CN
+from torch import nn
+
+from .losses import _empty  # 0 connected to the logits, after taking part in the all-reduce
+
+__all__ = [
+    "SIGMOID_STAGE_ONE_LOSSES",
+    "STAGE_ONE_LOSSES",
+    "StageOneLoss",
+    "add_stage_one_loss_config",
+    "all_reduce_sum",
+    "ecm_loss",
+    "ecm_margins",
+    "eqlv2_gradient_statistics",
+    "eqlv2_loss",
+    "eqlv2_weights",
+    "objectness_sigmoid_probs",
+    "seesaw_loss",
+    "stage_one_loss_from_config",
+]
+
+logger = logging.getLogger(__name__)
+
+STAGE_ONE_LOSSES = ("ce", "eqlv2", "seesaw", "ecm")
+# Losses that need the sigmoid classifier (detectron2 main's MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE).
+SIGMOID_STAGE_ONE_LOSSES = ("eqlv2", "ecm")
+_KEY = "MODEL.ROI_BOX_HEAD.STAGE_ONE_LOSS"
+
+
+def add_stage_one_loss_config(cfg):
+    """Add the stage-one loss keys (and FRACAL's) to ``cfg`` in place; called by
+    ``add_disalign_config``. Defaults change nothing."""
+    h = cfg.MODEL.ROI_BOX_HEAD
+    # Classification loss of stage one: "ce" (detectron2's: softmax cross-entropy, or the sigmoid
+    # / federated loss of USE_SIGMOID_CE / USE_FED_LOSS), "eqlv2", "seesaw" or "ecm" (see
+    # disalign_det/modeling/stage_one_losses.py). Used while MODEL.DISALIGN.CLS_LOSS is "ce";
+    # a DisAlign stage two ("grw") keeps the activation it implies (sigmoid for eqlv2 / ecm).
+    h.STAGE_ONE_LOSS = "ce"
+    h.EQLV2 = CN()
+    h.EQLV2.GAMMA = 12.0  # gamma, slope of the mapping q_j = sigmoid(gamma (g_j - mu))
+    h.EQLV2.MU = 0.8  # mu, its centre
+    h.EQLV2.ALPHA = 4.0  # alpha, positive weight r_j = 1 + alpha (1 - q_j)
+    h.SEESAW = CN()
+    h.SEESAW.P = 0.8  # p, exponent of the mitigation factor M_ij = (N_j / N_i) ** p
+    h.SEESAW.Q = 2.0  # q, exponent of the compensation factor C_ij = (s_j / s_i) ** q
+    h.SEESAW.EPS = 1e-2  # lower clamp of s_i in C_ij
+    h.ECM = CN()
+    # n_bg / sum_j n_j: the background's frequency in the margins (the authors' Mask R-CNN value).
+    h.ECM.FG_BG_RATIO = 6.3313
+    d = cfg.MODEL.DISALIGN
+    # lambda of FRACAL (POSTHOC "fracal"): foreground probabilities divided by D_j ** lambda, D_j
+    # the box-counting fractal dimension of class j's box centres.
+    d.FRACAL_LAMBDA = 2.0
+    # G: box counting on the g x g grids, g = 1 .. G.
+    d.FRACAL_GRID = 64
+    return cfg
+
+
+def stage_one_loss_from_config(cfg):
+    """``DisAlignFastRCNNOutputLayers`` keyword arguments of the stage-one loss keys. For
+    "eqlv2" / "ecm" also ``use_sigmoid_ce=True``; raises ValueError naming the key on a
+    detectron2 without the sigmoid classifier (v0.6)."""
+    from ..compat.features import has_federated_loss
+
+    h = cfg.MODEL.ROI_BOX_HEAD
+    kind = h.STAGE_ONE_LOSS
+    ret = dict(
+        stage_one_loss=kind,
+        stage_one_options=dict(
+            gamma=h.EQLV2.GAMMA,
+            mu=h.EQLV2.MU,
+            alpha=h.EQLV2.ALPHA,
+            p=h.SEESAW.P,
+            q=h.SEESAW.Q,
+            eps=h.SEESAW.EPS,
+            fg_bg_ratio=h.ECM.FG_BG_RATIO,
+        ),
+    )
+    if kind in SIGMOID_STAGE_ONE_LOSSES:
+        if not has_federated_loss():
+            raise ValueError(
+                f"{_KEY}={kind!r} needs detectron2's sigmoid classifier "
+                "(MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE), which this detectron2 (v0.6) does not have: "
+                "install detectron2 from its main branch (scripts/install.sh)"
+            )
+        ret["use_sigmoid_ce"] = True
+    return ret
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t`` over all processes (a new tensor; ``t`` itself with one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
+def _one_hot(logits, labels):
+    """(R, K + 1) float one-hot targets of ``labels`` (R,)."""
+    target = torch.zeros_like(logits)
+    target[torch.arange(len(labels), device=labels.device), labels] = 1
+    return target
+
+
+def _mean_over_rois(total, num_rois, logits, normalize):
+    # The per-RoI mean, over the global batch when ``normalize`` (see losses.py) is given.
+    n = logits.new_tensor(float(num_rois))
+    return total / (n if normalize is None else normalize(n))
+
+
+def objectness_sigmoid_probs(logits: torch.Tensor) -> torch.Tensor:
+    """(R, K + 1) logits -> (R, K + 1) probabilities sigmoid(z_j) (1 - sigmoid(z_bg)) for the K
+    classes and sigmoid(z_bg) for the background (EQLv2's and ECM's activation)."""
+    p = logits.sigmoid()
+    bg = p[:, -1:]
+    return torch.cat([p[:, :-1] * (1 - bg), bg], dim=1)
+
+
+# ---- EQLv2 -----------------------------------------------------------------------------------
+def eqlv2_weights(pos_grad, neg_grad, gamma: float, mu: float, alpha: float):
+    """EQLv2's (K,) positive weights r_j and negative weights q_j from the (K,) accumulated
+    positive / negative gradient magnitudes (g_j = pos_j / (neg_j + 1e-10))."""
+    g = pos_grad / (neg_grad + 1e-10)
+    q = torch.sigmoid(gamma * (g - mu))
+    return 1 + alpha * (1 - q), q
+
+
+def _eqlv2_element_weights(target, pos_w, neg_w):
+    one = pos_w.new_ones(1)
+    r = torch.cat([pos_w, one]).to(target.dtype)
+    q = torch.cat([neg_w, one]).to(target.dtype)
+    return target * r + (1 - target) * q
+
+
+def eqlv2_loss(logits, labels, pos_w, neg_w, normalize=None):
+    """EQLv2 loss.
+
+    Args:
+        logits: (R, K + 1) logits, the last the background sigmoid's.
+        labels: (R,) int64 in [0, K].
+        pos_w, neg_w: (K,) r_j and q_j (:func:`eqlv2_weights`); the background column weighs 1.
+        normalize: as in :mod:`.losses` (None: divide by the local R).
+
+    Returns:
+        Scalar ``sum_ij w_ij BCE(z_ij, y_ij) / R``; 0 connected to ``logits`` when R == 0.
+    """
+    if labels.numel() == 0:
+        return _empty(logits, normalize)
+    target = _one_hot(logits, labels)
+    w = _eqlv2_element_weights(target, pos_w, neg_w)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return _mean_over_rois((bce * w).sum(), len(labels), logits, normalize)
+
+
+def eqlv2_gradient_statistics(logits, labels, pos_w, neg_w):
+    """(K,) positive and negative gradient magnitudes of one batch of the weighted loss:
+    sum_i w_ij |sigmoid(z_ij) - y_ij| over the RoIs whose label is (not) j."""
+    with torch.no_grad():
+        target = _one_hot(logits, labels)
+        w = _eqlv2_element_weights(target, pos_w, neg_w)
+        grad = (logits.sigmoid() - target).abs() * w
+        pos = (grad * target).sum(dim=0)[:-1]
+        neg = (grad * (1 - target)).sum(dim=0)[:-1]
+    return pos, neg
+
+
+# ---- Seesaw ----------------------------------------------------------------------------------
+def seesaw_loss(logits, labels, counts, p: float, q: float, eps: float = 1e-2, normalize=None):
+    """Seesaw loss on the (K + 1)-way softmax.
+
+    Args:
+        logits: (R, K + 1) logits, background last.
+        labels: (R,) int64 in [0, K].
+        counts: (K,) cumulative numbers of training RoIs N_j of each class (clamped to >= 1).
+        p, q: exponents of the mitigation and compensation factors (0 turns one off).
+        eps: lower clamp of the RoI's own-class probability in the compensation factor.
+        normalize: as in :mod:`.losses` (None: the local mean).
+
+    Returns:
+        Scalar mean over RoIs of CE(z + log S), log S_ij = log M_ij + log C_ij for a foreground
+        RoI of class i and a foreground class j != i, 0 elsewhere.
+    """
+    if labels.numel() == 0:
+        return _empty(logits, normalize)
+    num_classes = logits.shape[1] - 1
+    fg = labels < num_classes
+    log_s = torch.zeros_like(logits)
+    if fg.any() and (p > 0 or q > 0):
+        cls = labels[fg]
+        log_s_fg = logits.new_zeros(len(cls), num_classes)
+        if p > 0:
+            n = counts.to(logits.dtype).clamp(min=1)
+            # log (N_j / N_i) ** p where N_j < N_i, else 0.
+            log_s_fg += (p * (n[None, :].log() - n[cls][:, None].log())).clamp(max=0)
+        if q > 0:
+            s = F.softmax(logits[fg].detach(), dim=1)[:, :num_classes]
+            own = s.gather(1, cls[:, None]).clamp(min=eps)
+            # log (s_j / s_i) ** q where s_j > s_i, else 0.
+            log_s_fg += (q * (s.clamp(min=1e-38).log() - own.log())).clamp(min=0)
+        log_s_fg.scatter_(1, cls[:, None], 0.0)  # no factor on the RoI's own class
+        log_s[fg, :num_classes] = log_s_fg
+    adjusted = logits + log_s
+    if normalize is None:
+        return F.cross_entropy(adjusted, labels, reduction="mean")
+    total = F.cross_entropy(adjusted, labels, reduction="sum")
+    return _mean_over_rois(total, len(labels), logits, normalize)
+
+
+# ---- ECM -------------------------------------------------------------------------------------
+def ecm_margins(counts, fg_bg_ratio: float):
+    """ECM's (K + 1,) margins m+ and m- and class weights w from (K,) training frequencies n_j
+    (clamped to >= 1); the background's frequency is ``fg_bg_ratio * sum_j n_j``."""
+    n = torch.as_tensor(counts, dtype=torch.float64).flatten().clamp(min=1)
+    n = torch.cat([n, n.sum()[None] * fg_bg_ratio])
+    n_neg = n.sum() - n
+    a4, b4 = n.pow(0.25), n_neg.pow(0.25)
+    m_pos = ((a4 + b4) / b4).log()
+    m_neg = ((a4 + b4) / a4).log()
+    a = n_neg / n
+    w = a * ((1 + a) / a).log()
+    return m_pos.float(), m_neg.float(), w.float()
+
+
+def ecm_loss(logits, labels, m_pos, m_neg, class_weight, normalize=None):
+    """ECM loss.
+
+    Args:
+        logits: (R, K + 1) logits, the last the background sigmoid's.
+        labels: (R,) int64 in [0, K].
+        m_pos, m_neg, class_weight: (K + 1,) from :func:`ecm_margins`.
+        normalize: as in :mod:`.losses` (None: divide by the local R).
+
+    Returns:
+        Scalar ``sum_ij w_j BCE(p+_ij, y_ij) / R`` where p+_ij is the softmax of the two margin
+        logits (z + m+, -z + m-), i.e. sigmoid(2 z + m+ - m-).
+    """
+    if labels.numel() == 0:
+        return _empty(logits, normalize)
+    target = _one_hot(logits, labels)
+    m_pos, m_neg, w = (t.to(logits) for t in (m_pos, m_neg, class_weight))
+    margin_logits = 2 * logits + (m_pos - m_neg)[None, :]
+    bce = F.binary_cross_entropy_with_logits(margin_logits, target, reduction="none")
+    return _mean_over_rois((bce * w[None, :]).sum(), len(labels), logits, normalize)
+
+
+# ---- the module holding the state --------------------------------------------------------------
+class StageOneLoss(nn.Module):
+    """The stage-one loss of the box predictor and its state.
+
+    Buffers (persistent: saved in checkpoints, so a resumed run continues the same statistics;
+    updated with the all-reduced sums of every process, so identical in every process):
+
+    * "eqlv2": ``pos_grad`` (K,), ``neg_grad`` (K,) float64, the accumulated gradient magnitudes.
+    * "seesaw": ``cum_samples`` (K + 1,) float64, the cumulative numbers of RoIs per label.
+    * "ecm": ``sample_counts`` (K,), the training frequencies n_j behind the margins; installed
+      when training starts (like the GRW weights), zeros until then.
+    """
+
+    def __init__(self, kind: str, num_classes: int, **options):
+        super().__init__()
+        if kind not in STAGE_ONE_LOSSES or kind == "ce":
+            raise ValueError(f"{_KEY} must be one of {STAGE_ONE_LOSSES}, got {kind!r}")
+        self.kind = kind
+        self.num_classes = num_classes
+        o = dict(gamma=12.0, mu=0.8, alpha=4.0, p=0.8, q=2.0, eps=1e-2, fg_bg_ratio=6.3313)
+        unknown = set(options) - set(o)
+        if unknown:
+            raise ValueError(f"unknown {_KEY} options {sorted(unknown)}")
+        o.update(options)
+        for name, value in o.items():
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{_KEY} option {name} must be a finite number >= 0, got {value}")
+        self.options = o
+        if kind == "eqlv2":
+            self.register_buffer("pos_grad", torch.zeros(num_classes, dtype=torch.float64))
+            self.register_buffer("neg_grad", torch.zeros(num_classes, dtype=torch.float64))
+        elif kind == "seesaw":
+            self.register_buffer("cum_samples", torch.zeros(num_classes + 1, dtype=torch.float64))
+        else:
+            self.register_buffer("sample_counts", torch.zeros(num_classes))
+
+    @property
+    def uses_sigmoid(self) -> bool:
+        return self.kind in SIGMOID_STAGE_ONE_LOSSES
+
+    @property
+    def needs_class_frequencies(self) -> bool:
+        return self.kind == "ecm"
+
+    def set_class_frequencies(self, counts):
+        """Install ECM's (K,) training frequencies n_j (a no-op for the other losses)."""
+        if self.kind != "ecm":
+            return
+        counts = torch.as_tensor(counts, dtype=torch.float32).flatten()
+        if counts.numel() != self.num_classes:
+            raise ValueError(
+                f"{_KEY}='ecm' needs K = {self.num_classes} class frequencies, got {counts.numel()}"
+            )
+        self.sample_counts.copy_(counts.to(self.sample_counts.device))
+
+    def eqlv2_weights(self):
+        """(K,) r_j, q_j of the current state; all ones before anything was accumulated."""
+        if not bool((self.neg_grad > 0).any()):
+            ones = torch.ones(self.num_classes, device=self.neg_grad.device)
+            return ones, ones
+        o = self.options
+        pos_w, neg_w = eqlv2_weights(self.pos_grad, self.neg_grad, o["gamma"], o["mu"], o["alpha"])
+        return pos_w.float(), neg_w.float()
+
+    def forward(self, logits, labels, normalize=None):
+        """(R, K + 1) logits, (R,) labels -> scalar loss; in training, updates the state."""
+        # float32 maths under autocast, like the losses of losses.py (a sum over R x (K + 1)
+        # sigmoid terms overflows float16).
+        logits = logits.float()
+        o = self.options
+        if self.kind == "eqlv2":
+            pos_w, neg_w = self.eqlv2_weights()
+            loss = eqlv2_loss(logits, labels, pos_w, neg_w, normalize)
+            if self.training:
+                pos, neg = eqlv2_gradient_statistics(logits, labels, pos_w, neg_w)
+                both = all_reduce_sum(torch.stack([pos, neg]).to(self.pos_grad))
+                self.pos_grad += both[0]
+                self.neg_grad += both[1]
+            return loss
+        if self.kind == "seesaw":
+            if self.training:
+                batch = torch.bincount(labels, minlength=self.num_classes + 1)
+                self.cum_samples += all_reduce_sum(batch.to(self.cum_samples))
+            counts = self.cum_samples[: self.num_classes]
+            return seesaw_loss(logits, labels, counts, o["p"], o["q"], o["eps"], normalize)
+        if not bool((self.sample_counts > 0).any()):
+            raise RuntimeError(
+                f"{_KEY}='ecm' but its class frequencies were never installed: they are read "
+                "from the training data when training starts (Trainer does it; otherwise call "
+                "disalign_det.modeling.set_class_frequencies(model, counts))."
+            )
+        m_pos, m_neg, w = ecm_margins(self.sample_counts, o["fg_bg_ratio"])
+        return ecm_loss(logits, labels, m_pos, m_neg, w, normalize)
+
+    def probs(self, logits):
+        """(R, K + 1) logits -> (R, K + 1) probabilities of this loss's classifier."""
+        if self.uses_sigmoid:
+            return objectness_sigmoid_probs(logits)
+        return F.softmax(logits, dim=-1)
+
+    def extra_repr(self):
+        return f"{self.kind}, K={self.num_classes}, {self.options}"

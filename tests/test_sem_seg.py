@@ -1,0 +1,443 @@
+"""DisAlign for semantic segmentation: heads, calibration maths, pixel GRW, freezing, pixel counts
+and the long-tail evaluator (fast tier)."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_model
+from PIL import Image
+
+from disalign_det import add_disalign_config
+from disalign_det.data.sem_seg_counts import (
+    count_label_pixels,
+    pixel_counts,
+    pixel_counts_from_cfg,
+    read_pixel_ratios,
+)
+from disalign_det.evaluation.sem_seg_evaluation import (
+    ADE20K_GROUPS,
+    LongTailSemSegEvaluator,
+    frequency_groups,
+    iou_and_accuracy,
+)
+from disalign_det.modeling import apply_freeze
+from disalign_det.modeling.sem_seg import (
+    CalibratedConv2d,
+    DisAlignDeepLabV3Head,
+    DisAlignDeepLabV3PlusHead,
+    deeplab_project,
+)
+
+NUM_CLASSES = 7
+IGNORE = 255
+
+
+def _cfg(head="DisAlignSemSegFPNHead", **disalign):
+    cfg = get_cfg()
+    add_disalign_config(cfg)
+    cfg.MODEL.SEM_SEG_HEAD.NAME = head
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = NUM_CLASSES
+    cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = IGNORE
+    cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 32
+    cfg.MODEL.SEM_SEG_HEAD.NORM = "GN"
+    cfg.MODEL.SEM_SEG_HEAD.COMMON_STRIDE = 4
+    cfg.MODEL.SEM_SEG_HEAD.LOSS_TYPE = "cross_entropy"
+    cfg.MODEL.SEM_SEG_HEAD.ASPP_CHANNELS = 32  # DeepLabV3Head: = CONVS_DIM
+    cfg.MODEL.SEM_SEG_HEAD.ASPP_DILATIONS = [1, 2, 3]
+    cfg.INPUT.CROP.ENABLED = False
+    for k, v in disalign.items():
+        setattr(cfg.MODEL.DISALIGN, k, v)
+    return cfg
+
+
+def _features(head):
+    torch.manual_seed(0)
+    shapes = {
+        "DisAlignSemSegFPNHead": {"p2": (4, 16), "p3": (8, 16)},
+        "SemSegFPNHead": {"p2": (4, 16), "p3": (8, 16)},
+        "DisAlignDeepLabV3PlusHead": {"res2": (4, 16), "res5": (8, 32)},
+        "DeepLabV3PlusHead": {"res2": (4, 16), "res5": (8, 32)},
+        "DisAlignDeepLabV3Head": {"res5": (4, 32)},
+        "DeepLabV3Head": {"res5": (4, 32)},
+    }[head]
+    input_shape = {k: ShapeSpec(channels=c, stride=s) for k, (s, c) in shapes.items()}
+    feats = {k: torch.randn(2, c, 32 // s, 32 // s) for k, (s, c) in shapes.items()}
+    return input_shape, feats
+
+
+def _build_head(name, cfg):
+    from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+
+    input_shape, feats = _features(name)
+    cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = list(input_shape)
+    if "DeepLab" in name:
+        cfg.MODEL.SEM_SEG_HEAD.NORM = "BN"
+    if "V3Plus" in name:
+        cfg.MODEL.SEM_SEG_HEAD.PROJECT_FEATURES = ["res2"]
+        cfg.MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS = [8]
+    return SEM_SEG_HEADS_REGISTRY.get(name)(cfg, input_shape), feats
+
+
+HEADS = [
+    ("DisAlignSemSegFPNHead", "SemSegFPNHead"),
+    ("DisAlignDeepLabV3PlusHead", "DeepLabV3PlusHead"),
+    ("DisAlignDeepLabV3Head", "DeepLabV3Head"),
+]
+
+
+@pytest.mark.parametrize("name,stock", HEADS)
+def test_identity_at_init(name, stock):
+    """A stock head's weights loaded into the DisAlign head: same logits (1e-6) and argmax; only
+    the calibration keys are missing."""
+    cfg = _cfg(name)
+    stock_head, feats = _build_head(stock, _cfg(name))
+    head, _ = _build_head(name, cfg)
+    incompatible = head.load_state_dict(stock_head.state_dict(), strict=False)
+    assert sorted(incompatible.missing_keys) == [
+        "predictor.confidence_layer.bias",
+        "predictor.confidence_layer.weight",
+        "predictor.logit_bias",
+        "predictor.logit_scale",
+    ]
+    assert not incompatible.unexpected_keys
+    # A random, non-zero confidence: the identity must not depend on s(p).
+    torch.nn.init.normal_(head.predictor.confidence_layer.weight, std=1.0)
+    stock_head.eval()
+    head.eval()
+    with torch.no_grad():
+        ref, _ = stock_head(feats)
+        out, _ = head(feats)
+    assert out.shape == ref.shape == (2, NUM_CLASSES, 32, 32)
+    assert (out - ref).abs().max().item() <= 1e-6
+    assert torch.equal(out.argmax(1), ref.argmax(1))
+
+
+def test_calibration_formula_on_nchw():
+    """z'_c(p) = s(p) (beta_c z_c(p) + gamma_c) + (1 - s(p)) z_c(p), at the logit resolution."""
+    torch.manual_seed(1)
+    conv = CalibratedConv2d(5, 3, init_std=0.5)
+    with torch.no_grad():
+        conv.logit_scale.copy_(torch.tensor([0.5, 2.0, 1.5]))
+        conv.logit_bias.copy_(torch.tensor([0.3, -1.0, 0.0]))
+    x = torch.randn(2, 5, 4, 6)
+    out = conv(x)
+    z = torch.einsum("ndhw,cd->nchw", x, conv.weight[:, :, 0, 0]) + conv.bias.view(1, 3, 1, 1)
+    w_s = conv.confidence_layer.weight[0, :, 0, 0]
+    s = torch.sigmoid(torch.einsum("ndhw,d->nhw", x, w_s) + conv.confidence_layer.bias)[:, None]
+    beta = conv.logit_scale.view(1, 3, 1, 1)
+    gamma = conv.logit_bias.view(1, 3, 1, 1)
+    expected = s * (beta * z + gamma) + (1 - s) * z
+    assert out.shape == (2, 3, 4, 6)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def _loss_inputs():
+    torch.manual_seed(2)
+    logits = torch.randn(2, NUM_CLASSES, 8, 8, requires_grad=True)
+    targets = torch.randint(0, NUM_CLASSES, (2, 32, 32))
+    targets[0, :5] = IGNORE
+    return logits, targets
+
+
+def test_grw_rho_zero_equals_stock_loss():
+    cfg = _cfg(SEM_SEG_LOSS="grw", RHO=0.0)
+    head, _ = _build_head("DisAlignSemSegFPNHead", cfg)
+    stock, _ = _build_head("SemSegFPNHead", _cfg())
+    head.set_class_frequencies(torch.arange(1, NUM_CLASSES + 1) * 100)
+    assert torch.equal(head.pixel_class_weights(), torch.ones(NUM_CLASSES))
+    logits, targets = _loss_inputs()
+    ours = head.losses(logits, targets)["loss_sem_seg"]
+    ref = stock.losses(logits, targets)["loss_sem_seg"]
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=0)
+
+
+def test_grw_pixel_weights_and_loss():
+    """w_c = (1 / r_c) ** rho scaled to mean 1; loss = sum_p w[y_p] CE_p / sum_p w[y_p] over the
+    non-ignored pixels of the upsampled logits."""
+    rho = 0.2
+    counts = torch.tensor([5000.0, 3000, 800, 100, 50, 10, 1])
+    cfg = _cfg(SEM_SEG_LOSS="grw", RHO=rho)
+    head, _ = _build_head("DisAlignSemSegFPNHead", cfg)
+    head.set_class_frequencies(counts)
+    r = counts / counts.sum()
+    w = (1 / r) ** rho
+    w = w / w.mean()
+    torch.testing.assert_close(head.pixel_class_weights(), w, rtol=1e-6, atol=1e-6)
+    logits, targets = _loss_inputs()
+    up = F.interpolate(logits, scale_factor=4, mode="bilinear", align_corners=False)
+    logp = torch.log_softmax(up, dim=1)
+    valid = targets != IGNORE
+    y = targets.clamp(max=NUM_CLASSES - 1)
+    ce = -logp.gather(1, y[:, None])[:, 0]
+    pw = w[y] * valid
+    expected = (pw * ce).sum() / pw.sum()
+    loss = head.losses(logits, targets)["loss_sem_seg"]
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_grw_without_counts_refuses_to_train():
+    head, _ = _build_head("DisAlignSemSegFPNHead", _cfg(SEM_SEG_LOSS="grw"))
+    logits, targets = _loss_inputs()
+    with pytest.raises(RuntimeError, match="never installed"):
+        head.losses(logits, targets)
+
+
+def test_bad_loss_and_loss_type_name_keys():
+    with pytest.raises(ValueError, match="MODEL.DISALIGN.SEM_SEG_LOSS"):
+        _build_head("DisAlignSemSegFPNHead", _cfg(SEM_SEG_LOSS="focal"))
+    cfg = _cfg("DisAlignDeepLabV3PlusHead", SEM_SEG_LOSS="grw")
+    cfg.MODEL.SEM_SEG_HEAD.LOSS_TYPE = "hard_pixel_mining"
+    with pytest.raises(ValueError, match="MODEL.SEM_SEG_HEAD.LOSS_TYPE"):
+        _build_head("DisAlignDeepLabV3PlusHead", cfg)
+
+
+def test_freeze_all_but_classifier_is_refused():
+    from disalign_det.modeling.sem_seg import install_pixel_class_weights
+
+    cfg = _cfg(FREEZE="all_but_classifier")
+    with pytest.raises(ValueError, match="MODEL.DISALIGN.FREEZE 'all_but_classifier'"):
+        install_pixel_class_weights(torch.nn.Module(), cfg)
+
+
+def test_missing_deeplab_project_names_the_key(monkeypatch):
+    monkeypatch.setitem(sys.modules, "detectron2.projects.deeplab", None)
+    with pytest.raises(ImportError, match="MODEL.SEM_SEG_HEAD.NAME 'DisAlignDeepLabV3PlusHead'"):
+        deeplab_project("MODEL.SEM_SEG_HEAD.NAME 'DisAlignDeepLabV3PlusHead'")
+    # Both detectron2s we support ship it: the real heads are registered.
+    assert isinstance(DisAlignDeepLabV3PlusHead, type) and isinstance(DisAlignDeepLabV3Head, type)
+
+
+def _tiny_segmentor_cfg():
+    cfg = _cfg(SEM_SEG_LOSS="grw", RHO=0.2)
+    cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentor"
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.BACKBONE.NAME = "build_resnet_fpn_backbone"
+    cfg.MODEL.RESNETS.DEPTH = 50
+    cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = 8
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 16
+    cfg.MODEL.RESNETS.WIDTH_PER_GROUP = 4
+    cfg.MODEL.RESNETS.NORM = "BN"
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.FPN.OUT_CHANNELS = 16
+    cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    return cfg
+
+
+def test_freeze_trains_only_calibration_and_norms_stay_bit_identical():
+    torch.manual_seed(3)
+    cfg = _tiny_segmentor_cfg()
+    cfg.MODEL.DISALIGN.FREEZE = "all_but_calibration"
+    model = build_model(cfg)
+    apply_freeze(model, "all_but_calibration")
+    model.sem_seg_head.set_class_frequencies(torch.arange(1, NUM_CLASSES + 1).float())
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == [
+        "sem_seg_head.predictor.confidence_layer.bias",
+        "sem_seg_head.predictor.confidence_layer.weight",
+        "sem_seg_head.predictor.logit_bias",
+        "sem_seg_head.predictor.logit_scale",
+    ]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model.train()
+    for _ in range(2):
+        batch = [
+            {
+                "image": torch.randint(0, 255, (3, 64, 64)).float(),
+                "sem_seg": torch.randint(0, NUM_CLASSES, (64, 64)),
+            }
+            for _ in range(2)
+        ]
+        loss = sum(model(batch).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = model.state_dict()
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    # Everything but the calibration is bit-identical, BatchNorm running stats included.
+    assert changed and all(".predictor." in k for k in changed)
+    assert any(k.endswith("running_mean") for k in before)
+
+
+# ---- pixel counts ----------------------------------------------------------------------------
+
+
+def _write_labels(folder, n=5, seed=0, num_classes=NUM_CLASSES):
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    files, expected = [], np.zeros(num_classes, dtype=np.int64)
+    for i in range(n):
+        label = rng.integers(0, num_classes, size=(9, 13)).astype(np.uint8)
+        label[0, :4] = IGNORE
+        path = os.path.join(folder, f"{i}.png")
+        Image.fromarray(label).save(path)
+        files.append(path)
+        for c in range(num_classes):
+            expected[c] += int((label == c).sum())
+    return files, expected
+
+
+def test_pixel_counts_parallel_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISALIGN_CACHE_DIR", str(tmp_path / "cache"))
+    files, expected = _write_labels(str(tmp_path / "labels"), n=70)
+    assert np.array_equal(count_label_pixels(files, NUM_CLASSES, IGNORE, workers=1), expected)
+    assert np.array_equal(count_label_pixels(files, NUM_CLASSES, IGNORE, workers=2), expected)
+    assert np.array_equal(pixel_counts(files, NUM_CLASSES, IGNORE, workers=1), expected)
+    cached = list((tmp_path / "cache" / "pixel_counts").glob("*.json"))
+    assert len(cached) == 1
+    # The cache is read (not recounted): a doctored cache file is what comes back.
+    doctored = (expected + 1).tolist()
+    cached[0].write_text(json.dumps({"counts": doctored}))
+    assert pixel_counts(files, NUM_CLASSES, IGNORE).tolist() == doctored
+    # Changed content -> another key -> counted again.
+    label = np.zeros((9, 13), dtype=np.uint8)
+    Image.fromarray(label).save(files[0])
+    again = pixel_counts(files, NUM_CLASSES, IGNORE, workers=1)
+    assert np.array_equal(again, count_label_pixels(files, NUM_CLASSES, IGNORE))
+    assert again[0] > expected[0]  # the all-zero map added class-0 pixels
+    assert len(list((tmp_path / "cache" / "pixel_counts").glob("*.json"))) == 2
+    assert np.array_equal(again, count_label_pixels(files, NUM_CLASSES, IGNORE))
+
+
+def test_pixel_counts_reject_out_of_range_labels(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISALIGN_CACHE_DIR", str(tmp_path / "cache"))
+    files, _ = _write_labels(str(tmp_path / "labels"), n=1, num_classes=NUM_CLASSES + 2)
+    with pytest.raises(ValueError, match="NUM_CLASSES"):
+        count_label_pixels(files, NUM_CLASSES, IGNORE)
+
+
+def test_read_ade_object_info(tmp_path):
+    path = tmp_path / "objectInfo150.txt"
+    lines = ["Idx\tRatio\tTrain\tVal\tName"]
+    lines += [f"{i}\t{0.1 / i:.6f}\t{100 - i}\t{50 - i}\tclass{i}" for i in range(1, 4)]
+    path.write_text("\n".join(lines) + "\n")
+    np.testing.assert_allclose(read_pixel_ratios(str(path), 3), [0.1, 0.05, 0.033333], atol=1e-6)
+    with pytest.raises(ValueError, match="NUM_CLASSES"):
+        read_pixel_ratios(str(path), 150)
+    with pytest.raises(FileNotFoundError, match="PIXEL_RATIOS_FILE"):
+        read_pixel_ratios(str(tmp_path / "nope.txt"), 3)
+
+
+def test_pixel_counts_from_cfg_checks_num_classes(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISALIGN_CACHE_DIR", str(tmp_path / "cache"))
+    files, expected = _write_labels(str(tmp_path / "labels"), n=3)
+    name = "test_sem_seg_counts_train"
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(
+            name, lambda: [{"file_name": f, "sem_seg_file_name": f} for f in files]
+        )
+    MetadataCatalog.get(name).set(stuff_classes=[str(i) for i in range(NUM_CLASSES)])
+    cfg = _cfg()
+    cfg.DATASETS.TRAIN = (name,)
+    cfg.DATASETS.TEST = ()
+    cfg.MODEL.DISALIGN.PIXEL_COUNT_WORKERS = 1
+    assert np.array_equal(pixel_counts_from_cfg(cfg), expected)
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = NUM_CLASSES + 1
+    with pytest.raises(ValueError, match="MODEL.SEM_SEG_HEAD.NUM_CLASSES"):
+        pixel_counts_from_cfg(cfg)
+
+
+# ---- evaluator -------------------------------------------------------------------------------
+
+
+def test_frequency_groups_ade_proportions():
+    assert [len(g) for g in ADE20K_GROUPS] == [20, 55, 75]
+    counts = np.arange(150, 0, -1)  # decreasing: the ADE split by index
+    assert frequency_groups(counts) == [list(g) for g in ADE20K_GROUPS]
+    groups = frequency_groups([5, 100, 1, 50, 7, 3])  # 6 classes: 1 / 2 / 3
+    assert groups == [[1], [3, 4], [0, 2, 5]]
+
+
+def test_evaluator_head_body_tail_by_hand(tmp_path):
+    """Four classes, head {0}, body {1}, tail {2, 3}; IoU and accuracy computed by hand."""
+    name = "test_sem_seg_lt_eval"
+    gt = np.array([[0, 0, 1, 1], [0, 2, 2, IGNORE], [3, 3, 3, 0]], dtype=np.uint8)
+    pred = np.array([[0, 0, 1, 0], [0, 2, 0, 1], [3, 2, 3, 0]])
+    path = str(tmp_path / "gt.png")
+    Image.fromarray(gt).save(path)
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(name, lambda: [{"file_name": "img", "sem_seg_file_name": path}])
+    MetadataCatalog.get(name).set(
+        stuff_classes=["a", "b", "c", "d"], ignore_label=IGNORE, evaluator_type="sem_seg"
+    )
+    ev = LongTailSemSegEvaluator(
+        name,
+        groups=[[0], [1], [2, 3]],
+        train_pixel_counts=[100, 20, 5, 1],
+        distributed=False,
+        output_dir=str(tmp_path / "out"),
+    )
+    ev.reset()
+    logits = torch.nn.functional.one_hot(torch.as_tensor(pred), 4).permute(2, 0, 1).float()
+    ev.process([{"file_name": "img"}], [{"sem_seg": logits}])
+    res = ev.evaluate()["sem_seg"]
+    # Class 0: gt 4 pixels, predicted on 6 non-ignored pixels, tp 4 -> iou 4/6, acc 1.
+    # Class 1: gt 2, predicted on 1 non-ignored pixel (its prediction on the ignored pixel (1, 3)
+    #   does not count), tp 1 -> iou 1/2, acc 1/2.
+    # Class 2: gt 2, pred 2, tp 1 -> iou 1/3, acc 1/2.
+    # Class 3: gt 3, pred 2, tp 2 -> iou 2/3, acc 2/3.
+    iou = [2 / 3, 0.5, 1 / 3, 2 / 3]
+    acc = [1.0, 0.5, 0.5, 2 / 3]
+    assert res["mIoU"] == pytest.approx(100 * np.mean(iou))
+    assert res["mIoU-head"] == pytest.approx(100 * iou[0])
+    assert res["mIoU-body"] == pytest.approx(100 * iou[1])
+    assert res["mIoU-tail"] == pytest.approx(100 * (iou[2] + iou[3]) / 2)
+    assert res["mACC-head"] == pytest.approx(100 * acc[0])
+    assert res["mACC-body"] == pytest.approx(100 * acc[1])
+    assert res["mACC-tail"] == pytest.approx(100 * (acc[2] + acc[3]) / 2)
+    rows = json.loads((tmp_path / "out" / "per_class_iou.json").read_text())
+    assert [r["group"] for r in rows] == ["head", "body", "tail", "tail"]
+    assert [r["IoU"] for r in rows] == pytest.approx([100 * v for v in iou])
+    assert (tmp_path / "out" / "per_class_iou.csv").is_file()
+    assert (tmp_path / "out" / "per_class_iou.png").is_file()
+    with pytest.raises(ValueError, match="TEST.SEM_SEG_GROUPS"):
+        LongTailSemSegEvaluator(name, groups=[[0], [1], [2]], distributed=False)
+
+
+def test_iou_of_absent_class_is_nan():
+    conf = np.zeros((4, 4), dtype=np.int64)  # 3 classes + ignore; [pred, gt]
+    conf[0, 0] = 5
+    conf[1, 0] = 1  # class 1 predicted, never in the ground truth
+    iou, acc = iou_and_accuracy(conf)
+    # Class 0: gt 6, predicted 5, tp 5.
+    assert iou[0] == pytest.approx(5 / 6) and acc[0] == pytest.approx(5 / 6)
+    assert np.isnan(iou[1]) and np.isnan(acc[1]) and np.isnan(iou[2])
+
+
+def test_prepare_ade20k_checks_and_converts(tmp_path):
+    from common import load_script
+
+    prep = load_script("datasets/prepare_ade20k.py")
+    assert "ADEChallengeData2016 is missing" in prep.check(str(tmp_path))[0]
+    ade = tmp_path / "ADEChallengeData2016"
+    for split in ("training", "validation"):
+        (ade / "images" / split).mkdir(parents=True)
+        (ade / "annotations" / split).mkdir(parents=True)
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(ade / "images" / split / "ADE_1.jpg")
+        raw = np.array([[0, 1, 150, 7]] * 4, dtype=np.uint8)  # 0 = "other"
+        Image.fromarray(raw).save(ade / "annotations" / split / "ADE_1.png")
+    problems = prep.check(str(tmp_path))
+    assert any("annotations_detectron2/training/ is missing" in p for p in problems)
+    assert any("objectInfo150.txt is missing" in p for p in problems)
+    problems = prep.check(str(tmp_path), convert=True)
+    converted = np.asarray(Image.open(ade / "annotations_detectron2" / "training" / "ADE_1.png"))
+    assert converted[0].tolist() == [255, 0, 149, 6]
+    # What remains: the fixture is not the full download (image counts) and has no objectInfo150.
+    assert sorted(p.split(" has ")[0] for p in problems if "images" in p) == [
+        "images/training/",
+        "images/validation/",
+    ]
+    assert len(problems) == 3
+    assert prep.main(["--root", str(tmp_path)]) == 1

@@ -1,0 +1,556 @@
+"""Stage-one losses EQLv2, Seesaw and ECM (disalign_det/modeling/stage_one_losses.py): each against
+its paper's formulas written out here with Python floats on small hand-made inputs, the degenerate
+settings that are the plain losses, their state buffers (saved, resumed, identical across two gloo
+processes), their use in the box predictor and DisAlign's stage two on top of each (identity at
+init, loading with only calibration keys missing). EQLv2 / ECM need detectron2 main's sigmoid
+classifier: on v0.6 they fail naming the key."""
+
+import math
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from conftest import tiny_cfg
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_model
+from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from disalign_det.compat.features import has_federated_loss
+from disalign_det.engine import DisAlignCheckpointer, Trainer
+from disalign_det.modeling import DisAlignFastRCNNOutputLayers
+from disalign_det.modeling.freeze import is_disalign_state
+from disalign_det.modeling.stage_one_losses import (
+    StageOneLoss,
+    all_reduce_sum,
+    ecm_loss,
+    ecm_margins,
+    eqlv2_gradient_statistics,
+    eqlv2_loss,
+    eqlv2_weights,
+    objectness_sigmoid_probs,
+    seesaw_loss,
+)
+
+needs_sigmoid = pytest.mark.skipif(
+    not has_federated_loss(), reason="this detectron2 (v0.6) has no sigmoid classifier"
+)
+LOSS_PARAMS = [
+    pytest.param("eqlv2", marks=needs_sigmoid),
+    "seesaw",
+    pytest.param("ecm", marks=needs_sigmoid),
+]
+
+# 3 foreground classes + background; 5 RoIs, two of them background.
+Z = [
+    [1.0, -0.5, 0.3, 0.2],
+    [-1.2, 0.7, 2.0, -0.3],
+    [0.1, 0.1, -1.0, 1.5],
+    [0.4, -2.0, 0.9, 0.0],
+    [2.2, 0.3, -0.7, -1.1],
+]
+Y = [0, 2, 3, 1, 3]
+K = 3
+
+
+def _zy():
+    return torch.tensor(Z, dtype=torch.float64), torch.tensor(Y)
+
+
+def _bce(z, y):
+    # -[y log sigma(z) + (1 - y) log(1 - sigma(z))]
+    s = 1 / (1 + math.exp(-z))
+    return -(y * math.log(s) + (1 - y) * math.log(1 - s))
+
+
+# ---- EQLv2 -----------------------------------------------------------------------------------
+def test_eqlv2_weights_are_the_papers_mapping():
+    pos, neg = [3.0, 1.0, 0.0], [3.0, 2.0, 5.0]
+    gamma, mu, alpha = 12.0, 0.8, 4.0
+    r, q = eqlv2_weights(torch.tensor(pos), torch.tensor(neg), gamma, mu, alpha)
+    for j in range(3):
+        g = pos[j] / (neg[j] + 1e-10)
+        q_j = 1 / (1 + math.exp(-gamma * (g - mu)))
+        assert q[j].item() == pytest.approx(q_j, rel=1e-6)
+        assert r[j].item() == pytest.approx(1 + alpha * (1 - q_j), rel=1e-6)
+    # Balanced gradients (g = 1 > mu) keep negatives nearly fully; a class without positive
+    # gradient has its negatives suppressed and its positives up-weighted to ~1 + alpha.
+    assert q[0] > 0.9 and q[2] < 1e-4 and r[2] > 4.99
+
+
+def test_eqlv2_loss_against_the_formula():
+    z, y = _zy()
+    r, q = torch.tensor([1.5, 4.0, 2.0]), torch.tensor([0.9, 0.1, 0.5])
+    want = 0.0
+    for i in range(5):
+        for j in range(K + 1):
+            t = 1.0 if Y[i] == j else 0.0
+            w = 1.0 if j == K else (r[j].item() if t else q[j].item())  # background column: 1
+            want += w * _bce(Z[i][j], t)
+    want /= 5
+    assert eqlv2_loss(z, y, r, q).item() == pytest.approx(want, rel=1e-9)
+
+
+def test_eqlv2_with_unit_weights_is_sigmoid_bce():
+    z, y = _zy()
+    ones = torch.ones(K, dtype=torch.float64)
+    target = F.one_hot(y, K + 1).double()
+    want = F.binary_cross_entropy_with_logits(z, target, reduction="sum") / len(Y)
+    torch.testing.assert_close(eqlv2_loss(z, y, ones, ones), want, rtol=1e-12, atol=0)
+
+
+def test_eqlv2_statistics_are_the_weighted_loss_gradients():
+    # The accumulated "gradients" are |d(R * loss) / dz_ij| split by positive / negative targets.
+    z, y = _zy()
+    z.requires_grad_(True)
+    r, q = torch.tensor([1.5, 4.0, 2.0]), torch.tensor([0.9, 0.1, 0.5])
+    (eqlv2_loss(z, y, r, q) * len(Y)).backward()
+    target = F.one_hot(y, K + 1).double()
+    grad = z.grad.abs()
+    pos, neg = eqlv2_gradient_statistics(z.detach(), y, r, q)
+    torch.testing.assert_close(pos, (grad * target).sum(0)[:K])
+    torch.testing.assert_close(neg, (grad * (1 - target)).sum(0)[:K])
+
+
+def test_eqlv2_state_starts_neutral_accumulates_and_resumes():
+    z, y = _zy()
+    z = z.float()  # the module computes in float32
+    m = StageOneLoss("eqlv2", K).train()
+    ones = torch.ones(K)
+    # No gradient statistics yet: every weight is 1 (the plain sigmoid loss).
+    torch.testing.assert_close(m(z, y), eqlv2_loss(z, y, ones, ones))
+    pos1, neg1 = eqlv2_gradient_statistics(z, y, ones, ones)
+    torch.testing.assert_close(m.pos_grad, pos1.double())
+    torch.testing.assert_close(m.neg_grad, neg1.double())
+    r, q = eqlv2_weights(pos1, neg1, 12.0, 0.8, 4.0)
+    torch.testing.assert_close(m(z, y), eqlv2_loss(z, y, r, q).float(), check_dtype=False)
+    pos2, neg2 = eqlv2_gradient_statistics(z, y, r.float(), q.float())
+    torch.testing.assert_close(m.pos_grad, (pos1 + pos2).double())
+    # Saved in the state dict; a fresh module loading it continues identically.
+    state = m.state_dict()
+    assert set(state) == {"pos_grad", "neg_grad"}
+    resumed = StageOneLoss("eqlv2", K).train()
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed(z, y), m(z, y))
+    assert torch.equal(resumed.pos_grad, m.pos_grad) and torch.equal(resumed.neg_grad, m.neg_grad)
+    # Inference / evaluation does not change the statistics.
+    before = m.pos_grad.clone()
+    m.eval()(z, y)
+    assert torch.equal(m.pos_grad, before)
+
+
+# ---- Seesaw ----------------------------------------------------------------------------------
+def _seesaw_by_hand(counts, p, q, eps):
+    """The paper's sigma_hat_i = e^z_i / (sum_{j != i} S_ij e^z_j + e^z_i), S = M C among the
+    foreground classes (1 for the background logit; background RoIs: plain softmax)."""
+    total = 0.0
+    for i in range(5):
+        zi, yi = Z[i], Y[i]
+        e = [math.exp(v) for v in zi]
+        s = [v / sum(e) for v in e]  # softmax, for the compensation factor
+        denom = e[yi]
+        for j in range(K + 1):
+            if j == yi:
+                continue
+            S = 1.0
+            if yi < K and j < K:
+                n_i, n_j = max(counts[yi], 1), max(counts[j], 1)
+                if n_j < n_i:
+                    S *= (n_j / n_i) ** p
+                own = max(s[yi], eps)
+                if s[j] > own:
+                    S *= (s[j] / own) ** q
+            denom += S * e[j]
+        total += -math.log(e[yi] / denom)
+    return total / 5
+
+
+@pytest.mark.parametrize("p,q", [(0.8, 2.0), (0.8, 0.0), (0.0, 2.0), (1.5, 1.0)])
+def test_seesaw_against_the_formula(p, q):
+    z, y = _zy()
+    counts = [400.0, 3.0, 50.0]
+    got = seesaw_loss(z, y, torch.tensor(counts), p, q, eps=1e-2)
+    assert got.item() == pytest.approx(_seesaw_by_hand(counts, p, q, 1e-2), rel=1e-9)
+
+
+def test_seesaw_with_p_q_zero_is_softmax_cross_entropy():
+    z, y = _zy()
+    got = seesaw_loss(z, y, torch.tensor([400.0, 3.0, 50.0]), 0.0, 0.0)
+    assert torch.equal(got, F.cross_entropy(z, y))
+
+
+def test_seesaw_compensation_is_not_differentiated():
+    # The compensation factor uses detached probabilities: the gradient of the rare RoI's
+    # loss is the one of cross-entropy on the adjusted (constant-shifted) logits.
+    z, y = _zy()
+    z.requires_grad_(True)
+    counts = torch.tensor([400.0, 3.0, 50.0])
+    seesaw_loss(z, y, counts, 0.8, 2.0).backward()
+    with torch.no_grad():
+        shift = torch.zeros_like(z)
+        z0 = z.detach().clone().requires_grad_(True)
+    # Recover the shift from the loss's own adjusted logits: loss(z0 + shift) with shift fixed.
+    for i, (row, label) in enumerate(zip(Z, Y)):
+        e = [math.exp(v) for v in row]
+        s = [v / sum(e) for v in e]
+        for j in range(K):
+            if label < K and j != label:
+                n_i, n_j = max(counts[label].item(), 1), max(counts[j].item(), 1)
+                m = (n_j / n_i) ** 0.8 if n_j < n_i else 1.0
+                c = (s[j] / max(s[label], 1e-2)) ** 2 if s[j] > max(s[label], 1e-2) else 1.0
+                shift[i, j] = math.log(m * c)
+    F.cross_entropy(z0 + shift, y).backward()
+    torch.testing.assert_close(z.grad, z0.grad)
+
+
+def test_seesaw_counts_accumulate_before_the_loss_and_resume():
+    z, y = _zy()
+    z = z.float()  # the module computes in float32
+    m = StageOneLoss("seesaw", K, p=0.8, q=2.0).train()
+    got = m(z, y)
+    want_counts = torch.tensor([1.0, 1.0, 1.0, 2.0], dtype=torch.float64)
+    assert torch.equal(m.cum_samples, want_counts)
+    torch.testing.assert_close(got, seesaw_loss(z, y, want_counts[:K].float(), 0.8, 2.0))
+    m(z, y)
+    assert torch.equal(m.cum_samples, 2 * want_counts)
+    resumed = StageOneLoss("seesaw", K).train()
+    resumed.load_state_dict(m.state_dict())
+    assert torch.equal(resumed(z, y), m(z, y)) and torch.equal(resumed.cum_samples, m.cum_samples)
+
+
+# ---- ECM -------------------------------------------------------------------------------------
+def test_ecm_margins_and_weights_against_the_formula():
+    counts, ratio = [100.0, 10.0, 1.0], 2.0
+    m_pos, m_neg, w = ecm_margins(torch.tensor(counts), ratio)
+    n = counts + [sum(counts) * ratio]
+    total = sum(n)
+    for j in range(K + 1):
+        n_pos, n_neg = n[j], total - n[j]
+        root = n_pos**0.25 + n_neg**0.25
+        assert m_pos[j].item() == pytest.approx(math.log(root / n_neg**0.25), rel=1e-6)
+        assert m_neg[j].item() == pytest.approx(math.log(root / n_pos**0.25), rel=1e-6)
+        a = n_neg / n_pos
+        assert w[j].item() == pytest.approx(a * math.log((1 + a) / a), rel=1e-6)
+    # Rarer classes: a larger negative margin, a smaller positive one.
+    assert m_neg[2] > m_neg[1] > m_neg[0] and m_pos[2] < m_pos[1] < m_pos[0]
+
+
+def test_ecm_loss_against_the_formula():
+    z, y = _zy()
+    counts = torch.tensor([100.0, 10.0, 1.0])
+    m_pos, m_neg, w = ecm_margins(counts, 6.3313)
+    want = 0.0
+    for i in range(5):
+        for j in range(K + 1):
+            e_pos = math.exp(Z[i][j] + m_pos[j].item())
+            e_neg = math.exp(-Z[i][j] + m_neg[j].item())
+            p_pos = e_pos / (e_pos + e_neg)
+            term = -math.log(p_pos) if Y[i] == j else -math.log(1 - p_pos)
+            want += w[j].item() * term
+    want /= 5
+    assert ecm_loss(z, y, m_pos, m_neg, w).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_ecm_with_balanced_classes_has_no_margin_shift():
+    # n_j = N - n_j: m+ = m- = log 2 (the margins cancel) and w = log 2: ECM is then the
+    # sigmoid BCE of 2z, weighted by log 2.
+    z = torch.randn(4, 2, dtype=torch.float64)
+    y = torch.tensor([0, 1, 1, 0])
+    m_pos, m_neg, w = ecm_margins(torch.tensor([5.0]), fg_bg_ratio=1.0)
+    torch.testing.assert_close(m_pos, m_neg)
+    target = F.one_hot(y, 2).double()
+    want = math.log(2) * F.binary_cross_entropy_with_logits(2 * z, target, reduction="sum") / 4
+    torch.testing.assert_close(ecm_loss(z, y, m_pos, m_neg, w), want)
+
+
+def test_ecm_needs_its_class_frequencies():
+    z, y = _zy()
+    m = StageOneLoss("ecm", K)
+    with pytest.raises(RuntimeError, match="STAGE_ONE_LOSS='ecm'.*never installed"):
+        m(z, y)
+    m.set_class_frequencies([100, 10, 1])
+    assert "sample_counts" in m.state_dict() and torch.isfinite(m(z, y))
+
+
+def test_objectness_activation():
+    z, _ = _zy()
+    p = objectness_sigmoid_probs(z)
+    for i in range(5):
+        bg = 1 / (1 + math.exp(-Z[i][K]))
+        for j in range(K):
+            assert p[i, j].item() == pytest.approx((1 - bg) / (1 + math.exp(-Z[i][j])), rel=1e-9)
+        assert p[i, K].item() == pytest.approx(bg, rel=1e-9)
+
+
+def test_bad_options_name_the_key():
+    with pytest.raises(ValueError, match="MODEL.ROI_BOX_HEAD.STAGE_ONE_LOSS"):
+        StageOneLoss("focal", K)
+    with pytest.raises(ValueError, match="STAGE_ONE_LOSS option p"):
+        StageOneLoss("seesaw", K, p=-1.0)
+
+
+# ---- two processes ---------------------------------------------------------------------------
+def _worker(rank, port, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    z, y = _zy()
+    half = slice(0, 3) if rank == 0 else slice(3, 5)  # different RoIs in each process
+    states = {}
+    for kind in ("eqlv2", "seesaw"):
+        m = StageOneLoss(kind, K).train()
+        for _ in range(2):
+            m(z[half], y[half])
+        states[kind] = {k: v.clone() for k, v in m.state_dict().items()}
+    states["sum"] = all_reduce_sum(torch.tensor([float(rank + 1)]))
+    torch.save(states, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two processes
+def test_state_is_all_reduced_identically_across_two_processes(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["sum"].item() == r1["sum"].item() == 3.0
+    z, y = _zy()
+    for kind in ("eqlv2", "seesaw"):
+        for key in r0[kind]:
+            assert torch.equal(r0[kind][key], r1[kind][key]), (kind, key)
+    # Seesaw: the counts of the whole batch, twice.
+    want = 2 * torch.bincount(y, minlength=K + 1).double()
+    assert torch.equal(r0["seesaw"]["cum_samples"], want)
+    # EQLv2: the first update is the one process sees on the whole batch (weights 1 then).
+    ones = torch.ones(K)
+    pos1, neg1 = eqlv2_gradient_statistics(z.float(), y, ones, ones)
+    assert (r0["eqlv2"]["pos_grad"] > pos1.double() - 1e-6).all()
+    assert (r0["eqlv2"]["neg_grad"] > neg1.double()).all()
+
+
+# ---- in the box predictor --------------------------------------------------------------------
+D = 8
+BOX2BOX = Box2BoxTransform((10.0, 10.0, 5.0, 5.0))
+
+
+def _predictor(kind, **kw):
+    torch.manual_seed(0)
+    sigmoid = dict(use_sigmoid_ce=True) if kind in ("eqlv2", "ecm") else {}
+    kw = dict(dict(calibrate=False), **kw)
+    return DisAlignFastRCNNOutputLayers(
+        ShapeSpec(channels=D),
+        box2box_transform=BOX2BOX,
+        num_classes=K,
+        stage_one_loss=kind,
+        **sigmoid,
+        **kw,
+    )
+
+
+def _proposals(labels):
+    inst = Instances((32, 32))
+    n = len(labels)
+    inst.proposal_boxes = Boxes(torch.tensor([[1.0, 2.0, 20.0, 25.0]] * n))
+    inst.gt_boxes = Boxes(torch.tensor([[2.0, 2.0, 21.0, 24.0]] * n))
+    inst.gt_classes = torch.tensor(labels)
+    return [inst]
+
+
+@pytest.mark.parametrize("kind", LOSS_PARAMS)
+def test_predictor_trains_with_the_stage_one_loss_and_predicts_its_activation(kind):
+    pred = _predictor(kind)
+    if kind == "ecm":
+        pred.set_class_frequencies([50, 5, 1])
+    assert pred.needs_class_frequencies == (kind == "ecm")
+    x = torch.randn(5, D)
+    proposals = _proposals(Y)
+    scores, deltas = pred(x)
+    reference = StageOneLoss(kind, K)
+    reference.load_state_dict(pred.stage_one_loss.state_dict())
+    with EventStorage():
+        loss = pred.losses((scores, deltas), proposals)["loss_cls"]
+    torch.testing.assert_close(loss, reference.train()(scores, torch.tensor(Y)))
+    (probs,) = pred.predict_probs((scores, None), proposals)
+    want = objectness_sigmoid_probs(scores) if kind != "seesaw" else F.softmax(scores, -1)
+    assert torch.equal(probs, want)
+    assert all(k.startswith("stage_one_loss.") for k in pred.state_dict() if "grad" in k)
+
+
+@pytest.mark.parametrize("kind", LOSS_PARAMS)
+def test_calibration_is_the_identity_at_init_on_each_stage_one(kind):
+    # Stage two at init (beta = 1, gamma = 0, any s(x)) predicts what the stage one predicts, with
+    # the activation of its loss; the stage one's state dict loads with only calibration missing.
+    stage_one = _predictor(kind)
+    stage_two = _predictor(kind, calibrate=True, cls_loss="grw", class_weights=torch.ones(K + 1))
+    incompatible = stage_two.load_state_dict(stage_one.state_dict(), strict=False)
+    assert not incompatible.unexpected_keys
+    assert incompatible.missing_keys and all(map(is_disalign_state, incompatible.missing_keys))
+    with torch.no_grad():
+        stage_two.confidence_layer.weight.normal_(std=1.0)  # s(x) far from 0.5: still identity
+    x, proposals = torch.randn(7, D) * 3, _proposals([0] * 7)
+    (p1,), (p2,) = (m.predict_probs(m(x), proposals) for m in (stage_one, stage_two))
+    assert torch.equal(p1, p2)
+    want = objectness_sigmoid_probs if kind != "seesaw" else (lambda s: F.softmax(s, -1))
+    assert torch.equal(p1, want(stage_one(x)[0]))
+
+
+@pytest.mark.skipif(has_federated_loss(), reason="detectron2 main has the sigmoid classifier")
+@pytest.mark.parametrize("kind", ["eqlv2", "ecm"])
+def test_sigmoid_losses_fail_clearly_on_v06(kind):
+    cfg = tiny_cfg(opts=["MODEL.ROI_BOX_HEAD.STAGE_ONE_LOSS", kind])
+    with pytest.raises(ValueError, match=rf"MODEL\.ROI_BOX_HEAD\.STAGE_ONE_LOSS='{kind}'.*v0\.6"):
+        DisAlignFastRCNNOutputLayers(cfg, ShapeSpec(channels=D))
+
+
+# ---- DisAlign on top of each stage one (tiny model from the synthetic_lt configs) ---------------
+@pytest.mark.slow  # trains a tiny stage one
+@pytest.mark.parametrize("kind", LOSS_PARAMS)
+def test_disalign_on_each_stage_one_loads_and_starts_from_its_predictions(
+    kind, tiny_dataset, tmp_path
+):
+    from test_sigmoid import max_score_difference
+
+    out = str(tmp_path)
+    cfg1 = tiny_cfg(f"synthetic_lt/mask_rcnn_synth_{kind}.yaml", out)
+    trainer = Trainer(cfg1)  # installs ECM's class frequencies
+    trainer.resume_or_load(resume=False)
+    trainer.train()  # 3 iterations: the loss state moves
+    s1 = trainer.model.roi_heads.box_predictor.stage_one_loss
+    state = {k: v.clone() for k, v in s1.state_dict().items()}
+    assert any(bool((v != 0).any()) for v in state.values())
+    with torch.no_grad():  # sharpen the classifier so that the tiny model detects something
+        trainer.model.roi_heads.box_predictor.cls_score.weight.normal_(std=0.5)
+    DetectionCheckpointer(trainer.model, out).save("stage1")
+    path = os.path.join(out, "stage1.pth")
+
+    cfg2 = tiny_cfg(f"synthetic_lt/disalign_synth_{kind}.yaml", out, ["MODEL.WEIGHTS", path])
+    model2 = Trainer.build_model(cfg2)
+    # Raises if anything but the calibration (DisAlign state) is missing from the checkpoint.
+    DisAlignCheckpointer(model2, strict_stage_one=True).load(path)
+    ckpt = torch.load(path, weights_only=False)["model"]
+    absent = [k for k in model2.state_dict() if k not in ckpt]
+    assert absent and all(is_disalign_state(k) for k in absent), absent
+    loaded = model2.roi_heads.box_predictor.stage_one_loss.state_dict()
+    for k, v in state.items():
+        assert torch.equal(loaded[k], v)
+
+    total, worst = max_score_difference(path, cfg1.clone(), cfg2)
+    assert total > 0, "the stage-one model must predict something for this test to mean anything"
+    assert worst <= 1e-6
+
+
+def test_stage_one_configs_build_the_loss_they_name(tiny_dataset):
+    cfg = tiny_cfg("synthetic_lt/mask_rcnn_synth_seesaw.yaml")
+    model = build_model(cfg)
+    pred = model.roi_heads.box_predictor
+    assert pred.stage_one_loss.kind == "seesaw" and not pred.sigmoid_ce
+    assert pred.stage_one_loss.options["p"] == 0.8 and pred.stage_one_loss.options["q"] == 2.0
+
+
+# ---- the long-tail benchmark's stage-one axis -------------------------------------------------
+def test_benchmark_plan_has_every_loss_and_fracal(tmp_path):
+    from lab import longtail, plan
+
+    preset = plan.Preset("t", seeds=(0,), stage_one_iters=10, stage_two_iters=4)
+    losses = ["eqlv2", "seesaw", "ecm"]
+    chains = plan.build_plan(preset, str(tmp_path), losses)
+    methods = {c[0].stage_one: [r.method for r in c] for c in chains}
+    # NorCal renormalises a softmax: not on the sigmoid stage ones; tau-norm not on the cosine
+    # classifiers (Seesaw and ECM use it); FRACAL on every stage one, at the paper's lambda.
+    common = ["stage_one", "disalign_box_only", "disalign_box_mask"]
+    assert methods == {
+        "eqlv2": common + ["tau_norm_1", "fracal_2"],
+        "seesaw": common + ["norcal_1", "fracal_2"],
+        "ecm": common + ["fracal_2"],
+    }
+    for chain in chains:
+        first = chain[0]
+        assert first.config.endswith(f"mask_rcnn_synth_{first.stage_one}.yaml")
+        assert os.path.isfile(first.config)
+        for run in chain[1:]:
+            assert os.path.isfile(run.config)
+            if run.method == "fracal_2":
+                opts = run.opts
+                assert opts[opts.index("MODEL.DISALIGN.POSTHOC") + 1] == "fracal"
+                assert opts[opts.index("MODEL.DISALIGN.FRACAL_LAMBDA") + 1] == "2.0"
+    rows = plan.method_rows(losses, preset.posthoc_powers)
+    assert [m for g, m, _ in rows if g == "ecm"] == methods["ecm"]
+    want = [s for s in plan.STAGE_ONES if has_federated_loss() or s not in ("eqlv2", "ecm")]
+    assert longtail._available_stage_ones() == want
+    assert set(plan.STAGE_ONES) == {"softmax", "rfs", "cosine", "eqlv2", "seesaw", "ecm"}
+
+
+def test_lazyconfig_arguments():
+    from detectron2.config import LazyCall as L
+    from detectron2.config import instantiate
+
+    node = L(DisAlignFastRCNNOutputLayers)(
+        input_shape=ShapeSpec(channels=D),
+        box2box_transform=L(Box2BoxTransform)(weights=(10.0, 10.0, 5.0, 5.0)),
+        num_classes=K,
+        calibrate=False,
+        cls_loss="ce",
+        stage_one_loss="seesaw",
+        stage_one_options=dict(p=0.5, q=1.0),
+    )
+    pred = instantiate(node)
+    assert pred.stage_one_loss.kind == "seesaw"
+    assert pred.stage_one_loss.options["p"] == 0.5 and pred.stage_one_loss.options["q"] == 1.0
+    if has_federated_loss():  # the sigmoid losses need the sigmoid classifier switched on
+        node.stage_one_loss = "eqlv2"
+        with pytest.raises(ValueError, match="STAGE_ONE_LOSS='eqlv2' needs .*USE_SIGMOID_CE=True"):
+            instantiate(node)
+        node.use_sigmoid_ce = True
+        assert instantiate(node).stage_one_loss.uses_sigmoid
+
+
+def test_empty_batches_give_a_connected_zero():
+    z = torch.zeros(0, K + 1, requires_grad=True)
+    y = torch.zeros(0, dtype=torch.long)
+    ones = torch.ones(K)
+    m_pos, m_neg, w = ecm_margins(torch.tensor([5.0, 2.0, 1.0]), 6.3313)
+    for loss in (
+        eqlv2_loss(z, y, ones, ones),
+        seesaw_loss(z, y, ones, 0.8, 2.0),
+        ecm_loss(z, y, m_pos, m_neg, w),
+    ):
+        assert loss.item() == 0.0 and loss.requires_grad
+        loss.backward()
+
+
+@pytest.mark.slow  # trains and evaluates a tiny model per run
+def test_longtail_smoke_on_the_loss_stage_ones(tiny_dataset, tmp_path):
+    from common import tiny_opts
+
+    from lab import longtail, plan
+    from lab.run import InProcessRunner
+
+    opts = tuple(tiny_opts(("tiny_val",), dets_per_image=20, lvis_format=tiny_dataset))
+    preset = plan.Preset("smoke", seeds=(0,), stage_one_iters=3, stage_two_iters=2,
+                         extra_opts=opts)  # fmt: skip
+    stage_ones = ("seesaw", "eqlv2") if has_federated_loss() else ("seesaw",)
+    res = longtail.run_benchmark(
+        preset,
+        str(tmp_path),
+        stage_ones=stage_ones,
+        jobs=1,
+        runner=InProcessRunner(threads=1),
+        log=lambda m: None,
+        fixed_ap_k=4,
+    )
+    runs = {r.key: r for r in res["runs"]}
+    for g in stage_ones:
+        for method in ("stage_one", "disalign_box_mask", "fracal_2"):
+            run = runs[f"seed0/{g}/{method}"]
+            assert run.status == "done", (run.key, run.error)
+            assert set(run.metrics) >= {"bbox", "segm"}
+    rows = {(r["stage_one"], r["method"]) for r in res["rows"]}
+    assert ("seesaw", "fracal_2") in rows and ("seesaw", "norcal_1") in rows
