@@ -25,6 +25,7 @@ setup(
         "opencv-python-headless",
         "matplotlib",
         "tabulate",
+        "scikit-learn",  # its real 8x8 digits: the CPU classification benchmark and demo
     ],
     extras_require={"dev": ["pytest", "pytest-timeout", "flake8", "black", "isort"]},
 )

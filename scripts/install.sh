@@ -85,11 +85,12 @@ if ! "$PY" -c 'import torch, torchvision' 2>/dev/null; then
 fi
 
 # Runtime dependencies of detectron2 (v0.6 and main's install_requires, by name; official builds
-# already have them), plus lvis for the evaluation.
+# already have them), plus lvis for the evaluation and scikit-learn (its digits: the CPU
+# classification benchmark and demo).
 "${PIP[@]}" install -q "numpy<2.3" "Pillow" "fvcore>=0.1.5.post20221221,<0.1.6" \
   "iopath>=0.1.7,<0.1.10" "pycocotools>=2.0.2" "lvis==0.5.3" "opencv-python-headless" "matplotlib" \
   "tabulate" "termcolor" "yacs" "cloudpickle" "tqdm" "omegaconf>=2.1,<2.4" "hydra-core>=1.1" "black" \
-  "packaging" "pydot" "tensorboard"
+  "packaging" "pydot" "tensorboard" "scikit-learn"
 
 # Build detectron2 main from the source archive, or take its wheel from the cache. Prints the wheel.
 d2_main_wheel() {

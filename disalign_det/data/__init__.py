@@ -16,12 +16,15 @@ Modules, leaves first (each imports only those above it):
 Importing this package registers the built-in datasets ``lvis_v1_train`` / ``lvis_v1_val``,
 ``lvis_v0.5_train`` / ``lvis_v0.5_val`` (detectron2's, plus frequency metadata read lazily from the
 json) and ``lvis_synth_train`` / ``lvis_synth_val`` (generated on first load) under
-``$DETECTRON2_DATASETS`` (default ``datasets``). No json is read and nothing is generated at import.
+``$DETECTRON2_DATASETS`` (default ``datasets``), and the classification datasets of
+:mod:`.classification` (ImageNet-LT, Places-LT, iNaturalist 2018, the CPU sets ``digits_lt_*`` /
+``synth_cls_lt_*``). No json is read and nothing is generated at import.
 """
 
 from .. import compat  # noqa: F401  (shims before detectron2 / lvis are imported)
 from .builtin import LVIS_V1_DATASETS, LVIS_V05_DATASETS, register_builtin_datasets
 from .class_counts import class_counts_from_cfg, get_class_counts, get_class_frequency_buckets
+from .classification import register_builtin_classification
 from .frequency import frequency_bucket
 from .lvis_format import (
     check_num_classes,
@@ -69,3 +72,4 @@ __all__ = [
 ]
 
 register_builtin_datasets()
+register_builtin_classification()  # ImageNet-LT, Places-LT, iNaturalist, CPU sets

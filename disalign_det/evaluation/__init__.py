@@ -5,6 +5,7 @@ import logging
 
 from detectron2.data import MetadataCatalog
 
+from .classification_evaluation import ClassificationEvaluator
 from .fixed_ap import apply_fixed_ap_config
 from .lvis_evaluation import (
     DEFAULT_MAX_DETS_PER_IMAGE,
@@ -16,6 +17,7 @@ from .lvis_evaluation import (
 from .per_class import PER_CLASS_BASENAME
 
 __all__ = [
+    "ClassificationEvaluator",
     "DEFAULT_MAX_DETS_PER_IMAGE",
     "LVIS_METRICS",
     "LeanLVISEval",

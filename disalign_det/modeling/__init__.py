@@ -6,6 +6,7 @@ from . import losses  # noqa: F401
 from .box_predictor import DisAlignFastRCNNOutputLayers
 from .calibration import CosineLinear, calibrate_logits
 from .class_weights import install_class_weights, set_class_frequencies
+from .classification import DisAlignClassifierHead, ImageClassifier
 from .freeze import CALIBRATION_PARAMETER_NAMES, apply_freeze, is_calibration_parameter
 from .losses import (
     grw_class_weights,
@@ -22,10 +23,12 @@ __all__ = [
     "CALIBRATION_PARAMETER_NAMES",
     "CosineLinear",
     "DisAlignCascadeROIHeads",
+    "DisAlignClassifierHead",
     "DisAlignFastRCNNOutputLayers",
     "DisAlignMaskRCNNConvUpsampleHead",
     "DisAlignROIHeads",
     "DisAlignRPN",
+    "ImageClassifier",
     "apply_freeze",
     "calibrate_logits",
     "grw_class_weights",
