@@ -25,6 +25,7 @@ from .. import compat  # noqa: F401  (shims before detectron2 / lvis are importe
 from .builtin import LVIS_V1_DATASETS, LVIS_V05_DATASETS, register_builtin_datasets
 from .class_counts import class_counts_from_cfg, get_class_counts, get_class_frequency_buckets
 from .classification import register_builtin_classification
+from .classification_cpu import register_cpu_classification
 from .frequency import frequency_bucket
 from .lvis_format import (
     check_num_classes,
@@ -72,4 +73,5 @@ __all__ = [
 ]
 
 register_builtin_datasets()
-register_builtin_classification()  # ImageNet-LT, Places-LT, iNaturalist, CPU sets
+register_builtin_classification()  # ImageNet-LT, Places-LT, iNaturalist
+register_cpu_classification()  # digits_lt_*, synth_cls_lt_*

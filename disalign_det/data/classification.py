@@ -235,7 +235,7 @@ def _read(kind, path, image_root):
 
 
 def register_builtin_classification(root: Optional[str] = None) -> None:
-    """Register the public datasets (reads no file) and the CPU sets (built on first load)."""
+    """Register the public datasets (reads no file); the CPU sets: :mod:`.classification_cpu`."""
     root = _root(root)
     for name, (kind, rel, rel_root, num_classes, train) in CLASSIFICATION_DATASETS.items():
         path, image_root = os.path.join(root, rel), os.path.join(root, rel_root)
@@ -250,9 +250,6 @@ def register_builtin_classification(root: Optional[str] = None) -> None:
             list_file=path,
             image_root=image_root,
         )
-    from .classification_cpu import register_cpu_classification
-
-    register_cpu_classification()
 
 
 # --------------------------------------------------------------------------------------------------

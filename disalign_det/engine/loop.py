@@ -17,6 +17,10 @@ Both build their parts from their own config format and then run the same pieces
 
 Nothing here knows about LVIS: class weights and evaluators are chosen by each entry point from
 the model's own hooks and the dataset's ``evaluator_type``.
+
+Longer than 450 lines: it is the one loop both entry points share, and its pieces (inner trainer,
+autocast, freezing, resumable state and hooks) together make the exact-resume guarantee; split,
+that guarantee would be spread over several files.
 """
 
 import itertools
