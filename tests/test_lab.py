@@ -16,13 +16,7 @@ CHECKOUT_PACKAGES = ("tools", "lab")  # importable from a checkout only
 
 # Private names the tools still use; the fix (a public name) belongs in the library module named.
 # Exact: an entry no longer used must be deleted here, and any new private use fails.
-PENDING_PRIVATE_USES = {
-    ("tools/demo.py", "disalign_det.engine.progress._default_interval"),
-    (
-        "tools/benchmark_lvis_eval.py",
-        "disalign_det.evaluation.lvis_evaluation.StreamingLVISEvaluator._evaluate_task",
-    ),
-}
+PENDING_PRIVATE_USES = set()
 
 
 def _py_files(folder):

@@ -303,13 +303,13 @@ def _instrument(path, recorder):
     else:
         from disalign_det.evaluation.lvis_evaluation import StreamingLVISEvaluator as cls
 
-        original = cls._evaluate_task
+        original = cls.evaluate_task
 
         def wrapped(self, task, paths):
             recorder.start(task)  # includes loading this task's fields from the shards
             return original(self, task, paths)
 
-        cls._evaluate_task = wrapped
+        cls.evaluate_task = wrapped
 
 
 def _record_child_peaks():

@@ -27,7 +27,7 @@ os.environ.setdefault("DISALIGN_QUIET_WARNINGS", "1")
 sys.path.append(ROOT)
 
 from disalign_det.engine.progress import (  # noqa: E402
-    _default_interval,
+    default_interval,
     parse_line,
     progress_style,
     render_bar,
@@ -80,7 +80,7 @@ def stream_child(cmd, log_path, name, out=None, interval=None):
     Returns the exit status."""
     out = out if out is not None else sys.stdout
     style = progress_style(out)
-    interval = _default_interval() if interval is None else float(interval)
+    interval = default_interval() if interval is None else float(interval)
     env = dict(os.environ)
     # The child is not on a terminal: it writes plain lines, often enough for a live bar here.
     env.update(DISALIGN_PROGRESS="lines", DISALIGN_PROGRESS_INTERVAL="0.5")

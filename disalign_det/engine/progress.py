@@ -30,6 +30,7 @@ __all__ = [
     "LINE_PREFIX",
     "ProgressPrinter",
     "TrainProgressHook",
+    "default_interval",
     "format_duration",
     "parse_line",
     "progress_style",
@@ -65,7 +66,8 @@ def progress_style(stream):
     return style
 
 
-def _default_interval():
+def default_interval():
+    """Seconds between progress lines: ``$DISALIGN_PROGRESS_INTERVAL`` (default 15)."""
     value = os.environ.get("DISALIGN_PROGRESS_INTERVAL", "15")
     try:
         return float(value)
@@ -108,7 +110,7 @@ class ProgressPrinter:
         self.desc = desc
         self._stream = stream
         self.style = style or progress_style(self.stream)
-        self.interval = _default_interval() if interval is None else float(interval)
+        self.interval = default_interval() if interval is None else float(interval)
         self.width = int(width)
         self._clock = clock or time.monotonic
         self._start = self._clock()

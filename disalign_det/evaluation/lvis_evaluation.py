@@ -471,7 +471,7 @@ class StreamingLVISEvaluator(LVISEvaluator):
                     self._logger.warning("Task 'segm' requested but the model predicted no masks.")
                     continue
                 if not fixed:
-                    self._results[name] = self._evaluate_task(task, paths)
+                    self._results[name] = self.evaluate_task(task, paths)
                 else:
                     if positions is None:
                         # One selection for both tasks: it depends on the scores only.
@@ -536,8 +536,9 @@ class StreamingLVISEvaluator(LVISEvaluator):
         out = self._backend.evaluate_shards(self._lvis_api, paths, task, max_dets, positions)
         return None if out is None else _report(*out, task, per_class)
 
-    def _evaluate_task(self, task, paths):
-        """Load only the fields ``task`` needs from the shards and evaluate them."""
+    def evaluate_task(self, task, paths):
+        """Load only the fields ``task`` ("bbox" / "segm") needs from the shard files ``paths`` and
+        evaluate them: the metrics dict of that task (public: benchmarks time each task)."""
         per_class = self._per_class.setdefault(task, {})
         max_dets = self._max_dets_per_image
         max_dets = DEFAULT_MAX_DETS_PER_IMAGE if max_dets is None else max_dets
