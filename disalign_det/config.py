@@ -9,6 +9,7 @@ selects ``DisAlignROIHeads`` / ``DisAlignMaskRCNNConvUpsampleHead`` or sets
 from detectron2.config import CfgNode as CN
 
 from .config_sem_seg import add_sem_seg_disalign_config
+from .modeling.classification import add_classification_config
 from .modeling.stage_one_losses import add_stage_one_loss_config
 
 __all__ = ["add_disalign_config", "get_inference_cfg"]
@@ -89,6 +90,7 @@ def add_disalign_config(cfg):
         _C.SOLVER.AMP.PRECISION = "auto"
     add_stage_one_loss_config(_C)  # STAGE_ONE_LOSS, EQLV2, SEESAW, ECM, FRACAL_* keys
     add_sem_seg_disalign_config(_C)  # semantic segmentation (docs/semantic_segmentation.md)
+    add_classification_config(_C)  # MODEL.CLASSIFIER, YAML ImageClassifier (docs/classification.md)
     return cfg
 
 

@@ -275,3 +275,36 @@ def test_evaluator_process_evaluate_and_per_class_files(tmp_path):
     assert rows[3] == "2,100,medium,"  # absent from the test set
     ev.reset()
     assert ev.evaluate() == {}
+
+
+def test_yaml_path_builds_the_same_classifier_as_the_arguments():
+    """``META_ARCHITECTURE: "ImageClassifier"`` in a YAML config (MODEL.RESNETS + MODEL.CLASSIFIER)
+    builds the model the keyword arguments build: same tensors, same logits, same loss."""
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from disalign_det import add_disalign_config
+
+    cfg = get_cfg()
+    add_disalign_config(cfg)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.META_ARCHITECTURE = "ImageClassifier"
+    cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = 8
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 8
+    cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
+    cfg.MODEL.RESNETS.NORM = "BN"
+    cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = [120.0] * 3, [60.0] * 3
+    cfg.MODEL.CLASSIFIER.NUM_CLASSES = C
+    cfg.MODEL.CLASSIFIER.CALIBRATION = True
+    torch.manual_seed(0)
+    from_yaml = build_model(cfg)
+    torch.manual_seed(0)
+    from_args = tiny_model(calibration=True)
+    a, b = from_yaml.state_dict(), from_args.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    from_yaml.eval(), from_args.eval()
+    with torch.no_grad():
+        assert torch.equal(from_yaml(batch())[0]["logits"], from_args(batch())[0]["logits"])
+    from_yaml.train(), from_args.train()
+    assert torch.equal(from_yaml(batch())["loss_cls"], from_args(batch())["loss_cls"])

@@ -252,7 +252,8 @@ class ImageClassifier(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         # The YAML path: MODEL.RESNETS of detectron2 (DEPTH, NUM_GROUPS, WIDTH_PER_GROUP,
-        # STRIDE_IN_1X1, NORM) and MODEL.CLASSIFIER (add_classification_config).
+        # STEM_OUT_CHANNELS, RES2_OUT_CHANNELS, STRIDE_IN_1X1, NORM) and MODEL.CLASSIFIER
+        # (add_classification_config, called by add_disalign_config).
         r = cfg.MODEL.RESNETS
         c = cfg.MODEL.CLASSIFIER
         return {
@@ -260,6 +261,8 @@ class ImageClassifier(nn.Module):
                 r.DEPTH,
                 num_groups=r.NUM_GROUPS,
                 width_per_group=r.WIDTH_PER_GROUP,
+                stem_out_channels=r.STEM_OUT_CHANNELS,
+                res2_out_channels=r.RES2_OUT_CHANNELS,
                 stride_in_1x1=r.STRIDE_IN_1X1,
                 norm=r.NORM,
             ),
@@ -319,9 +322,15 @@ def add_classification_config(cfg):
     from detectron2.config import CfgNode as CN
 
     cfg.MODEL.CLASSIFIER = CN()
+    # C, the number of image classes of the linear classifier `head.cls_score`.
     cfg.MODEL.CLASSIFIER.NUM_CLASSES = 1000
+    # Adaptive calibration of the (N, C) logits, z'_j = s(x)(beta_j z_j + gamma_j) + (1 - s(x)) z_j
+    # with s(x) from the pooled feature (DisAlign stage two).
     cfg.MODEL.CLASSIFIER.CALIBRATION = False
+    # Loss: "ce" (plain cross-entropy, stage one) or "grw" (weights w_j = (1 / r_j) ** rho on the
+    # classes' training-image ratios r_j, from DATASETS.TRAIN's metadata).
     cfg.MODEL.CLASSIFIER.LOSS = "ce"
+    # rho of GRW (official ImageNet-LT value 1.2; 0 gives plain cross-entropy).
     cfg.MODEL.CLASSIFIER.RHO = 0.0
 
 
