@@ -43,6 +43,8 @@ from disalign_det.data.validate import (
 from disalign_det.engine import DisAlignCheckpointer, DisAlignPredictor, Trainer
 from disalign_det.engine.run_folder import remove_stale_temporaries
 from disalign_det.engine.strict_load import LAZY_KEYS, InferenceCheckpointer, load_for_inference
+from disalign_det.modeling.freeze import DISALIGN_BUFFER_NAMES
+from lab.plan import POSTHOC_DELTA
 
 STAGE_ONE = "synthetic/mask_rcnn_synth.yaml"
 STAGE_TWO = "synthetic/disalign_synth.yaml"
@@ -721,3 +723,23 @@ def test_lazy_eval_only_wrong_checkpoint_names_lazy_keys(tiny_dataset, tmp_path,
     )  # fmt: skip
     assert "  weight: checkpoint (4, 2), model (3, 2)" in msg
     assert "model.roi_heads.num_classes" in msg and "MODEL." not in msg
+
+
+@pytest.mark.parametrize("posthoc", ["norcal", "fracal"])
+def test_posthoc_statistics_may_be_missing_from_a_stage_one_checkpoint(stage_one, posthoc):
+    # NorCal's / FRACAL's statistics buffers are computed from DATASETS.TRAIN at the first
+    # inference when the checkpoint (a stage one) has none: not a mismatch. Any other missing
+    # tensor still is.
+    opts = [*POSTHOC_DELTA, "MODEL.DISALIGN.POSTHOC", posthoc]  # the benchmark's posthoc runs
+    model = build_model(tiny_cfg(opts=opts))
+    buffers = [k for k in model.state_dict() if k.split(".")[-1] in DISALIGN_BUFFER_NAMES]
+    assert buffers, f"{posthoc} keeps its statistics as buffers"
+    InferenceCheckpointer(model).load(stage_one, checkpointables=[])
+    saved = torch.load(stage_one, weights_only=False)["model"]
+    w = "roi_heads.box_predictor.cls_score.weight"
+    assert torch.equal(model.state_dict()[w], torch.as_tensor(saved[w]))
+    del saved[w]
+    partial = os.path.join(os.path.dirname(stage_one), f"partial_{posthoc}.pth")
+    torch.save({"model": saved}, partial)
+    with pytest.raises(ValueError, match=re.escape(f"missing: ['{w}']")):
+        InferenceCheckpointer(build_model(tiny_cfg(opts=opts))).load(partial, checkpointables=[])

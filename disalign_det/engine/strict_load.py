@@ -15,7 +15,7 @@ from typing import Optional
 
 from detectron2.engine import DefaultPredictor
 
-from ..modeling.freeze import is_disalign_state
+from ..modeling.freeze import DISALIGN_BUFFER_NAMES, is_disalign_state
 from .checkpoint import DisAlignCheckpointer
 
 __all__ = [
@@ -67,7 +67,8 @@ class InferenceCheckpointer(DisAlignCheckpointer):
             return None
         incompatible = super()._load_model(checkpoint)
         shapes = list(getattr(incompatible, "incorrect_shapes", ()) or ())
-        self._raise_if(shapes, list(incompatible.missing_keys), incompatible.unexpected_keys)
+        missing = _not_derivable(list(incompatible.missing_keys))
+        self._raise_if(shapes, missing, incompatible.unexpected_keys)
         return incompatible
 
     def check_exact(self, state):
@@ -81,7 +82,8 @@ class InferenceCheckpointer(DisAlignCheckpointer):
         prefix = "module."
         keys = [k[len(prefix) :] if k.startswith(prefix) else k for k in state]
         model_keys = self.model.state_dict().keys()
-        missing = [k for k in model_keys if k not in set(keys) and k not in _MAY_BE_MISSING]
+        missing = _not_derivable([k for k in model_keys if k not in set(keys)])
+        missing = [k for k in missing if k not in _MAY_BE_MISSING]
         unexpected = [k for k in keys if k not in model_keys and _LEGACY not in k]
         self._raise_if([], missing, unexpected)
 
@@ -112,6 +114,18 @@ class InferenceCheckpointer(DisAlignCheckpointer):
 
 # detectron2's DetectionCheckpointer tolerates these (older checkpoints).
 _MAY_BE_MISSING = ("pixel_mean", "pixel_std")
+
+
+def _not_derivable(missing):
+    """``missing`` without the statistics buffers of the training-free test-time methods (NorCal's
+    ``class_counts``, FRACAL's ``fracal_freq`` / ``fracal_dims``): a stage-one checkpoint has none,
+    and the predictor computes them from ``DATASETS.TRAIN`` at its first inference (logged)."""
+    derivable = [k for k in missing if k.split(".")[-1] in DISALIGN_BUFFER_NAMES]
+    if derivable:
+        logger.info("Not in the checkpoint, computed from the training data: %s", derivable)
+    return [k for k in missing if k not in derivable]
+
+
 _LEGACY = "anchor_generator.cell_anchors"
 
 
