@@ -254,11 +254,11 @@ def test_longtail_smoke_outputs(longtail_smoke):
     assert [r.status for r in res["runs"]] == ["done"] * len(res["runs"])
     expected = [
         "softmax (stage one)", "softmax + DisAlign box-only", "softmax + DisAlign box+mask",
-        "softmax + NorCal γ=0", "softmax + τ-norm τ=0",
+        "softmax + NorCal γ=0", "softmax + τ-norm τ=0", "softmax + FRACAL λ=2",
         "RFS (stage one)", "RFS + DisAlign box-only", "RFS + DisAlign box+mask",
-        "RFS + NorCal γ=0", "RFS + τ-norm τ=0",
+        "RFS + NorCal γ=0", "RFS + τ-norm τ=0", "RFS + FRACAL λ=2",
         "cosine (stage one)", "cosine + DisAlign box-only", "cosine + DisAlign box+mask",
-        "cosine + NorCal γ=0",
+        "cosine + NorCal γ=0", "cosine + FRACAL λ=2",
     ]  # fmt: skip
     assert [r["label"] for r in res["rows"]] == expected
     assert len(res["runs"]) == len(expected)  # one seed: one run per row, stage one shared
