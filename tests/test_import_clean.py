@@ -217,7 +217,10 @@ def test_detectron2_lvis_entries_are_detectron2s_plus_lazy_class_statistics():
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.datasets.lvis import get_lvis_instances_meta
 
-    root = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
+    # The datasets root as detectron2 read $DETECTRON2_DATASETS when it registered its built-ins
+    # (the first import in this process; a tool loaded by an earlier test may set the variable
+    # later): the same root for every LVIS entry, detectron2's layout below it.
+    root = os.path.dirname(os.path.dirname(MetadataCatalog.get(LVIS_NAMES[0]).json_file))
     for name in LVIS_NAMES:
         # detectron2's register_lvis_instances: its loader, and these fields, nothing else eager.
         assert DatasetCatalog[name].__module__ == "detectron2.data.datasets.lvis", name

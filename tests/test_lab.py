@@ -178,9 +178,9 @@ def test_lab_tools_run_as_scripts_from_anywhere(tool, args, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     if tool == "benchmark_longtail.py":
-        # quick preset: one seed, the softmax stage one, 2 DisAlign stage twos, 2 post-hoc runs;
-        # every run on the checkout's LVIS-structured synthetic configs.
+        # quick preset: one seed, the softmax stage one, 2 DisAlign stage twos, 3 post-hoc runs
+        # (NorCal, tau-norm, FRACAL); every run on the checkout's LVIS-structured synthetic configs.
         runs = [ln for ln in proc.stdout.splitlines() if ln.startswith("python tools/train_net.py")]
-        assert len(runs) == 5
+        assert len(runs) == 6
         synth = os.path.join(REPO, "configs", "LVIS", "synthetic_lt") + os.sep
         assert all(f"--config-file {synth}" in r for r in runs)
