@@ -8,6 +8,7 @@ import math
 import os
 import tempfile
 import uuid
+import warnings
 
 import numpy as np
 import pytest
@@ -363,6 +364,8 @@ def _gloo_worker(rank, world_size, init_file, name, json_file, inputs_outputs, f
         # Rank 1 is done long before rank 0; tearing gloo down while the peer is still busy
         # occasionally aborts in gloo's C++ ("terminate called without an active exception").
         dist.barrier()
+        with open(f"{out}.rank{rank}.done", "w"):  # both ranks' work is complete past here
+            pass
     finally:
         dist.destroy_process_group()
 
@@ -375,11 +378,21 @@ def test_two_gloo_ranks_equal_single_process(dataset, tmp_path, force_fallback):
     name, json_file, inputs_outputs = dataset
     single = _run(StreamingLVISEvaluator(name, distributed=False), inputs_outputs)
     out = str(tmp_path / "results.pth")
-    mp.spawn(
-        _gloo_worker,
-        args=(2, str(tmp_path / "init"), name, json_file, inputs_outputs, force_fallback, out),
-        nprocs=2,
-    )
+    try:
+        mp.spawn(
+            _gloo_worker,
+            args=(2, str(tmp_path / "init"), name, json_file, inputs_outputs, force_fallback, out),
+            nprocs=2,
+        )
+    except mp.ProcessExitedException as e:
+        # Still seen about once in a dozen CI runs despite the barrier: gloo's C++ aborts while
+        # the process group is torn down. Tolerated only when it comes after both ranks passed
+        # the final barrier (their markers exist): the evaluation itself has finished on both,
+        # and its result is checked below exactly as without the abort.
+        done = all(os.path.exists(f"{out}.rank{r}.done") for r in range(2))
+        if not (done and e.signal_name == "SIGABRT"):
+            raise
+        warnings.warn(f"gloo aborted during teardown, after both ranks finished: {e}")
     _assert_same(torch.load(out, weights_only=False), single)
 
 
