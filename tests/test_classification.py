@@ -273,6 +273,7 @@ def test_evaluator_process_evaluate_and_per_class_files(tmp_path):
     rows = (tmp_path / "per_class_accuracy.csv").read_text().splitlines()
     assert rows[0] == "class,train_images,split,top1" and rows[1] == "0,150,many,100.00"
     assert rows[3] == "2,100,medium,"  # absent from the test set
+    assert (tmp_path / "per_class_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ev.reset()
     assert ev.evaluate() == {}
 

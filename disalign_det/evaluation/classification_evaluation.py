@@ -21,6 +21,8 @@ from detectron2.data import MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
+from .per_class import new_figure
+
 __all__ = ["ClassificationEvaluator", "classification_metrics", "shot_split"]
 
 logger = logging.getLogger(__name__)
@@ -149,15 +151,10 @@ class ClassificationEvaluator(DatasetEvaluator):
             w.writerow(["class", "train_images", "split", "top1"])
             for c, (n, s, a) in enumerate(zip(self.train_counts, split, per_class)):
                 w.writerow([c, n, s, "" if np.isnan(a) else f"{a:.2f}"])
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:  # the table is the result; the plot is a convenience
-            logger.info("matplotlib not installed: no %s", PER_CLASS_PLOT)
+        fig = new_figure((6, 4))
+        if fig is None:
             return
-        fig, ax = plt.subplots(figsize=(6, 4))
+        ax = fig.subplots()
         colours = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
         n = np.asarray(self.train_counts)
         for s, col in colours.items():
@@ -170,4 +167,3 @@ class ClassificationEvaluator(DatasetEvaluator):
         ax.legend()
         fig.tight_layout()
         fig.savefig(os.path.join(self.output_dir, PER_CLASS_PLOT), dpi=100)
-        plt.close(fig)

@@ -21,6 +21,7 @@ import numpy as np
 __all__ = [
     "per_class_ap_from_precision",
     "lvis_per_class_ap",
+    "new_figure",
     "PerClassAP",
     "PER_CLASS_BASENAME",
     "per_class_rows",
@@ -236,6 +237,18 @@ def per_class_table_for(lvis_gt, per_class, train_counts=None, to_dataset_catego
         instance_count,
         columns,
     )
+
+
+def new_figure(figsize):
+    """A matplotlib ``Figure`` of ``figsize`` inches for a per-class plot, or None (logged) when
+    matplotlib is not installed: the table is the result, the plot a convenience. Built without
+    pyplot, so the evaluators neither pick a backend for the user's process nor keep figures."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        logger.info("matplotlib is not installed: per-class plot not drawn")
+        return None
+    return Figure(figsize=figsize)
 
 
 def write_per_class_table(output_dir: str, rows: list, basename: str = PER_CLASS_BASENAME) -> list:

@@ -15,7 +15,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.evaluation import SemSegEvaluator
 from detectron2.utils import comm
 
-from .per_class import write_per_class_table
+from .per_class import new_figure, write_per_class_table
 
 __all__ = [
     "ADE20K_GROUPS",
@@ -145,15 +145,10 @@ class LongTailSemSegEvaluator(SemSegEvaluator):
 
 def _plot(rows, path):
     """IoU of each class against its training pixels (log x), coloured by group."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # the table is the result; the plot is a convenience
-        logger.info("matplotlib missing: %s not drawn", path)
+    fig = new_figure((7, 4))
+    if fig is None:
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
+    ax = fig.subplots()
     use_counts = all(r["train_pixels"] for r in rows)
     for name, colour in zip(GROUP_NAMES, ("#1f77b4", "#ff7f0e", "#d62728")):
         pts = [r for r in rows if r["group"] == name and r["IoU"] is not None]
@@ -166,7 +161,6 @@ def _plot(rows, path):
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _is_ade20k_150(dataset_name, num_classes):
