@@ -13,6 +13,7 @@ from typing import Callable, Optional, Sequence
 from .outputs import write_outputs
 from .plan import (
     CLASSIC_STAGE_ONES,
+    METHODS,
     PRESETS,
     REPO_ROOT,
     SIGMOID_STAGE_ONES,
@@ -188,6 +189,13 @@ def parse_args(argv=None):
         "eqlv2/ecm need detectron2 main) (default: the preset's, softmax)",
     )
     parser.add_argument(
+        "--methods",
+        type=str,
+        default=None,
+        help=f"comma-separated subset of {','.join(METHODS)} run on each stage one (which is "
+        "always run); default: all",
+    )
+    parser.add_argument(
         "--jobs", type=int, default=2, help="runs side by side (each with cores / jobs threads)"
     )
     parser.add_argument(
@@ -254,6 +262,12 @@ def preset_from_args(args) -> Preset:
         preset = replace(
             preset, posthoc_powers=tuple(float(p) for p in args.posthoc_powers.split(","))
         )
+    if args.methods:
+        methods = tuple(m for m in args.methods.split(",") if m)
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise SystemExit(f"unknown --methods {unknown}; choose from {list(METHODS)}")
+        preset = replace(preset, methods=methods)
     if args.opts:
         preset = replace(preset, extra_opts=tuple(args.opts))
     return preset

@@ -6,7 +6,7 @@ import json
 import os
 from typing import List
 
-from .plan import TASK_LABEL, Preset
+from .plan import METHODS, TASK_LABEL, Preset
 from .plot import plot_per_class
 from .results import DatasetInfo, gain_table, mean_table, stats_table, timing_table
 
@@ -28,6 +28,11 @@ def _notes(preset: Preset, stage_ones) -> List[str]:
         f"{', '.join(f'{p:g}' for p in preset.posthoc_powers)}; each is reported in its own row; "
         "none is selected on the val set.",
     ]
+    if tuple(preset.methods) != METHODS:
+        notes.append(
+            f"Methods run on each stage one (--methods): {', '.join(preset.methods)}; the others "
+            f"({', '.join(m for m in METHODS if m not in preset.methods)}) were not run."
+        )
     if "cosine" in stage_ones:
         notes.append(
             "τ-norm is skipped on the cosine stage one: its classifier rows are already normalised "

@@ -11,6 +11,7 @@ from typing import List, Optional, Sequence, Tuple
 
 __all__ = [
     "CLASSIC_STAGE_ONES",
+    "METHODS",
     "PRESETS",
     "REPO_ROOT",
     "SIGMOID_STAGE_ONES",
@@ -93,14 +94,21 @@ POSTHOC_LABEL = {
     "tau_norm": "τ-norm τ={p:g}",
     "fracal": "FRACAL λ={p:g}",
 }
+# The methods compared on every stage one (beside the stage one itself, always run: the others need
+# its checkpoint); Preset.methods / --methods pick a subset (e.g. issue 26's grid: DisAlign
+# box+mask, NorCal and FRACAL), each still only where it applies (_posthoc_runs).
+METHODS = ("disalign_box_only", "disalign_box_mask", "norcal", "tau_norm", "fracal")
+
 # FRACAL runs once, at the paper's lambda (its own key), not at every --posthoc-powers value.
 FRACAL_LAMBDA = 2.0
 
 
-def _posthoc_runs(s1, powers):
-    """(kind, power, config options) of the post-hoc rows of stage one ``s1``."""
+def _posthoc_runs(s1, powers, methods=METHODS):
+    """(kind, power, config options) of the post-hoc rows of stage one ``s1`` among ``methods``."""
     out = []
     for kind in ("norcal", "tau_norm", "fracal"):
+        if kind not in methods:
+            continue
         if (kind == "tau_norm" and not s1.tau_norm) or (kind == "norcal" and not s1.softmax):
             continue
         if kind == "fracal":
@@ -123,6 +131,8 @@ class Preset:
     stage_ones: Tuple[str, ...] = ("softmax",)
     # Appended to every run's command line (e.g. a different dataset in the smoke test).
     extra_opts: Tuple[str, ...] = ()
+    # Methods (METHODS) run on each stage one; --methods overrides.
+    methods: Tuple[str, ...] = METHODS
     note: str = ""
 
     def stage_one_opts(self) -> List[str]:
@@ -198,17 +208,26 @@ class Run:
         return args
 
 
-def method_rows(stage_ones: Sequence[str], powers: Sequence[float]) -> List[Tuple[str, str, str]]:
+def method_rows(
+    stage_ones: Sequence[str], powers: Sequence[float], methods: Sequence[str] = METHODS
+) -> List[Tuple[str, str, str]]:
     """(stage one, method, row label) of every table row, in table order."""
     rows = []
     for g in stage_ones:
         s1 = STAGE_ONES[g]
         rows.append((g, "stage_one", f"{s1.label} (stage one)"))
-        rows.append((g, "disalign_box_only", f"{s1.label} + DisAlign box-only"))
-        rows.append((g, "disalign_box_mask", f"{s1.label} + DisAlign box+mask"))
-        for kind, p, _ in _posthoc_runs(s1, powers):
+        for method, what in _STAGE_TWOS:
+            if method in methods:
+                rows.append((g, method, f"{s1.label} + {what}"))
+        for kind, p, _ in _posthoc_runs(s1, powers, methods):
             rows.append((g, _posthoc_method(kind, p), f"{s1.label} + {_posthoc_label(kind, p)}"))
     return rows
+
+
+_STAGE_TWOS = (
+    ("disalign_box_only", "DisAlign box-only"),
+    ("disalign_box_mask", "DisAlign box+mask"),
+)
 
 
 def _posthoc_method(kind, p):
@@ -246,16 +265,16 @@ def build_plan(
 
             first = make("stage_one", "(stage one)", s1.config, preset.stage_one_opts())
             chain = [first]
-            for method, config, what in (
-                ("disalign_box_only", s1.disalign_box_only, "DisAlign box-only"),
-                ("disalign_box_mask", s1.disalign_box_mask, "DisAlign box+mask"),
-            ):
+            for method, what in _STAGE_TWOS:
+                if method not in preset.methods:
+                    continue
+                config = getattr(s1, method)
                 chain.append(
                     make(
                         method, f"+ {what}", config, preset.stage_two_opts(), weights_from=first.key
                     )
                 )
-            for kind, p, power_opts in _posthoc_runs(s1, preset.posthoc_powers):
+            for kind, p, power_opts in _posthoc_runs(s1, preset.posthoc_powers, preset.methods):
                 delta = [*POSTHOC_DELTA, "MODEL.DISALIGN.POSTHOC", kind, *power_opts]
                 chain.append(
                     make(

@@ -60,7 +60,7 @@ def summarise(
     by_key = {(r.seed, r.stage_one, r.method): r for r in runs}
     metrics = {k: metrics_of(r) for k, r in by_key.items()}
     rows = []
-    for g, method, label in method_rows(stage_ones, preset.posthoc_powers):
+    for g, method, label in method_rows(stage_ones, preset.posthoc_powers, preset.methods):
         row = {"stage_one": g, "method": method, "label": label, "seeds": list(preset.seeds)}
         row["status"] = [by_key[(s, g, method)].status for s in preset.seeds]
         row["values"], row["stats"], row["gain"] = {}, {}, {}

@@ -492,3 +492,23 @@ def test_speed_smoke(config_set, tmp_path, capsys):
     for stage in ("one", "two"):
         assert res["memory"][stage]["training_mb"] > 0
     assert res["batch"] == 1 and res["image_hw"] == [64, 64]
+
+
+def test_methods_subset_runs_and_reports_only_those_methods(tmp_path):
+    """--methods (issue 26's grid): only the chosen methods run, each only where it applies (no
+    NorCal on a sigmoid stage one), and the table rows match the runs."""
+    preset = plan.Preset("t", seeds=(0,), stage_one_iters=10, stage_two_iters=4,
+                         methods=("disalign_box_mask", "norcal", "fracal"))  # fmt: skip
+    chains = plan.build_plan(preset, str(tmp_path), ["softmax", "eqlv2"])
+    got = {(r.stage_one, r.method) for c in chains for r in c}
+    assert got == {
+        ("softmax", "stage_one"), ("softmax", "disalign_box_mask"), ("softmax", "norcal_1"),
+        ("softmax", "fracal_2"), ("eqlv2", "stage_one"), ("eqlv2", "disalign_box_mask"),
+        ("eqlv2", "fracal_2"),
+    }  # fmt: skip
+    rows = plan.method_rows(["softmax", "eqlv2"], preset.posthoc_powers, preset.methods)
+    assert {(g, m) for g, m, _ in rows} == got
+    with pytest.raises(SystemExit, match="unknown --methods"):
+        longtail.preset_from_args(longtail.parse_args(["--methods", "disalign,norcal"]))
+    args = longtail.parse_args(["--methods", "disalign_box_mask,fracal"])
+    assert longtail.preset_from_args(args).methods == ("disalign_box_mask", "fracal")
