@@ -202,11 +202,11 @@ def test_bad_loss_and_loss_type_name_keys():
 
 
 def test_freeze_all_but_classifier_is_refused():
-    from disalign_det.modeling.sem_seg import install_pixel_class_weights
+    from disalign_det.modeling import install_class_weights
 
     cfg = _cfg(FREEZE="all_but_classifier")
     with pytest.raises(ValueError, match="MODEL.DISALIGN.FREEZE 'all_but_classifier'"):
-        install_pixel_class_weights(torch.nn.Module(), cfg)
+        install_class_weights(torch.nn.Module(), cfg)
 
 
 def test_missing_deeplab_project_names_the_key(monkeypatch):

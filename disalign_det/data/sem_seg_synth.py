@@ -50,8 +50,16 @@ SPLIT_FOLDERS = {"train": "training", "val": "validation"}
 STAMP = "sem_seg_synth.json"
 IGNORE_LABEL = 255
 # Bump when the output for the same parameters changes.
-VERSION = 1
-DEFAULTS = {"seed": 0, "num_train_images": 700, "num_val_images": 100, "image_size": 128}
+VERSION = 2
+DEFAULTS = {
+    "seed": 0,
+    "num_train_images": 700,
+    "num_val_images": 100,
+    "image_size": 128,
+    "object_scale": 1.4,
+    "max_objects_per_image": 6,
+    "variant_images": (60, 6),
+}
 
 
 def sem_seg_synth_classes() -> List[str]:
@@ -82,8 +90,10 @@ def generate_synthetic_sem_seg(out_dir: str, **params) -> Dict[str, int]:
         num_train_images=p["num_train_images"],
         num_val_images=p["num_val_images"],
         image_size=p["image_size"],
+        max_objects_per_image=p["max_objects_per_image"],
+        variant_images=tuple(p["variant_images"]),
     )
-    scale = p["image_size"] / 128.0
+    scale = p["image_size"] / 128.0 * p["object_scale"]
     spec = RenderSpec(
         min_size=preset.object_size[0] * scale,
         max_size=preset.object_size[1] * scale,
@@ -110,7 +120,8 @@ def generate_synthetic_sem_seg(out_dir: str, **params) -> Dict[str, int]:
 
 
 def _expected(params) -> dict:
-    return {"version": VERSION, **DEFAULTS, **params}
+    # Through json, as the stamp is read back (tuples become lists).
+    return json.loads(json.dumps({"version": VERSION, **DEFAULTS, **params}))
 
 
 def _is_current(out_dir, expected) -> bool:
@@ -161,6 +172,8 @@ def _load(split, root, params):
             {
                 "file_name": os.path.join(img_dir, stem + ".jpg"),
                 "sem_seg_file_name": label_file,
+                # Not used by detectron2's semantic segmentation; names the image in batch logs.
+                "image_id": int(stem) if stem.isdigit() else stem,
                 "height": height,
                 "width": width,
             }
