@@ -159,7 +159,9 @@ def test_grw_weights_each_roi_by_its_label():
     # DisAlign's stage two on GOL: sum_i w[y_i] sum_j BCE_G(z_ij, y_ij) / sum_i w[y_i].
     z, y = _zy()
     w = [2.0, 0.5, 1.5, 1.0]
-    num = sum(w[Y[i]] * sum(_gumbel_bce(Z[i][j], 1.0 * (Y[i] == j)) for j in range(K)) for i in range(5))
+    num = sum(
+        w[Y[i]] * sum(_gumbel_bce(Z[i][j], 1.0 * (Y[i] == j)) for j in range(K)) for i in range(5)
+    )
     den = sum(w[Y[i]] for i in range(5))
     got = gol_loss(z, y, weights=torch.tensor(w))
     assert got.item() == pytest.approx(num / den, rel=1e-12)

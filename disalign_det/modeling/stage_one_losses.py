@@ -1,5 +1,9 @@
 """Long-tail stage-one classification losses for the box predictor: EQLv2, Seesaw, ECM and GOL.
 
+Longer than 450 lines: the four losses share the (R, K + 1) layout helpers, the option checks,
+the config keys and the one module (:class:`StageOneLoss`) that dispatches between them; split,
+each piece would import the others.
+
 Each loss is a pure function of the (R, K + 1) class logits (detectron2's layout, background LAST)
 and the (R,) labels in [0, K]; the little state two of them keep (EQLv2's accumulated gradients,
 Seesaw's cumulative class counts) lives in the buffers of :class:`StageOneLoss`, saved with the
@@ -51,6 +55,7 @@ model and all-reduced so that every process holds the same values.
 
 EQLv2 and ECM predict with the objectness activation of their papers' code:
 p_j = sigmoid(z_j) (1 - sigmoid(z_bg)) for the K classes, sigmoid(z_bg) for the background.
+
 """
 
 import logging
@@ -417,7 +422,9 @@ class StageOneLoss(nn.Module):
             ok = isinstance(value, (int, float)) and math.isfinite(value)
             if not ok or (value < 0 and name not in signed):
                 bound = "" if name in signed else " >= 0"
-                raise ValueError(f"{_KEY} option {name} must be a finite number{bound}, got {value}")
+                raise ValueError(
+                    f"{_KEY} option {name} must be a finite number{bound}, got {value}"
+                )
         if kind == "gol" and not o["clamp_min"] < o["clamp_max"]:
             raise ValueError(
                 f"{_KEY}='gol' needs MODEL.ROI_BOX_HEAD.GOL.CLAMP_MIN < CLAMP_MAX, got "
@@ -439,7 +446,7 @@ class StageOneLoss(nn.Module):
 
     @property
     def activation(self) -> str:
-        """"softmax", "sigmoid" (with the objectness factor) or "gumbel": what :meth:`probs`
+        """ "softmax", "sigmoid" (with the objectness factor) or "gumbel": what :meth:`probs`
         computes, and what a DisAlign stage two trains its calibration through."""
         if self.kind in SIGMOID_STAGE_ONE_LOSSES:
             return "sigmoid"
