@@ -492,7 +492,9 @@ def test_benchmark_plan_has_every_loss_and_fracal(tmp_path):
     assert [m for g, m, _ in rows if g == "ecm"] == methods["ecm"]
     want = [s for s in plan.STAGE_ONES if has_federated_loss() or s not in ("eqlv2", "ecm")]
     assert longtail._available_stage_ones() == want
-    assert set(plan.STAGE_ONES) == {"softmax", "rfs", "cosine", "eqlv2", "seesaw", "ecm"}
+    assert set(plan.STAGE_ONES) == {"softmax", "rfs", "cosine", "eqlv2", "seesaw", "ecm", "gol"}
+    gol = plan.build_plan(preset, str(tmp_path), ["gol"])
+    assert [r.method for r in gol[0]] == common + ["tau_norm_1", "fracal_2"]  # no NorCal
 
 
 def test_lazyconfig_arguments():
