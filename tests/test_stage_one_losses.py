@@ -12,17 +12,19 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import tiny_cfg
+from conftest import CONFIGS, tiny_cfg
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
+from disalign_det import add_disalign_config
 from disalign_det.compat.features import has_federated_loss
 from disalign_det.engine import DisAlignCheckpointer, Trainer
-from disalign_det.modeling import DisAlignFastRCNNOutputLayers
+from disalign_det.modeling import DisAlignFastRCNNOutputLayers, NormedLinear
 from disalign_det.modeling.freeze import is_disalign_state
 from disalign_det.modeling.stage_one_losses import (
     StageOneLoss,
@@ -410,6 +412,101 @@ def test_sigmoid_losses_fail_clearly_on_v06(kind):
         DisAlignFastRCNNOutputLayers(cfg, ShapeSpec(channels=D))
 
 
+# ---- Seesaw's normalised linear classifier (mmdetection's NormedLinear) ----------------------
+def test_normed_linear_against_the_formula():
+    # z_j = tau <x / (|x| + eps), w_j / (|w_j| + eps)> + b_j, tau = 20 fixed, eps = 1e-6.
+    layer = NormedLinear(3, 2, scale=20.0).double()
+    W, B = [[0.5, -1.0, 2.0], [0.0, 3.0, 4.0]], [0.25, -0.75]
+    X = [[1.0, 2.0, 2.0], [-3.0, 0.0, 4.0]]
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor(W, dtype=torch.float64))
+        layer.bias.copy_(torch.tensor(B, dtype=torch.float64))
+    z = layer(torch.tensor(X, dtype=torch.float64))
+    for r, x in enumerate(X):
+        nx = math.sqrt(sum(v * v for v in x)) + 1e-6
+        for j, w in enumerate(W):
+            nw = math.sqrt(sum(v * v for v in w)) + 1e-6
+            want = 20.0 * sum(a / nx * b / nw for a, b in zip(x, w)) + B[j]
+            assert z[r, j].item() == pytest.approx(want, rel=1e-12)
+    # e.g. row 0, class 1: 20 * (0 + 6 + 8) / (3 * 5) - 0.75 (up to eps).
+    assert z[0, 1].item() == pytest.approx(20 * 14 / 15 - 0.75, rel=1e-6)
+    # tau is a constant (not learned, not in the state dict); the stock names weight / bias.
+    assert set(layer.state_dict()) == {"weight", "bias"}
+    assert [n for n, _ in layer.named_parameters()] == ["weight", "bias"]
+
+
+def test_normed_linear_init_is_mmdetections():
+    torch.manual_seed(0)
+    layer = NormedLinear(256, 300)
+    assert torch.equal(layer.bias, torch.zeros(300))
+    assert layer.weight.std().item() == pytest.approx(0.01, rel=0.05)
+
+
+def test_predictor_with_normed_linear_keeps_the_stock_names():
+    pred = _predictor("seesaw", cosine=True, normed_linear=True)
+    assert isinstance(pred.cls_score, NormedLinear) and pred.cls_score.scale == 20.0
+    assert {k for k in pred.state_dict() if k.startswith("cls_score.")} == {
+        "cls_score.weight",
+        "cls_score.bias",
+    }
+    x = torch.randn(4, D)
+    w, b = pred.cls_score.weight, pred.cls_score.bias
+    # |w_j| ~ 0.03 at init, so mmdetection's eps = 1e-6 on the norms shows at 1e-5.
+    unit = lambda v: v / (v.norm(dim=1, keepdim=True) + 1e-6)  # noqa: E731
+    want = 20.0 * unit(x) @ unit(w).T + b
+    torch.testing.assert_close(pred(x)[0], want, rtol=1e-5, atol=1e-5)
+    # The default cosine classifier is unchanged: learned tau, no bias.
+    cos = _predictor("seesaw", cosine=True)
+    assert {k for k in cos.state_dict() if k.startswith("cls_score.")} == {
+        "cls_score.weight",
+        "cls_score.scale",
+    }
+    with pytest.raises(ValueError, match=r"MODEL\.ROI_BOX_HEAD\.NORMED_LINEAR.*COSINE_CLASSIFIER"):
+        _predictor("seesaw", normed_linear=True)
+
+
+def test_calibration_is_the_identity_at_init_on_the_normed_linear_seesaw():
+    stage_one = _predictor("seesaw", cosine=True, normed_linear=True)
+    with torch.no_grad():  # a trained bias (non-zero) must load and be kept
+        stage_one.cls_score.bias.copy_(torch.tensor([0.5, -1.0, 0.25, 2.0]))
+    stage_two = _predictor(
+        "seesaw",
+        cosine=True,
+        normed_linear=True,
+        calibrate=True,
+        cls_loss="grw",
+        class_weights=torch.ones(K + 1),
+    )
+    incompatible = stage_two.load_state_dict(stage_one.state_dict(), strict=False)
+    assert not incompatible.unexpected_keys
+    assert incompatible.missing_keys and all(map(is_disalign_state, incompatible.missing_keys))
+    with torch.no_grad():
+        stage_two.confidence_layer.weight.normal_(std=1.0)
+    x, proposals = torch.randn(7, D) * 3, _proposals([0] * 7)
+    (p1,), (p2,) = (m.predict_probs(m(x), proposals) for m in (stage_one, stage_two))
+    assert torch.equal(p1, p2)
+    assert torch.equal(p1, F.softmax(stage_one(x)[0], -1))
+
+
+def test_seesaw_configs_use_the_normed_linear_classifier(tiny_dataset):
+    # The LVIS recipe, its DisAlign delta and the synthetic configs that mirror them.
+    for name in (
+        "mask_rcnn_R_50_FPN_2x_seesaw.yaml",
+        "disalign_mask_rcnn_seesaw.yaml",
+        "synthetic_lt/mask_rcnn_synth_seesaw.yaml",
+        "synthetic_lt/disalign_synth_seesaw.yaml",
+        "synthetic_lt/disalign_box_only_synth_seesaw.yaml",
+    ):
+        cfg = get_cfg()
+        add_disalign_config(cfg)
+        cfg.merge_from_file(os.path.join(CONFIGS, name))
+        box = cfg.MODEL.ROI_BOX_HEAD
+        assert box.STAGE_ONE_LOSS == "seesaw", name
+        assert (box.COSINE_CLASSIFIER, box.NORMED_LINEAR, box.COSINE_SCALE) == (True, True, 20.0)
+    model = build_model(tiny_cfg("synthetic_lt/mask_rcnn_synth_seesaw.yaml"))
+    assert isinstance(model.roi_heads.box_predictor.cls_score, NormedLinear)
+
+
 # ---- DisAlign on top of each stage one (tiny model from the synthetic_lt configs) ---------------
 @pytest.mark.slow  # trains a tiny stage one
 @pytest.mark.parametrize("kind", LOSS_PARAMS)
@@ -500,9 +597,11 @@ def test_lazyconfig_arguments():
         cls_loss="ce",
         stage_one_loss="seesaw",
         stage_one_options=dict(p=0.5, q=1.0),
+        cosine=True,
+        normed_linear=True,
     )
     pred = instantiate(node)
-    assert pred.stage_one_loss.kind == "seesaw"
+    assert pred.stage_one_loss.kind == "seesaw" and isinstance(pred.cls_score, NormedLinear)
     assert pred.stage_one_loss.options["p"] == 0.5 and pred.stage_one_loss.options["q"] == 1.0
     if has_federated_loss():  # the sigmoid losses need the sigmoid classifier switched on
         node.stage_one_loss = "eqlv2"

@@ -16,7 +16,13 @@ from detectron2.layers import cat
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, _log_classification_stats
 from torch import nn
 
-from .calibration import CosineLinear, add_calibration, calibrate_logits, confidence_logit
+from .calibration import (
+    CosineLinear,
+    NormedLinear,
+    add_calibration,
+    calibrate_logits,
+    confidence_logit,
+)
 from .class_weights import ClassFrequencyMixin
 from .fracal import fracal_sigmoid_probs, fracal_softmax_probs, fracal_statistics_from_datasets
 from .losses import weighted_cross_entropy, weighted_sigmoid_cross_entropy
@@ -54,6 +60,7 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
         rho: float = 0.8,
         cosine: bool = False,
         cosine_scale: float = 20.0,
+        normed_linear: bool = False,
         posthoc: str = "none",
         posthoc_power: float = 1.0,
         class_counts=None,
@@ -76,6 +83,9 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
                 are installed when training starts (:func:`~.class_weights.install_class_weights`).
             rho: the GRW exponent used when the weights are installed from class counts.
             cosine: replace ``cls_score`` by a cosine classifier with temperature ``cosine_scale``.
+            normed_linear: with ``cosine``, that classifier is Seesaw's :class:`NormedLinear`
+                (``cosine_scale`` fixed, with a bias) instead of :class:`CosineLinear` (learned
+                temperature, no bias).
             posthoc: test-time adjustment "none", "norcal" or "tau_norm".
             posthoc_power: gamma of "norcal" / tau of "tau_norm".
             class_counts: (K,) training frequencies n_j for "norcal". Stored with the model (the
@@ -113,8 +123,14 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
                     f"MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE={self.stage_one_loss.uses_sigmoid}"
                 )
         in_features = self.cls_score.in_features
+        if normed_linear and not cosine:
+            raise ValueError(
+                "MODEL.ROI_BOX_HEAD.NORMED_LINEAR picks the kind of normalised classifier: it "
+                "needs MODEL.ROI_BOX_HEAD.COSINE_CLASSIFIER=True"
+            )
         if cosine:
-            self.cls_score = CosineLinear(in_features, num_classes + 1, scale=cosine_scale)
+            layer = NormedLinear if normed_linear else CosineLinear
+            self.cls_score = layer(in_features, num_classes + 1, scale=cosine_scale)
 
         self.calibrate = calibrate
         if calibrate:
@@ -167,6 +183,7 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
             cls_loss=d.CLS_LOSS,
             cosine=cfg.MODEL.ROI_BOX_HEAD.COSINE_CLASSIFIER,
             cosine_scale=cfg.MODEL.ROI_BOX_HEAD.COSINE_SCALE,
+            normed_linear=cfg.MODEL.ROI_BOX_HEAD.NORMED_LINEAR,
             posthoc=d.POSTHOC,
             posthoc_power=d.POSTHOC_POWER,
             rho=d.RHO,
