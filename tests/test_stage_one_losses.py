@@ -682,6 +682,50 @@ def test_seesaw_configs_use_the_normed_linear_classifier(tiny_dataset):
     assert isinstance(model.roi_heads.box_predictor.cls_score, NormedLinear)
 
 
+# ---- ECM's recipe: normed linear classifier, gradient clipping of the whole model ---------------
+def _clipped_step(clip_type):
+    # Two parameter tensors with gradients (6, 0) and (8,): norms 6 and 8, together 10.
+    cfg = get_cfg()
+    add_disalign_config(cfg)
+    cfg.merge_from_list(["SOLVER.BASE_LR", 1.0, "SOLVER.MOMENTUM", 0.0, "SOLVER.WEIGHT_DECAY", 0.0])
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    clip.ENABLED, clip.CLIP_VALUE, clip.CLIP_TYPE = True, 5.0, clip_type
+    model = torch.nn.Module()
+    model.a = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    model.b = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    optimizer = Trainer.build_optimizer(cfg, model)
+    model.a.grad = torch.tensor([6.0, 0.0], dtype=torch.float64)
+    model.b.grad = torch.tensor([8.0], dtype=torch.float64)
+    optimizer.step()  # SGD, lr 1: parameter = -clipped gradient
+    return -model.a.detach(), -model.b.detach()
+
+
+def test_full_model_gradient_clipping_clips_the_norm_of_all_gradients():
+    # clip_grad_norm_ scales every gradient by max_norm / (total_norm + 1e-6) when that is < 1.
+    a, b = _clipped_step("full_model")
+    coef = 5.0 / (10.0 + 1e-6)
+    assert a.tolist() == pytest.approx([6.0 * coef, 0.0], rel=1e-12)
+    assert b.tolist() == pytest.approx([8.0 * coef], rel=1e-12)
+    assert (a.square().sum() + b.square().sum()).sqrt().item() == pytest.approx(5.0, rel=1e-6)
+    # detectron2's "norm": each parameter's gradient on its own (so the total stays above 5).
+    a, b = _clipped_step("norm")
+    assert a.tolist() == pytest.approx([6.0 * 5.0 / (6.0 + 1e-6), 0.0], rel=1e-12)
+    assert b.tolist() == pytest.approx([8.0 * 5.0 / (8.0 + 1e-6)], rel=1e-12)
+
+
+def test_ecm_recipe_is_the_authors():
+    for name in ("mask_rcnn_R_50_FPN_1x_ecm.yaml", "disalign_mask_rcnn_ecm.yaml"):
+        cfg = get_cfg()
+        add_disalign_config(cfg)
+        cfg.merge_from_file(os.path.join(CONFIGS, name))
+        box = cfg.MODEL.ROI_BOX_HEAD
+        assert (box.COSINE_CLASSIFIER, box.NORMED_LINEAR, box.COSINE_SCALE) == (True, True, 20.0)
+    clip = cfg.clone()
+    clip.merge_from_file(os.path.join(CONFIGS, "mask_rcnn_R_50_FPN_1x_ecm.yaml"))
+    c = clip.SOLVER.CLIP_GRADIENTS
+    assert (c.ENABLED, c.CLIP_TYPE, c.CLIP_VALUE, c.NORM_TYPE) == (True, "full_model", 5.0, 2.0)
+
+
 # ---- DisAlign on top of each stage one (tiny model from the synthetic_lt configs) ---------------
 OBJECTNESS = ["MODEL.ROI_BOX_HEAD.SEESAW.OBJECTNESS", "True"]
 

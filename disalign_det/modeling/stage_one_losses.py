@@ -5,6 +5,9 @@ and the (R,) labels in [0, K]; the little state two of them keep (EQLv2's accumu
 Seesaw's cumulative class counts) lives in the buffers of :class:`StageOneLoss`, saved with the
 model and all-reduced so that every process holds the same values.
 
+Longer than 450 lines: the three losses (and Seesaw's objectness variant) share the state
+module, the config keys and the formulas written out below; one module keeps them side by side.
+
 * EQLv2 (Tan et al., CVPR 2021, "Equalization Loss v2"): K + 1 sigmoids (the last one is the
   background/objectness sigmoid). With g_j the ratio of the accumulated positive to negative
   gradient magnitudes of class j,
