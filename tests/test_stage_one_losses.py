@@ -745,8 +745,9 @@ OBJECTNESS = ["MODEL.ROI_BOX_HEAD.SEESAW.OBJECTNESS", "True"]
         ("seesaw", []),
         pytest.param("ecm", [], marks=needs_sigmoid),
         ("seesaw", OBJECTNESS),
+        ("gol", []),
     ],
-    ids=["eqlv2", "seesaw", "ecm", "seesaw_objectness"],
+    ids=["eqlv2", "seesaw", "ecm", "seesaw_objectness", "gol"],
 )
 def test_disalign_on_each_stage_one_loads_and_starts_from_its_predictions(
     kind, opts, tiny_dataset, tmp_path
