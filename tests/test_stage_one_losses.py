@@ -34,6 +34,7 @@ from disalign_det.modeling.stage_one_losses import (
     eqlv2_gradient_statistics,
     eqlv2_loss,
     eqlv2_weights,
+    gumbel_probs,
     objectness_sigmoid_probs,
     objectness_softmax_log_probs,
     seesaw_loss,
@@ -47,7 +48,15 @@ LOSS_PARAMS = [
     pytest.param("eqlv2", marks=needs_sigmoid),
     "seesaw",
     pytest.param("ecm", marks=needs_sigmoid),
+    "gol",  # its own (Gumbel) activation: on both detectron2s (tests/test_gol.py)
 ]
+# Each loss's inference activation.
+ACTIVATION = {
+    "eqlv2": objectness_sigmoid_probs,
+    "seesaw": lambda s: F.softmax(s, -1),
+    "ecm": objectness_sigmoid_probs,
+    "gol": gumbel_probs,
+}
 
 # 3 foreground classes + background; 5 RoIs, two of them background.
 Z = [
@@ -475,8 +484,7 @@ def test_predictor_trains_with_the_stage_one_loss_and_predicts_its_activation(ki
         loss = pred.losses((scores, deltas), proposals)["loss_cls"]
     torch.testing.assert_close(loss, reference.train()(scores, torch.tensor(Y)))
     (probs,) = pred.predict_probs((scores, None), proposals)
-    want = objectness_sigmoid_probs(scores) if kind != "seesaw" else F.softmax(scores, -1)
-    assert torch.equal(probs, want)
+    assert torch.equal(probs, ACTIVATION[kind](scores))
     assert all(k.startswith("stage_one_loss.") for k in pred.state_dict() if "grad" in k)
 
 
@@ -494,8 +502,7 @@ def test_calibration_is_the_identity_at_init_on_each_stage_one(kind):
     x, proposals = torch.randn(7, D) * 3, _proposals([0] * 7)
     (p1,), (p2,) = (m.predict_probs(m(x), proposals) for m in (stage_one, stage_two))
     assert torch.equal(p1, p2)
-    want = objectness_sigmoid_probs if kind != "seesaw" else (lambda s: F.softmax(s, -1))
-    assert torch.equal(p1, want(stage_one(x)[0]))
+    assert torch.equal(p1, ACTIVATION[kind](stage_one(x)[0]))
 
 
 @pytest.mark.skipif(has_federated_loss(), reason="detectron2 main has the sigmoid classifier")
@@ -738,8 +745,9 @@ OBJECTNESS = ["MODEL.ROI_BOX_HEAD.SEESAW.OBJECTNESS", "True"]
         ("seesaw", []),
         pytest.param("ecm", [], marks=needs_sigmoid),
         ("seesaw", OBJECTNESS),
+        ("gol", []),
     ],
-    ids=["eqlv2", "seesaw", "ecm", "seesaw_objectness"],
+    ids=["eqlv2", "seesaw", "ecm", "seesaw_objectness", "gol"],
 )
 def test_disalign_on_each_stage_one_loads_and_starts_from_its_predictions(
     kind, opts, tiny_dataset, tmp_path
@@ -753,7 +761,7 @@ def test_disalign_on_each_stage_one_loads_and_starts_from_its_predictions(
     trainer.train()  # 3 iterations: the loss state moves
     s1 = trainer.model.roi_heads.box_predictor.stage_one_loss
     state = {k: v.clone() for k, v in s1.state_dict().items()}
-    assert any(bool((v != 0).any()) for v in state.values())
+    assert any(bool((v != 0).any()) for v in state.values()) or kind == "gol"  # GOL: no state
     with torch.no_grad():  # sharpen the classifier so that the tiny model detects something
         trainer.model.roi_heads.box_predictor.cls_score.weight.normal_(std=0.5)
     DetectionCheckpointer(trainer.model, out).save("stage1")
@@ -815,7 +823,9 @@ def test_benchmark_plan_has_every_loss_and_fracal(tmp_path):
     assert [m for g, m, _ in rows if g == "ecm"] == methods["ecm"]
     want = [s for s in plan.STAGE_ONES if has_federated_loss() or s not in ("eqlv2", "ecm")]
     assert longtail._available_stage_ones() == want
-    assert set(plan.STAGE_ONES) == {"softmax", "rfs", "cosine", "eqlv2", "seesaw", "ecm"}
+    assert set(plan.STAGE_ONES) == {"softmax", "rfs", "cosine", "eqlv2", "seesaw", "ecm", "gol"}
+    gol = plan.build_plan(preset, str(tmp_path), ["gol"])
+    assert [r.method for r in gol[0]] == common + ["tau_norm_1", "fracal_2"]  # no NorCal
 
 
 def test_lazyconfig_arguments():
