@@ -12,13 +12,16 @@ import os
 import pytest
 import torch
 from common import CONFIGS
+from common import HAND_K as K
+from common import HAND_LABELS as Y
+from common import HAND_LOGITS as Z
+from common import one_image_proposals
 from conftest import tiny_cfg
 from detectron2.config import LazyCall as L
 from detectron2.config import get_cfg, instantiate
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.box_regression import Box2BoxTransform
-from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from disalign_det.compat.features import has_federated_loss
@@ -27,16 +30,7 @@ from disalign_det.modeling import DisAlignFastRCNNOutputLayers
 from disalign_det.modeling.fracal import fracal_adjustments
 from disalign_det.modeling.stage_one_losses import StageOneLoss, gol_loss, gumbel_probs
 
-# 3 foreground classes + background; 5 RoIs, two of them background. All z inside [-4, 10].
-Z = [
-    [1.0, -0.5, 0.3, 0.2],
-    [-1.2, 0.7, 2.0, -0.3],
-    [0.1, 0.1, -1.0, 1.5],
-    [0.4, -2.0, 0.9, 0.0],
-    [2.2, 0.3, -0.7, -1.1],
-]
-Y = [0, 2, 3, 1, 3]
-K = 3
+# 3 foreground classes + background; 5 RoIs, two of them background (tests/common.py).
 D = 8
 NO_CLAMP = dict(clamp_min=-1e9, clamp_max=1e9)
 
@@ -196,13 +190,7 @@ def _predictor(**kw):
     )
 
 
-def _proposals(labels):
-    inst = Instances((32, 32))
-    n = len(labels)
-    inst.proposal_boxes = Boxes(torch.tensor([[1.0, 2.0, 20.0, 25.0]] * n))
-    inst.gt_boxes = Boxes(torch.tensor([[2.0, 2.0, 21.0, 24.0]] * n))
-    inst.gt_classes = torch.tensor(labels)
-    return [inst]
+_proposals = one_image_proposals
 
 
 def test_predictor_bias_init_activation_and_no_sigmoid_classifier():
