@@ -5,6 +5,13 @@ classifier (``use_sigmoid_ce``, optionally ``use_fed_loss``; feature-detected, a
 (K + 1)-th column is kept and ignored, as detectron2 does. Parameter names of the stock
 predictor (``cls_score``, ``bbox_pred``) are kept so stage-one checkpoints load unchanged; the
 calibration adds ``logit_scale`` (K,), ``logit_bias`` (K,) and ``confidence_layer`` Linear(D, 1).
+With Seesaw's objectness branch (``MODEL.ROI_BOX_HEAD.SEESAW.OBJECTNESS``) ``cls_score`` has K + 2
+outputs (K classes, then fg / bg objectness); the calibration acts on the K class logits and the
+predictor's scores are the (R, K + 1) log-probabilities of softmax(classes) * p_fg and p_bg.
+
+Longer than 450 lines: one predictor serves every classifier (softmax, sigmoid, Seesaw's
+objectness, GOL's Gumbel) with the calibration, GRW and the post-hoc adjustments on each; its
+losses and probabilities branch on the same few attributes, which a split would scatter.
 """
 
 import logging
@@ -16,11 +23,23 @@ from detectron2.layers import cat
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, _log_classification_stats
 from torch import nn
 
-from .calibration import CosineLinear, add_calibration, calibrate_logits, confidence_logit
+from .calibration import (
+    CosineLinear,
+    NormedLinear,
+    add_calibration,
+    calibrate_logits,
+    confidence_logit,
+)
 from .class_weights import ClassFrequencyMixin
 from .fracal import fracal_sigmoid_probs, fracal_softmax_probs, fracal_statistics_from_datasets
 from .losses import weighted_cross_entropy, weighted_sigmoid_cross_entropy
-from .stage_one_losses import StageOneLoss, stage_one_loss_from_config
+from .stage_one_losses import (
+    StageOneLoss,
+    gol_loss,
+    gumbel_probs,
+    objectness_softmax_log_probs,
+    stage_one_loss_from_config,
+)
 
 __all__ = ["DisAlignFastRCNNOutputLayers"]
 
@@ -54,6 +73,7 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
         rho: float = 0.8,
         cosine: bool = False,
         cosine_scale: float = 20.0,
+        normed_linear: bool = False,
         posthoc: str = "none",
         posthoc_power: float = 1.0,
         class_counts=None,
@@ -76,6 +96,9 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
                 are installed when training starts (:func:`~.class_weights.install_class_weights`).
             rho: the GRW exponent used when the weights are installed from class counts.
             cosine: replace ``cls_score`` by a cosine classifier with temperature ``cosine_scale``.
+            normed_linear: with ``cosine``, that classifier is Seesaw's :class:`NormedLinear`
+                (``cosine_scale`` fixed, with a bias) instead of :class:`CosineLinear` (learned
+                temperature, no bias).
             posthoc: test-time adjustment "none", "norcal" or "tau_norm".
             posthoc_power: gamma of "norcal" / tau of "tau_norm".
             class_counts: (K,) training frequencies n_j for "norcal". Stored with the model (the
@@ -84,8 +107,9 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
                 source)`` whose json categories carry the training counts (LVIS val jsons do),
                 read at the first inference if neither a checkpoint nor training installed them.
             stage_one_loss: "ce" (detectron2's loss) or a loss of :mod:`.stage_one_losses`
-                ("eqlv2", "seesaw", "ecm"), with ``stage_one_options``; it trains while
-                ``cls_loss`` is "ce" and sets the inference activation.
+                ("eqlv2", "seesaw", "ecm", "gol"), with ``stage_one_options``; it trains while
+                ``cls_loss`` is "ce" and sets the inference activation (and, for "gol", the
+                activation GRW trains through and the initial classifier bias).
             fracal_lambda, fracal_grid: lambda and G of ``posthoc="fracal"`` (:mod:`.fracal`).
             fracal_fallback: (training dataset names) whose boxes give FRACAL's statistics at
                 the first inference when the model (its checkpoint) has none.
@@ -103,6 +127,11 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
         self.sigmoid_ce = bool(getattr(self, "use_sigmoid_ce", False))
         num_classes = self.num_classes
         self.stage_one_loss = None
+        if stage_one_loss == "ce" and (stage_one_options or {}).get("objectness"):
+            raise ValueError(
+                "MODEL.ROI_BOX_HEAD.SEESAW.OBJECTNESS needs "
+                "MODEL.ROI_BOX_HEAD.STAGE_ONE_LOSS='seesaw', got 'ce'"
+            )
         if stage_one_loss != "ce":
             self.stage_one_loss = StageOneLoss(
                 stage_one_loss, num_classes, **(stage_one_options or {})
@@ -113,8 +142,25 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
                     f"MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE={self.stage_one_loss.uses_sigmoid}"
                 )
         in_features = self.cls_score.in_features
+        # Seesaw's objectness branch: K class logits, then the fg / bg objectness logits.
+        self.objectness = self.stage_one_loss is not None and self.stage_one_loss.objectness
+        num_logits = num_classes + (2 if self.objectness else 1)
+        if self.objectness and not cosine:
+            self.cls_score = nn.Linear(in_features, num_logits)
+            nn.init.normal_(self.cls_score.weight, std=0.01)  # detectron2's init of cls_score
+            nn.init.constant_(self.cls_score.bias, 0.0)
+        if normed_linear and not cosine:
+            raise ValueError(
+                "MODEL.ROI_BOX_HEAD.NORMED_LINEAR picks the kind of normalised classifier: it "
+                "needs MODEL.ROI_BOX_HEAD.COSINE_CLASSIFIER=True"
+            )
         if cosine:
-            self.cls_score = CosineLinear(in_features, num_classes + 1, scale=cosine_scale)
+            layer = NormedLinear if normed_linear else CosineLinear
+            self.cls_score = layer(in_features, num_logits, scale=cosine_scale)
+        if self.activation == "gumbel" and getattr(self.cls_score, "bias", None) is not None:
+            # GOL starts every class at a small Gumbel probability G(init_bias) (the authors'
+            # init; a stage two loads its stage one's bias over it).
+            nn.init.constant_(self.cls_score.bias, self.stage_one_loss.options["init_bias"])
 
         self.calibrate = calibrate
         if calibrate:
@@ -136,6 +182,12 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
             raise ValueError(
                 "MODEL.DISALIGN.POSTHOC='norcal' renormalises softmax probabilities; the sigmoid "
                 "classifier (MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE) has independent ones."
+            )
+        if posthoc == "norcal" and self.activation == "gumbel":
+            raise ValueError(
+                "MODEL.DISALIGN.POSTHOC='norcal' renormalises softmax probabilities; the Gumbel "
+                f"classifier of MODEL.ROI_BOX_HEAD.STAGE_ONE_LOSS={stage_one_loss!r} has "
+                "independent ones (use 'fracal' or 'tau_norm')."
             )
         self.posthoc = posthoc
         self.posthoc_power = float(posthoc_power)
@@ -167,6 +219,7 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
             cls_loss=d.CLS_LOSS,
             cosine=cfg.MODEL.ROI_BOX_HEAD.COSINE_CLASSIFIER,
             cosine_scale=cfg.MODEL.ROI_BOX_HEAD.COSINE_SCALE,
+            normed_linear=cfg.MODEL.ROI_BOX_HEAD.NORMED_LINEAR,
             posthoc=d.POSTHOC,
             posthoc_power=d.POSTHOC_POWER,
             rho=d.RHO,
@@ -178,6 +231,14 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
         )
         ret.update(stage_one_loss_from_config(cfg))
         return ret
+
+    @property
+    def activation(self) -> str:
+        """The classifier's activation: "softmax", "sigmoid" (detectron2's sigmoid classifier,
+        with EQLv2's / ECM's objectness factor for those losses) or "gumbel" (GOL)."""
+        if self.stage_one_loss is not None:
+            return self.stage_one_loss.activation
+        return "sigmoid" if self.sigmoid_ce else "softmax"
 
     # ---- class frequencies (see class_weights.py) -------------------------------------------
     @property
@@ -213,13 +274,15 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
         return counts / counts.mean()
 
     def _class_logits(self, x):
-        """x: (R, D) -> (R, K + 1) uncalibrated logits (tau-normalised at inference if asked)."""
+        """x: (R, D) -> (R, K + 1) uncalibrated logits (tau-normalised at inference if asked);
+        (R, K + 2) with Seesaw's objectness branch."""
         if self.posthoc == "tau_norm" and not self.training:
-            # Rows of the foreground classes divided by ||w_j|| ** tau, rescaled so their mean
-            # factor is 1 (keeps the foreground/background balance); background row untouched.
-            w = self.cls_score.weight
-            norms = w[:-1].norm(dim=1, keepdim=True).clamp(min=1e-12).pow(self.posthoc_power)
-            w = torch.cat([w[:-1] * (norms.mean() / norms), w[-1:]], dim=0)
+            # Rows of the K foreground classes divided by ||w_j|| ** tau, rescaled so their mean
+            # factor is 1 (keeps the foreground/background balance); background (or objectness)
+            # rows untouched.
+            K, w = self.num_classes, self.cls_score.weight
+            norms = w[:K].norm(dim=1, keepdim=True).clamp(min=1e-12).pow(self.posthoc_power)
+            w = torch.cat([w[:K] * (norms.mean() / norms), w[K:]], dim=0)
             return F.linear(x, w, self.cls_score.bias)
         return self.cls_score(x)
 
@@ -229,22 +292,26 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
             x: (R, D) or (R, C, H, W) per-RoI features.
 
         Returns:
-            scores: (R, K + 1) calibrated logits, background last.
+            scores: (R, K + 1) calibrated logits, background last (with Seesaw's objectness
+                branch: the log-probabilities of softmax(calibrated classes) * p_fg and p_bg).
             proposal_deltas: (R, K * 4) or (R, 4).
         """
         if x.dim() > 2:
             x = torch.flatten(x, start_dim=1)
         scores = self._class_logits(x)
         proposal_deltas = self.bbox_pred(x)
+        K = self.num_classes
         if self.calibrate:
             fg = calibrate_logits(
-                scores[:, :-1],
+                scores[:, :K],
                 confidence_logit(self.confidence_layer, x),
                 self.logit_scale,
                 self.logit_bias,
             )
             # float32 (calibrate_logits' dtype): under autocast the background logit is half.
-            scores = torch.cat([fg, scores[:, -1:].float()], dim=1)
+            scores = torch.cat([fg, scores[:, K:].float()], dim=1)
+        if self.objectness:
+            scores = objectness_softmax_log_probs(scores)
         return scores, proposal_deltas
 
     def losses(self, predictions, proposals):
@@ -271,6 +338,12 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
             weights, normalize = self.grw_weights(), self.loss_normalizer()
             if self.stage_one_loss is not None and not self.uses_grw:
                 loss = self.stage_one_loss(scores, gt_classes, normalize)
+            elif self.activation == "gumbel":
+                # GRW through the Gumbel activation the stage one predicts with.
+                o = self.stage_one_loss.options
+                loss = gol_loss(
+                    scores.float(), gt_classes, o["clamp_min"], o["clamp_max"], weights, normalize
+                )
             elif self.sigmoid_ce:
                 mask = None
                 if self.use_fed_loss and gt_classes.numel():
@@ -323,10 +396,22 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
     def predict_probs(self, predictions, proposals):
         """The stage one's probabilities: softmax over K + 1 (NorCal- or FRACAL-adjusted if
         asked), or the sigmoid of each logit for the sigmoid classifier (with EQLv2's / ECM's
-        objectness factor for those losses, FRACAL-adjusted if asked). List of (Ri, K + 1) tensors.
+        objectness factor for those losses, FRACAL-adjusted if asked), or GOL's Gumbel
+        G(z) = exp(-exp(-z)) of each logit (FRACAL-adjusted if asked: G(z) G(z + a + b)).
+        List of (Ri, K + 1) tensors.
         """
         scores, _ = predictions
         num_inst_per_image = [len(p) for p in proposals]
+        if self.activation == "gumbel":
+            probs = gumbel_probs(scores)
+            if self.posthoc == "fracal":
+                # FRACAL's product form with the stage one's own activation (as the FRACAL
+                # authors' head applies the loss's activation to both factors).
+                freq, dims = self._fracal_statistics()
+                probs = fracal_sigmoid_probs(
+                    probs, scores, freq, dims, self.fracal_lambda, activation=gumbel_probs
+                )
+            return probs.split(num_inst_per_image, dim=0)
         if self.sigmoid_ce:
             # EQLv2 / ECM: sigmoid with their objectness factor; else detectron2's sigmoid.
             s1 = self.stage_one_loss
