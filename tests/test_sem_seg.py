@@ -586,3 +586,23 @@ def test_sem_seg_synth_cache_regenerates_on_other_parameters(tmp_path, monkeypat
     # Another parameter: generated again.
     sem_seg_synth.ensure_sem_seg_synth(str(tmp_path), object_scale=1.0)
     assert len(calls) == 2 and calls[1]["object_scale"] == 1.0
+
+
+def test_sem_seg_synth_textures_variants_only():
+    """A variant's visible pixels get its detail's texture, value * 0.55 rounded where the pattern
+    is on (bar: horizontal stripes of 3 px); its parent and the background are unchanged."""
+    from disalign_det.data.sem_seg_synth import SHADE, _texture_variants
+    from disalign_det.data.synthetic import synthetic_styles
+
+    styles = synthetic_styles("lvis")
+    variant = next(i for i, s in enumerate(styles) if s.detail == "bar")
+    parent = next(i for i, s in enumerate(styles) if s.name == styles[variant].parent)
+    label = np.zeros((12, 10), dtype=np.uint8)
+    label[:, :4] = variant + 1
+    label[:, 6:] = parent + 1
+    pixels = np.full((12, 10, 3), 200, dtype=np.uint8)
+    out = _texture_variants(pixels, label, styles)
+    stripes = (np.arange(12) // 3) % 2 == 0  # rows 0-2, 6-8 dark
+    expected = pixels.copy()
+    expected[stripes, :4] = int(round(200 * SHADE))
+    assert np.array_equal(out, expected)

@@ -58,7 +58,17 @@ DEFAULTS = {
     "image_size": 128,
     "object_scale": 1.4,
     "max_objects_per_image": 6,
-    "variant_images": (60, 6),
+    "variant_images": (80, 10),
+    "variant_texture": True,
+}
+# A variant's texture over all its visible pixels, by its detail (darker shade, period 6 px).
+SHADE = 0.55
+TEXTURES = {
+    "bar": lambda yy, xx: (yy // 3) % 2 == 0,  # horizontal stripes
+    "two_bars": lambda yy, xx: (xx // 3) % 2 == 0,  # vertical stripes
+    "dot": lambda yy, xx: ((yy % 6) < 3) & ((xx % 6) < 3),  # a grid of squares
+    "cross": lambda yy, xx: ((yy + xx) // 3) % 2 == 0,  # diagonal stripes
+    "ring": lambda yy, xx: ((yy - xx) // 3) % 2 == 0,  # the other diagonal
 }
 
 
@@ -74,6 +84,23 @@ def _label_map(objects, anns, h, w) -> np.ndarray:
         rle = mask_util.merge(mask_util.frPyObjects(polys, h, w))
         label[mask_util.decode(rle) > 0] = objects[i] + 1
     return label
+
+
+def _texture_variants(pixels, label, styles) -> np.ndarray:
+    """``pixels`` with every variant's visible pixels (``label`` = its class) striped or dotted by
+    its detail (:data:`TEXTURES`): a segmentation model labels every pixel of an object, and the
+    detail at the object's centre is evidence for few of them. Parents stay solid, so a variant
+    still has its parent's shape and colour (the look-alike)."""
+    h, w = label.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    out = pixels.astype(np.float64)
+    for value in np.unique(label):
+        if value == 0:
+            continue
+        detail = styles[int(value) - 1].detail
+        if detail in TEXTURES:
+            out[(label == value) & TEXTURES[detail](yy, xx)] *= SHADE
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
 def generate_synthetic_sem_seg(out_dir: str, **params) -> Dict[str, int]:
@@ -112,6 +139,8 @@ def generate_synthetic_sem_seg(out_dir: str, **params) -> Dict[str, int]:
             rng = np.random.default_rng(np.random.SeedSequence([p["seed"], 7, split_index, k]))
             pixels, anns = render(plan.objects, styles, plan.height, plan.width, spec, rng)
             label = _label_map(plan.objects, anns, plan.height, plan.width)
+            if p["variant_texture"]:
+                pixels = _texture_variants(pixels, label, styles)
             stem = f"{k + 1:06d}"
             Image.fromarray(pixels).save(os.path.join(img_dir, stem + ".jpg"), quality=95)
             Image.fromarray(label).save(os.path.join(ann_dir, stem + ".png"))
