@@ -2,7 +2,8 @@
 """Speed of a DisAlign stage-two iteration on a segmentation model, relative to the same model's
 no-grad forward on the same batch (goal: <= 1.15x), measured in one run.
 
-    python tools/benchmark_speed_sem_seg.py [--rounds 3] [--ade-size 512] [--ade-batch 1]
+    python tools/benchmark_speed_sem_seg.py [--rounds 3] [--ade-size 512] [--ade-batch 1] \
+        [--no-autograd-baseline] [--only ade|cpu]
 
 Models: the ADE20K DisAlign DeepLabV3+ R50-D8 stage two (configs/ADE20K/, random weights, plain BN
 instead of SyncBN, ``--ade-size`` square crops) and the CPU config on the generated data
@@ -10,10 +11,15 @@ instead of SyncBN, ``--ade-size`` square crops) and the CPU config on the genera
 
 * forward: ``model(batch)`` in training mode (losses computed) under ``torch.no_grad()``;
 * iteration: forward, backward and an SGD step of the trainable (calibration) parameters, i.e.
-  what the trainer does per stage-two iteration.
+  what the trainer does per stage-two iteration;
 
-The ratio iteration / forward is the cost of training the calibration on top of running the
-frozen model. Timings on a shared CPU vary; the ratio is measured within one process.
+and both again with autograd's GRW loss (the head's ``fused_pixel_loss = False``:
+``F.interpolate`` and the per-pixel cross-entropy, backpropagated by autograd) instead of
+``upsampled_cross_entropy`` (the default), for comparison (``--no-autograd-baseline`` skips it).
+
+The four are interleaved within each round, so that load changes hit them alike. The ratio
+iteration / forward is the cost of training the calibration on top of running the frozen model.
+Timings on a shared CPU vary; the ratios are measured within one process.
 """
 
 import argparse
@@ -60,10 +66,23 @@ def _batch(n, h, w, num_classes):
     ]
 
 
-def measure(model, batch, rounds):
-    """(median no-grad forward seconds, median iteration seconds)."""
+def measure(model, batch, rounds, baseline=True):
+    """Medians in seconds: (no-grad forward, iteration) with the head's loss path as built
+    (``fused_pixel_loss``), then, when ``baseline``, the same two with autograd's loss path
+    (``fused_pixel_loss = False``), else (None, None)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    head = model.sem_seg_head
+
+    def with_path(fused, f):
+        def run():
+            head.fused_pixel_loss = fused
+            try:
+                f()
+            finally:
+                head.fused_pixel_loss = True
+
+        return run
 
     def forward():
         with torch.no_grad():
@@ -75,16 +94,18 @@ def measure(model, batch, rounds):
         loss.backward()
         opt.step()
 
-    forward(), iteration()  # warm-up
-    fwd, it = [], []
-    for _ in range(rounds):  # interleaved, so that load changes hit both alike
-        t = time.perf_counter()
-        forward()
-        fwd.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        iteration()
-        it.append(time.perf_counter() - t)
-    return median(fwd), median(it)
+    timed = [with_path(True, forward), with_path(True, iteration)]
+    if baseline:
+        timed += [with_path(False, forward), with_path(False, iteration)]
+    for f in timed:  # warm-up
+        f()
+    times = [[] for _ in timed]
+    for _ in range(rounds):  # interleaved, so that load changes hit all alike
+        for f, out in zip(timed, times):
+            t = time.perf_counter()
+            f()
+            out.append(time.perf_counter() - t)
+    return tuple(median(t) for t in times) + ((None, None) if not baseline else ())
 
 
 def main(argv=None):
@@ -92,25 +113,48 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--ade-size", type=int, default=512)
     parser.add_argument("--ade-batch", type=int, default=1)
+    parser.add_argument(
+        "--no-autograd-baseline",
+        action="store_true",
+        help="do not time the iteration with autograd's loss backward",
+    )
+    parser.add_argument("--only", choices=("ade", "cpu"), help="time one of the two models")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     s = args.ade_size
-    cases = [
-        (
-            f"ADE20K DisAlign DeepLabV3+ R50-D8, {args.ade_batch} x {s}x{s}",
-            _model(ADE, ["INPUT.CROP.SIZE", f"({s}, {s})"]),
-            _batch(args.ade_batch, s, s, 150),
-        ),
-        ("CPU config (generated data), 4 x 112x144", _model(CPU, []), _batch(4, 112, 144, 61)),
-    ]
+    cases = []
+    if args.only in (None, "ade"):
+        cases.append(
+            (
+                f"ADE20K DisAlign DeepLabV3+ R50-D8, {args.ade_batch} x {s}x{s}",
+                lambda: _model(ADE, ["INPUT.CROP.SIZE", f"({s}, {s})"]),
+                lambda: _batch(args.ade_batch, s, s, 150),
+            )
+        )
+    if args.only in (None, "cpu"):
+        cases.append(
+            (
+                "CPU config (generated data), 4 x 112x144",
+                lambda: _model(CPU, []),
+                lambda: _batch(4, 112, 144, 61),
+            )
+        )
+    baseline = not args.no_autograd_baseline
     print(f"torch threads: {torch.get_num_threads()}, rounds: {args.rounds}")
-    print("| model | no-grad forward (s) | stage-two iteration (s) | ratio |")
-    print("|---|---|---|---|")
+    print(f"load average: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print("| model | loss path | no-grad forward (s) | stage-two iteration (s) | ratio |")
+    print("|---|---|---|---|---|")
     out = {}
     for name, model, batch in cases:
-        fwd, it = measure(model, batch, args.rounds)
-        out[name] = (fwd, it, it / fwd)
-        print(f"| {name} | {fwd:.3f} | {it:.3f} | {it / fwd:.3f}x |", flush=True)
+        fwd, it, fwd_autograd, it_autograd = measure(model(), batch(), args.rounds, baseline)
+        out[name] = {"fused": (fwd, it, it / fwd)}
+        rows = [("fused (upsampled_cross_entropy)", fwd, it)]
+        if baseline:
+            out[name]["autograd"] = (fwd_autograd, it_autograd, it_autograd / fwd_autograd)
+            rows.append(("autograd (F.interpolate + cross-entropy)", fwd_autograd, it_autograd))
+        for path, f, i in rows:
+            print(f"| {name} | {path} | {f:.3f} | {i:.3f} | {i / f:.3f}x |", flush=True)
+    print(f"load average: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
     return out
 
 

@@ -22,6 +22,7 @@ precision (a sum over R x K sigmoid terms overflows fp16's 65504), and the cast 
 to float32 is exact.
 """
 
+import functools
 import logging
 import math
 
@@ -33,6 +34,7 @@ __all__ = [
     "check_rho",
     "global_normalizer",
     "grw_class_weights",
+    "upsampled_cross_entropy",
     "weighted_cross_entropy",
     "weighted_mask_bce",
     "weighted_sigmoid_cross_entropy",
@@ -142,6 +144,201 @@ def weighted_cross_entropy(
     kept = labels[valid]
     local = weights[kept].sum() if weights is not None else logits.new_tensor(kept.numel())
     return per_roi.sum() / normalize(local)
+
+
+def upsampled_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    scale_factor: int,
+    weights=None,
+    normalize=None,
+    ignore_index=-100,
+):
+    """:func:`weighted_cross_entropy` of the logits upsampled bilinearly by ``scale_factor``
+    (``F.interpolate(..., mode="bilinear", align_corners=False)``, what detectron2's segmentation
+    heads do before their per-pixel loss), computed pixel-major and with a hand-written backward.
+
+    Args:
+        logits: (N, C, h, w) per-pixel logits at the head's stride.
+        labels: (N, H, W) int64 labels in [0, C) or ``ignore_index``, H = h * scale_factor and
+            W = w * scale_factor.
+        scale_factor: the upsampling factor (the head's ``common_stride``).
+        weights, normalize, ignore_index: as in :func:`weighted_cross_entropy`.
+
+    Returns:
+        Scalar float32 tensor: ``sum_p w[y_p] CE_p / sum_p w[y_p]`` over the non-ignored pixels p
+        of the upsampled logits u (or ``normalize``'s denominator), the value of
+        ``weighted_cross_entropy(F.interpolate(logits, ...), labels, ...)`` up to float rounding.
+
+    Why not autograd through ``F.interpolate`` and ``F.cross_entropy``: their CPU kernels on
+    (N, C, H, W) are slow (the upsampling and the softmax over C at stride H * W, and the backward
+    of both: ``upsample_bilinear2d_backward`` scatters) and the backward writes two fresh
+    full-resolution tensors. Here the logits are upsampled channels-last, so that u is an
+    (N, H, W, C) tensor whose softmax runs over contiguous rows; the forward keeps the softmax
+    P = softmax(u) and takes CE_p = -log P_{y_p}(p) (a pixel whose P_y underflows to < 1e-30 takes
+    log_softmax(u(p))_y instead, the same value without the underflow). The gradient with respect
+    to u,
+
+        dL/du_c(p) = w[y_p] (P_c(p) - [c = y_p]) / sum_q w[y_q]   (0 where ignored),
+
+    is written in place into P, and the gradient with respect to ``logits`` is the adjoint
+    (transpose) of the separable bilinear upsampling applied to it
+    (:func:`bilinear_upsample_adjoint`). The same numbers as autograd's up to float rounding.
+    """
+    logits = logits.float()  # fp32 under autocast too (see the module docstring)
+    valid = labels != ignore_index
+    if labels.numel() == 0 or (ignore_index >= 0 and not bool(valid.any())):
+        return _empty(logits, normalize)
+    if weights is not None:
+        weights = weights.to(dtype=logits.dtype, device=logits.device)
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        return _upsampled_ce_forward(logits, labels, valid, weights, scale_factor, normalize)[0]
+    return _UpsampledCrossEntropy.apply(logits, labels, valid, weights, scale_factor, normalize)
+
+
+def _upsampled_ce_forward(logits, labels, valid, weights, scale_factor, normalize):
+    """(loss, P (N, H, W, C) softmax of the upsampled logits, safe labels (N, H, W) with the
+    ignored ones 0, per-pixel gradient scale w[y_p] / denominator (N, H, W), 0 where ignored)."""
+    z = logits.contiguous(memory_format=torch.channels_last)
+    up = F.interpolate(z, scale_factor=scale_factor, mode="bilinear", align_corners=False)
+    u = up.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C); a view when up is channels-last
+    del up
+    if u.shape[:3] != labels.shape:
+        raise ValueError(
+            f"labels of shape {tuple(labels.shape)} do not match the logits upsampled by "
+            f"{scale_factor}: {tuple(u.shape[:3])}"
+        )
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    num_classes = u.shape[-1]
+    if bool(((safe < 0) | (safe >= num_classes)).any()):
+        raise ValueError(
+            f"labels must be in [0, {num_classes}) or the ignore value, got values in "
+            f"[{int(labels.min())}, {int(labels.max())}]"
+        )
+    prob = torch.softmax(u, dim=-1)
+    p_y = prob.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    nll = -torch.log(p_y)
+    tiny = (p_y < 1e-30) & valid
+    if bool(tiny.any()):  # P_y underflowed: the log-softmax of those pixels' logits
+        nll[tiny] = -torch.log_softmax(u[tiny], dim=-1).gather(-1, safe[tiny].unsqueeze(-1))[:, 0]
+    del u
+    nll = nll.masked_fill(~valid, 0.0)  # ignored pixels (their P_0 may underflow: inf * 0)
+    # The weight sum as weighted_cross_entropy takes it.
+    kept = labels[valid]
+    local = weights[kept].sum() if weights is not None else prob.new_tensor(kept.numel())
+    denominator = local if normalize is None else normalize(local)
+    pixel_w = weights[safe] * valid if weights is not None else valid.to(prob.dtype)
+    loss = (pixel_w * nll).sum() / denominator
+    return loss, prob, safe, pixel_w / denominator
+
+
+class _UpsampledCrossEntropy(torch.autograd.Function):
+    """See :func:`upsampled_cross_entropy`."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, valid, weights, scale_factor, normalize):
+        loss, prob, safe, grad_scale = _upsampled_ce_forward(
+            logits, labels, valid, weights, scale_factor, normalize
+        )
+        ctx.prob = prob  # consumed (overwritten) by the backward
+        ctx.scale_factor = scale_factor
+        ctx.inputs = (labels, valid, weights, normalize)
+        ctx.save_for_backward(logits, safe, grad_scale)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, safe, grad_scale = ctx.saved_tensors
+        prob, ctx.prob = ctx.prob, None
+        if prob is None:  # a second backward (retain_graph=True): the first overwrote it
+            labels, valid, weights, normalize = ctx.inputs
+            _, prob, _, _ = _upsampled_ce_forward(
+                logits, labels, valid, weights, ctx.scale_factor, normalize
+            )
+        g = (grad_scale * grad_loss).unsqueeze(-1)  # (N, H, W, 1)
+        grad_u = prob.mul_(g)  # w (P - onehot) / denominator, in P's buffer
+        grad_u.scatter_add_(-1, safe.unsqueeze(-1), -g)
+        grad = bilinear_upsample_adjoint(grad_u, logits.shape[-2:], ctx.scale_factor, dims=(1, 2))
+        return grad.permute(0, 3, 1, 2), None, None, None, None, None
+
+
+def bilinear_upsample_adjoint(grad: torch.Tensor, size, scale_factor, dims=(2, 3)) -> torch.Tensor:
+    """Gradient with respect to x of ``F.interpolate(x, scale_factor=scale_factor,
+    mode="bilinear", align_corners=False)`` given ``grad`` of its output.
+
+    Args:
+        grad: gradient of the upsampled tensor, (N, C, H, W) (``dims=(2, 3)``) or any layout
+            with the two spatial axes at ``dims``, e.g. (N, H, W, C) with ``dims=(1, 2)``.
+        size: (h, w) of x, with H = floor(h * scale_factor), W = floor(w * scale_factor).
+        scale_factor: the factor given to ``F.interpolate``.
+
+    Returns:
+        ``grad``'s layout with (h, w) at ``dims``.
+
+    Bilinear upsampling is separable, U x = A_H x A_W^T with A_H (H, h) and A_W (W, w) the 1-D
+    linear-interpolation matrices (PyTorch's own: read off ``F.interpolate(mode="linear")`` of the
+    identity), so the adjoint is A_H^T g A_W, applied one axis at a time, the full-resolution H
+    axis first. For an integer factor s each output row o = s k + r reads inputs k - 1, k, k + 1
+    only, so A^T is applied as at most 3 s shifted multiply-adds of strided views (no scatter, no
+    copy of the full-resolution tensor); any other factor uses a dense matmul.
+    """
+    h, w = (int(v) for v in size)
+    out = _linear_adjoint(grad, dims[0], h, grad.shape[dims[0]], scale_factor)
+    return _linear_adjoint(out, dims[1], w, grad.shape[dims[1]], scale_factor)
+
+
+@functools.lru_cache(maxsize=64)
+def _linear_interpolation(n: int, m: int, scale_factor):
+    """1-D interpolation matrix (m, n) of F.interpolate(mode="linear", align_corners=False) and,
+    for m = s n, its band (center, left, right) of shape (n, s) each, or None if not banded."""
+    eye = torch.eye(n, dtype=torch.float32)[None]  # (1, n, n): n unit inputs of length n
+    a = F.interpolate(eye, scale_factor=scale_factor, mode="linear", align_corners=False)[0].t()
+    if a.shape[0] != m:
+        raise ValueError(f"upsampling {n} by {scale_factor} gives {a.shape[0]}, not {m}")
+    if m % n:
+        return a, None
+    s = m // n
+    a3 = a.reshape(n, s, n)  # [k, r, j]: weight of output s k + r on input j
+    k = torch.arange(n)
+    center = a3[k, :, k]
+    left = torch.zeros(n, s)  # [k, r]: weight of output s k + r on input k - 1
+    right = torch.zeros(n, s)  # ... on input k + 1
+    left[1:] = a3[k[1:], :, k[1:] - 1]
+    right[:-1] = a3[k[:-1], :, k[:-1] + 1]
+    rest = a3.clone()
+    rest[k, :, k] = 0
+    rest[k[1:], :, k[1:] - 1] = 0
+    rest[k[:-1], :, k[:-1] + 1] = 0
+    if rest.abs().max() > 0:
+        return a, None
+    return a, (center, left, right)
+
+
+def _linear_adjoint(grad, dim, n, m, scale_factor):
+    # A^T along ``dim`` of ``grad`` (size m there) -> size n there.
+    a, band = _linear_interpolation(n, m, float(scale_factor))
+    if band is None:
+        moved = grad.movedim(dim, -1)
+        return (moved @ a.to(grad.device, grad.dtype)).movedim(-1, dim)
+    center, left, right = (t.to(grad.device, grad.dtype) for t in band)
+    s = m // n
+    blocks = grad.unflatten(dim, (n, s))
+    shape = [1] * grad.dim()
+    shape[dim] = -1
+    out = None
+    for r in range(s):
+        x = blocks.select(dim + 1, r)  # outputs s k + r, k = 0..n-1
+        c = center[:, r].view(shape)
+        out = x * c if out is None else out.addcmul_(x, c)
+        if n > 1 and bool(band[1][1:, r].any()):  # output s k + r -> input k - 1
+            out.narrow(dim, 0, n - 1).addcmul_(
+                x.narrow(dim, 1, n - 1), left[1:, r].view(shape)
+            )
+        if n > 1 and bool(band[2][:-1, r].any()):  # output s k + r -> input k + 1
+            out.narrow(dim, 1, n - 1).addcmul_(
+                x.narrow(dim, 0, n - 1), right[:-1, r].view(shape)
+            )
+    return out
 
 
 def weighted_sigmoid_cross_entropy(
