@@ -197,8 +197,9 @@ def upsampled_cross_entropy(
 
 
 def _upsampled_ce_forward(logits, labels, valid, weights, scale_factor, normalize):
-    """(loss, P (N, H, W, C) softmax of the upsampled logits, safe labels (N, H, W) with the
-    ignored ones 0, per-pixel gradient scale w[y_p] / denominator (N, H, W), 0 where ignored)."""
+    """(loss, P (N, H, W, C) softmax of the upsampled logits, (N, H, W) flat indices of
+    P_{y_p}(p) in P (ignored pixels: of class 0), per-pixel gradient scale w[y_p] / denominator
+    (N, H, W), 0 where ignored)."""
     z = logits.contiguous(memory_format=torch.channels_last)
     up = F.interpolate(z, scale_factor=scale_factor, mode="bilinear", align_corners=False)
     u = up.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C); a view when up is channels-last
@@ -216,7 +217,10 @@ def _upsampled_ce_forward(logits, labels, valid, weights, scale_factor, normaliz
             f"[{int(labels.min())}, {int(labels.max())}]"
         )
     prob = torch.softmax(u, dim=-1)
-    p_y = prob.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    # Flat index of (p, y_p) in prob: index_select / index_add_ on it are faster than gather /
+    # scatter_add_ along the last dim.
+    flat = torch.arange(0, prob.numel(), num_classes, device=safe.device).view(safe.shape) + safe
+    p_y = prob.view(-1).index_select(0, flat.view(-1)).view(safe.shape)
     nll = -torch.log(p_y)
     tiny = (p_y < 1e-30) & valid
     if bool(tiny.any()):  # P_y underflowed: the log-softmax of those pixels' logits
@@ -229,7 +233,7 @@ def _upsampled_ce_forward(logits, labels, valid, weights, scale_factor, normaliz
     denominator = local if normalize is None else normalize(local)
     pixel_w = weights[safe] * valid if weights is not None else valid.to(prob.dtype)
     loss = (pixel_w * nll).sum() / denominator
-    return loss, prob, safe, pixel_w / denominator
+    return loss, prob, flat, pixel_w / denominator
 
 
 class _UpsampledCrossEntropy(torch.autograd.Function):
@@ -237,32 +241,38 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, valid, weights, scale_factor, normalize):
-        loss, prob, safe, grad_scale = _upsampled_ce_forward(
+        loss, prob, flat, grad_scale = _upsampled_ce_forward(
             logits, labels, valid, weights, scale_factor, normalize
         )
         ctx.prob = prob  # consumed (overwritten) by the backward
         ctx.scale_factor = scale_factor
         ctx.inputs = (labels, valid, weights, normalize)
-        ctx.save_for_backward(logits, safe, grad_scale)
+        ctx.save_for_backward(logits, flat, grad_scale)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        logits, safe, grad_scale = ctx.saved_tensors
+        logits, flat, grad_scale = ctx.saved_tensors
         prob, ctx.prob = ctx.prob, None
         if prob is None:  # a second backward (retain_graph=True): the first overwrote it
             labels, valid, weights, normalize = ctx.inputs
             _, prob, _, _ = _upsampled_ce_forward(
                 logits, labels, valid, weights, ctx.scale_factor, normalize
             )
+        # P - onehot in P's buffer; the pixel weights w[y_p] / denominator are folded into the
+        # adjoint's first pass (no other pass over the full-resolution tensor).
+        prob.view(-1).index_add_(0, flat.view(-1), prob.new_full((flat.numel(),), -1.0))
         g = (grad_scale * grad_loss).unsqueeze(-1)  # (N, H, W, 1)
-        grad_u = prob.mul_(g)  # w (P - onehot) / denominator, in P's buffer
-        grad_u.scatter_add_(-1, safe.unsqueeze(-1), -g)
-        grad = bilinear_upsample_adjoint(grad_u, logits.shape[-2:], ctx.scale_factor, dims=(1, 2))
-        return grad.permute(0, 3, 1, 2), None, None, None, None, None
+        grad = bilinear_upsample_adjoint(
+            prob, logits.shape[-2:], ctx.scale_factor, dims=(1, 2), row_scale=g
+        )
+        # (N, h, w, C) -> (N, C, h, w) laid out as the logits, for the calibration's backward.
+        return grad.permute(0, 3, 1, 2).contiguous(), None, None, None, None, None
 
 
-def bilinear_upsample_adjoint(grad: torch.Tensor, size, scale_factor, dims=(2, 3)) -> torch.Tensor:
+def bilinear_upsample_adjoint(
+    grad: torch.Tensor, size, scale_factor, dims=(2, 3), row_scale=None
+) -> torch.Tensor:
     """Gradient with respect to x of ``F.interpolate(x, scale_factor=scale_factor,
     mode="bilinear", align_corners=False)`` given ``grad`` of its output.
 
@@ -271,6 +281,8 @@ def bilinear_upsample_adjoint(grad: torch.Tensor, size, scale_factor, dims=(2, 3
             with the two spatial axes at ``dims``, e.g. (N, H, W, C) with ``dims=(1, 2)``.
         size: (h, w) of x, with H = floor(h * scale_factor), W = floor(w * scale_factor).
         scale_factor: the factor given to ``F.interpolate``.
+        row_scale: None, or a tensor broadcastable to ``grad``: the adjoint of ``grad *
+            row_scale`` is returned, the product folded into the first axis' multiply-adds.
 
     Returns:
         ``grad``'s layout with (h, w) at ``dims``.
@@ -283,7 +295,7 @@ def bilinear_upsample_adjoint(grad: torch.Tensor, size, scale_factor, dims=(2, 3
     copy of the full-resolution tensor); any other factor uses a dense matmul.
     """
     h, w = (int(v) for v in size)
-    out = _linear_adjoint(grad, dims[0], h, grad.shape[dims[0]], scale_factor)
+    out = _linear_adjoint(grad, dims[0], h, grad.shape[dims[0]], scale_factor, row_scale)
     return _linear_adjoint(out, dims[1], w, grad.shape[dims[1]], scale_factor)
 
 
@@ -314,29 +326,39 @@ def _linear_interpolation(n: int, m: int, scale_factor):
     return a, (center, left, right)
 
 
-def _linear_adjoint(grad, dim, n, m, scale_factor):
-    # A^T along ``dim`` of ``grad`` (size m there) -> size n there.
+def _linear_adjoint(grad, dim, n, m, scale_factor, row_scale=None):
+    # A^T along ``dim`` of ``grad * row_scale`` (size m there) -> size n there. ``row_scale``
+    # (broadcastable to ``grad``, None for 1) is folded into the banded multiply-adds, which saves
+    # a pass over the full-resolution ``grad``.
     a, band = _linear_interpolation(n, m, float(scale_factor))
     if band is None:
+        if row_scale is not None:
+            grad = grad * row_scale
         moved = grad.movedim(dim, -1)
         return (moved @ a.to(grad.device, grad.dtype)).movedim(-1, dim)
     center, left, right = (t.to(grad.device, grad.dtype) for t in band)
     s = m // n
     blocks = grad.unflatten(dim, (n, s))
+    scales = None if row_scale is None else row_scale.unflatten(dim, (n, s))
     shape = [1] * grad.dim()
     shape[dim] = -1
     out = None
     for r in range(s):
         x = blocks.select(dim + 1, r)  # outputs s k + r, k = 0..n-1
-        c = center[:, r].view(shape)
+        x_scale = None if scales is None else scales.select(dim + 1, r)
+
+        def coef(weights, start, length):
+            # weights (n,) along dim, times the rows' scale; start/length: the k range
+            w = weights[start : start + length].view(shape)
+            return w if x_scale is None else w * x_scale.narrow(dim, start, length)
+
+        c = coef(center[:, r], 0, n)
         out = x * c if out is None else out.addcmul_(x, c)
         if n > 1 and bool(band[1][1:, r].any()):  # output s k + r -> input k - 1
-            out.narrow(dim, 0, n - 1).addcmul_(
-                x.narrow(dim, 1, n - 1), left[1:, r].view(shape)
-            )
+            out.narrow(dim, 0, n - 1).addcmul_(x.narrow(dim, 1, n - 1), coef(left[:, r], 1, n - 1))
         if n > 1 and bool(band[2][:-1, r].any()):  # output s k + r -> input k + 1
             out.narrow(dim, 1, n - 1).addcmul_(
-                x.narrow(dim, 0, n - 1), right[:-1, r].view(shape)
+                x.narrow(dim, 0, n - 1), coef(right[:, r], 0, n - 1)
             )
     return out
 
