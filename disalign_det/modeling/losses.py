@@ -357,9 +357,7 @@ def _linear_adjoint(grad, dim, n, m, scale_factor, row_scale=None):
         if n > 1 and bool(band[1][1:, r].any()):  # output s k + r -> input k - 1
             out.narrow(dim, 0, n - 1).addcmul_(x.narrow(dim, 1, n - 1), coef(left[:, r], 1, n - 1))
         if n > 1 and bool(band[2][:-1, r].any()):  # output s k + r -> input k + 1
-            out.narrow(dim, 1, n - 1).addcmul_(
-                x.narrow(dim, 0, n - 1), coef(right[:, r], 0, n - 1)
-            )
+            out.narrow(dim, 1, n - 1).addcmul_(x.narrow(dim, 0, n - 1), coef(right[:, r], 0, n - 1))
     return out
 
 
