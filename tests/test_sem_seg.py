@@ -260,6 +260,12 @@ def test_upsampled_cross_entropy_equals_autograd(weighted, normalized):
     with torch.no_grad():
         no_grad = upsampled_cross_entropy(logits, labels, 4, weights, normalize, IGNORE)
     torch.testing.assert_close(no_grad, ref, rtol=1e-6, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 inside, whatever autocast says
+        amp = upsampled_cross_entropy(logits, labels, 4, weights, normalize, IGNORE)
+    assert amp.dtype == torch.float32
+    torch.testing.assert_close(
+        amp, _stock_upsampled_ce(logits, labels, 4, weights, normalize, IGNORE), rtol=1e-6, atol=0
+    )
 
 
 def test_upsampled_cross_entropy_underflow_and_edge_cases():

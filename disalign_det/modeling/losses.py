@@ -22,6 +22,7 @@ precision (a sum over R x K sigmoid terms overflows fp16's 65504), and the cast 
 to float32 is exact.
 """
 
+import contextlib
 import functools
 import logging
 import math
@@ -191,32 +192,46 @@ def upsampled_cross_entropy(
         return _empty(logits, normalize)
     if weights is not None:
         weights = weights.to(dtype=logits.dtype, device=logits.device)
-    if not (torch.is_grad_enabled() and logits.requires_grad):
-        return _upsampled_ce_forward(logits, labels, valid, weights, scale_factor, normalize)[0]
-    return _UpsampledCrossEntropy.apply(logits, labels, valid, weights, scale_factor, normalize)
+    with _autocast_off(logits.device.type):  # float32 throughout (also a dense adjoint's matmul)
+        if not (torch.is_grad_enabled() and logits.requires_grad):
+            return _upsampled_ce_forward(logits, labels, valid, weights, scale_factor, normalize)[0]
+        return _UpsampledCrossEntropy.apply(logits, labels, valid, weights, scale_factor, normalize)
+
+
+def _autocast_off(device_type):
+    check = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.3
+    available = check(device_type) if check is not None else device_type in ("cpu", "cuda")
+    if not available:  # e.g. "meta": no autocast to turn off
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def _upsampled_softmax(logits, scale_factor):
+    """(u, P): the logits upsampled channels-last as an (N, H, W, C) tensor and its softmax over
+    C (contiguous rows)."""
+    z = logits.contiguous(memory_format=torch.channels_last)
+    up = F.interpolate(z, scale_factor=scale_factor, mode="bilinear", align_corners=False)
+    u = up.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C); a view when up is channels-last
+    return u, torch.softmax(u, dim=-1)
 
 
 def _upsampled_ce_forward(logits, labels, valid, weights, scale_factor, normalize):
     """(loss, P (N, H, W, C) softmax of the upsampled logits, (N, H, W) flat indices of
     P_{y_p}(p) in P (ignored pixels: of class 0), per-pixel gradient scale w[y_p] / denominator
     (N, H, W), 0 where ignored)."""
-    z = logits.contiguous(memory_format=torch.channels_last)
-    up = F.interpolate(z, scale_factor=scale_factor, mode="bilinear", align_corners=False)
-    u = up.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C); a view when up is channels-last
-    del up
-    if u.shape[:3] != labels.shape:
-        raise ValueError(
-            f"labels of shape {tuple(labels.shape)} do not match the logits upsampled by "
-            f"{scale_factor}: {tuple(u.shape[:3])}"
-        )
+    num_classes = logits.shape[1]
     safe = torch.where(valid, labels, torch.zeros_like(labels))
-    num_classes = u.shape[-1]
     if bool(((safe < 0) | (safe >= num_classes)).any()):
         raise ValueError(
             f"labels must be in [0, {num_classes}) or the ignore value, got values in "
             f"[{int(labels.min())}, {int(labels.max())}]"
         )
-    prob = torch.softmax(u, dim=-1)
+    u, prob = _upsampled_softmax(logits, scale_factor)
+    if u.shape[:3] != labels.shape:
+        raise ValueError(
+            f"labels of shape {tuple(labels.shape)} do not match the logits upsampled by "
+            f"{scale_factor}: {tuple(u.shape[:3])}"
+        )
     # Flat index of (p, y_p) in prob: index_select / index_add_ on it are faster than gather /
     # scatter_add_ along the last dim.
     flat = torch.arange(0, prob.numel(), num_classes, device=safe.device).view(safe.shape) + safe
@@ -246,7 +261,6 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
         )
         ctx.prob = prob  # consumed (overwritten) by the backward
         ctx.scale_factor = scale_factor
-        ctx.inputs = (labels, valid, weights, normalize)
         ctx.save_for_backward(logits, flat, grad_scale)
         return loss
 
@@ -254,18 +268,16 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         logits, flat, grad_scale = ctx.saved_tensors
         prob, ctx.prob = ctx.prob, None
-        if prob is None:  # a second backward (retain_graph=True): the first overwrote it
-            labels, valid, weights, normalize = ctx.inputs
-            _, prob, _, _ = _upsampled_ce_forward(
-                logits, labels, valid, weights, ctx.scale_factor, normalize
+        with _autocast_off(logits.device.type):
+            if prob is None:  # a second backward (retain_graph=True): the first overwrote it
+                prob = _upsampled_softmax(logits, ctx.scale_factor)[1]
+            # P - onehot in P's buffer; the pixel weights w[y_p] / denominator are folded into
+            # the adjoint's first pass (no other pass over the full-resolution tensor).
+            prob.view(-1).index_add_(0, flat.view(-1), prob.new_full((flat.numel(),), -1.0))
+            g = (grad_scale * grad_loss).unsqueeze(-1)  # (N, H, W, 1)
+            grad = bilinear_upsample_adjoint(
+                prob, logits.shape[-2:], ctx.scale_factor, dims=(1, 2), row_scale=g
             )
-        # P - onehot in P's buffer; the pixel weights w[y_p] / denominator are folded into the
-        # adjoint's first pass (no other pass over the full-resolution tensor).
-        prob.view(-1).index_add_(0, flat.view(-1), prob.new_full((flat.numel(),), -1.0))
-        g = (grad_scale * grad_loss).unsqueeze(-1)  # (N, H, W, 1)
-        grad = bilinear_upsample_adjoint(
-            prob, logits.shape[-2:], ctx.scale_factor, dims=(1, 2), row_scale=g
-        )
         # (N, h, w, C) -> (N, C, h, w) laid out as the logits, for the calibration's backward.
         return grad.permute(0, 3, 1, 2).contiguous(), None, None, None, None, None
 
