@@ -47,10 +47,14 @@ def add_disalign_config(cfg):
     # the box classifier `cls_score`, the classifier re-training ablation).
     _C.MODEL.DISALIGN.FREEZE = "none"
 
-    # Cosine classifier for `cls_score` (normalised features and weights, no bias): z_j = tau cos.
+    # Cosine classifier for `cls_score` (normalised features and weights): z_j = tau cos (no bias,
+    # unless NORMED_LINEAR).
     _C.MODEL.ROI_BOX_HEAD.COSINE_CLASSIFIER = False
-    # tau, the learnable temperature of the cosine classifier (initial value).
+    # tau, the temperature of the cosine classifier (initial value; learned unless NORMED_LINEAR).
     _C.MODEL.ROI_BOX_HEAD.COSINE_SCALE = 20.0
+    # With COSINE_CLASSIFIER: Seesaw's normalised linear classifier (mmdetection's NormedLinear:
+    # tau = COSINE_SCALE fixed, plus a bias b_j) instead of the cosine one (learned tau, no bias).
+    _C.MODEL.ROI_BOX_HEAD.NORMED_LINEAR = False
 
     # Training-free test-time alternatives to DisAlign (applied to the box classifier's softmax):
     # "none", "norcal" (foreground probabilities divided by n_j ** gamma, renormalised) or

@@ -12,17 +12,19 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import tiny_cfg
+from conftest import CONFIGS, tiny_cfg
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
+from disalign_det import add_disalign_config
 from disalign_det.compat.features import has_federated_loss
 from disalign_det.engine import DisAlignCheckpointer, Trainer
-from disalign_det.modeling import DisAlignFastRCNNOutputLayers
+from disalign_det.modeling import DisAlignFastRCNNOutputLayers, NormedLinear
 from disalign_det.modeling.freeze import is_disalign_state
 from disalign_det.modeling.stage_one_losses import (
     StageOneLoss,
@@ -33,7 +35,9 @@ from disalign_det.modeling.stage_one_losses import (
     eqlv2_loss,
     eqlv2_weights,
     objectness_sigmoid_probs,
+    objectness_softmax_log_probs,
     seesaw_loss,
+    seesaw_objectness_loss,
 )
 
 needs_sigmoid = pytest.mark.skipif(
@@ -220,6 +224,98 @@ def test_seesaw_counts_accumulate_before_the_loss_and_resume():
     resumed = StageOneLoss("seesaw", K).train()
     resumed.load_state_dict(m.state_dict())
     assert torch.equal(resumed(z, y), m(z, y)) and torch.equal(resumed.cum_samples, m.cum_samples)
+
+
+# ---- Seesaw's objectness branch (mmdetection's K + 2 outputs) ----------------------------------
+# K class logits c, then the objectness logits (o_fg, o_bg); labels Y (two background RoIs).
+ZO = [
+    [1.0, -0.5, 0.3, 0.8, -0.2],
+    [-1.2, 0.7, 2.0, -0.3, 0.4],
+    [0.1, 0.1, -1.0, -0.6, 1.5],
+    [0.4, -2.0, 0.9, 1.1, 0.0],
+    [2.2, 0.3, -0.7, 0.5, 0.9],
+]
+
+
+def _softmax(v):
+    e = [math.exp(a) for a in v]
+    return [a / sum(e) for a in e]
+
+
+def test_objectness_log_probs_are_mmdetections_activation():
+    # p_j = softmax(c)_j softmax(o)_fg for the K classes, p_bg = softmax(o)_bg.
+    lp = objectness_softmax_log_probs(torch.tensor(ZO, dtype=torch.float64))
+    assert lp.shape == (5, K + 1) and lp.dtype == torch.float64
+    for i, row in enumerate(ZO):
+        pc, po = _softmax(row[:K]), _softmax(row[K:])
+        want = [pc[j] * po[0] for j in range(K)] + [po[1]]
+        for j in range(K + 1):
+            assert math.exp(lp[i, j].item()) == pytest.approx(want[j], rel=1e-12)
+
+
+def _seesaw_objectness_by_hand(counts, p, q, eps):
+    """mmdetection's SeesawLoss: for a foreground RoI of class i, CE of e^c_i / (e^c_i +
+    sum_{j != i} S_ij e^c_j) over the K class logits; every RoI: CE of softmax(o) against fg (0)
+    / bg (1); both summed and divided by R."""
+    total = 0.0
+    for row, yi in zip(ZO, Y):
+        c, o = row[:K], row[K:]
+        if yi < K:
+            e, s = [math.exp(v) for v in c], _softmax(c)
+            denom = e[yi]
+            for j in range(K):
+                if j == yi:
+                    continue
+                S = 1.0
+                n_i, n_j = max(counts[yi], 1), max(counts[j], 1)
+                if n_j < n_i:
+                    S *= (n_j / n_i) ** p
+                own = max(s[yi], eps)
+                if s[j] > own:
+                    S *= (s[j] / own) ** q
+                denom += S * e[j]
+            total += -math.log(e[yi] / denom)
+        total += -math.log(_softmax(o)[0 if yi < K else 1])
+    return total / len(ZO)
+
+
+@pytest.mark.parametrize("p,q", [(0.8, 2.0), (0.8, 0.0), (0.0, 2.0), (1.5, 1.0)])
+def test_seesaw_objectness_against_the_formula(p, q):
+    raw, y = torch.tensor(ZO, dtype=torch.float64), torch.tensor(Y)
+    counts = [400.0, 3.0, 50.0]
+    got = seesaw_objectness_loss(objectness_softmax_log_probs(raw), y, torch.tensor(counts), p, q)
+    assert got.item() == pytest.approx(_seesaw_objectness_by_hand(counts, p, q, 1e-2), rel=1e-9)
+
+
+def test_seesaw_objectness_with_p_q_zero_is_the_two_cross_entropies():
+    # Value and gradient w.r.t. the raw K + 2 logits: the class CE on the foreground RoIs plus
+    # the objectness CE on all, both / R (the log-probabilities lose nothing).
+    raw = torch.tensor(ZO, dtype=torch.float64, requires_grad=True)
+    raw0 = raw.detach().clone().requires_grad_(True)
+    y = torch.tensor(Y)
+    fg = y < K
+    got = seesaw_objectness_loss(objectness_softmax_log_probs(raw), y, torch.ones(K), 0.0, 0.0)
+    want = (
+        F.cross_entropy(raw0[fg, :K], y[fg], reduction="sum")
+        + F.cross_entropy(raw0[:, K:], (~fg).long(), reduction="sum")
+    ) / len(Y)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(raw.grad, raw0.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_seesaw_objectness_module_counts_and_loss():
+    raw, y = torch.tensor(ZO), torch.tensor(Y)
+    m = StageOneLoss("seesaw", K, objectness=True).train()
+    assert m.num_logits == K + 2 and StageOneLoss("seesaw", K).num_logits == K + 1
+    lp = objectness_softmax_log_probs(raw)
+    got = m(lp, y)
+    counts = torch.tensor([1.0, 1.0, 1.0, 2.0], dtype=torch.float64)  # all labels, bg included
+    assert torch.equal(m.cum_samples, counts)
+    torch.testing.assert_close(got, seesaw_objectness_loss(lp, y, counts[:K].float(), 0.8, 2.0))
+    with pytest.raises(ValueError, match=r"MODEL\.ROI_BOX_HEAD\.SEESAW\.OBJECTNESS"):
+        StageOneLoss("eqlv2", K, objectness=True)
 
 
 # ---- ECM -------------------------------------------------------------------------------------
@@ -410,16 +506,248 @@ def test_sigmoid_losses_fail_clearly_on_v06(kind):
         DisAlignFastRCNNOutputLayers(cfg, ShapeSpec(channels=D))
 
 
+# ---- Seesaw's normalised linear classifier (mmdetection's NormedLinear) ----------------------
+def test_normed_linear_against_the_formula():
+    # z_j = tau <x / (|x| + eps), w_j / (|w_j| + eps)> + b_j, tau = 20 fixed, eps = 1e-6.
+    layer = NormedLinear(3, 2, scale=20.0).double()
+    W, B = [[0.5, -1.0, 2.0], [0.0, 3.0, 4.0]], [0.25, -0.75]
+    X = [[1.0, 2.0, 2.0], [-3.0, 0.0, 4.0]]
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor(W, dtype=torch.float64))
+        layer.bias.copy_(torch.tensor(B, dtype=torch.float64))
+    z = layer(torch.tensor(X, dtype=torch.float64))
+    for r, x in enumerate(X):
+        nx = math.sqrt(sum(v * v for v in x)) + 1e-6
+        for j, w in enumerate(W):
+            nw = math.sqrt(sum(v * v for v in w)) + 1e-6
+            want = 20.0 * sum(a / nx * b / nw for a, b in zip(x, w)) + B[j]
+            assert z[r, j].item() == pytest.approx(want, rel=1e-12)
+    # e.g. row 0, class 1: 20 * (0 + 6 + 8) / (3 * 5) - 0.75 (up to eps).
+    assert z[0, 1].item() == pytest.approx(20 * 14 / 15 - 0.75, rel=1e-6)
+    # tau is a constant (not learned, not in the state dict); the stock names weight / bias.
+    assert set(layer.state_dict()) == {"weight", "bias"}
+    assert [n for n, _ in layer.named_parameters()] == ["weight", "bias"]
+
+
+def test_normed_linear_init_is_mmdetections():
+    torch.manual_seed(0)
+    layer = NormedLinear(256, 300)
+    assert torch.equal(layer.bias, torch.zeros(300))
+    assert layer.weight.std().item() == pytest.approx(0.01, rel=0.05)
+
+
+def test_predictor_with_normed_linear_keeps_the_stock_names():
+    pred = _predictor("seesaw", cosine=True, normed_linear=True)
+    assert isinstance(pred.cls_score, NormedLinear) and pred.cls_score.scale == 20.0
+    assert {k for k in pred.state_dict() if k.startswith("cls_score.")} == {
+        "cls_score.weight",
+        "cls_score.bias",
+    }
+    x = torch.randn(4, D)
+    w, b = pred.cls_score.weight, pred.cls_score.bias
+    # |w_j| ~ 0.03 at init, so mmdetection's eps = 1e-6 on the norms shows at 1e-5.
+    unit = lambda v: v / (v.norm(dim=1, keepdim=True) + 1e-6)  # noqa: E731
+    want = 20.0 * unit(x) @ unit(w).T + b
+    torch.testing.assert_close(pred(x)[0], want, rtol=1e-5, atol=1e-5)
+    # The default cosine classifier is unchanged: learned tau, no bias.
+    cos = _predictor("seesaw", cosine=True)
+    assert {k for k in cos.state_dict() if k.startswith("cls_score.")} == {
+        "cls_score.weight",
+        "cls_score.scale",
+    }
+    with pytest.raises(ValueError, match=r"MODEL\.ROI_BOX_HEAD\.NORMED_LINEAR.*COSINE_CLASSIFIER"):
+        _predictor("seesaw", normed_linear=True)
+
+
+def test_calibration_is_the_identity_at_init_on_the_normed_linear_seesaw():
+    stage_one = _predictor("seesaw", cosine=True, normed_linear=True)
+    with torch.no_grad():  # a trained bias (non-zero) must load and be kept
+        stage_one.cls_score.bias.copy_(torch.tensor([0.5, -1.0, 0.25, 2.0]))
+    stage_two = _predictor(
+        "seesaw",
+        cosine=True,
+        normed_linear=True,
+        calibrate=True,
+        cls_loss="grw",
+        class_weights=torch.ones(K + 1),
+    )
+    incompatible = stage_two.load_state_dict(stage_one.state_dict(), strict=False)
+    assert not incompatible.unexpected_keys
+    assert incompatible.missing_keys and all(map(is_disalign_state, incompatible.missing_keys))
+    with torch.no_grad():
+        stage_two.confidence_layer.weight.normal_(std=1.0)
+    x, proposals = torch.randn(7, D) * 3, _proposals([0] * 7)
+    (p1,), (p2,) = (m.predict_probs(m(x), proposals) for m in (stage_one, stage_two))
+    assert torch.equal(p1, p2)
+    assert torch.equal(p1, F.softmax(stage_one(x)[0], -1))
+
+
+@pytest.mark.parametrize(
+    "classifier",
+    [dict(), dict(cosine=True), dict(cosine=True, normed_linear=True)],
+    ids=["linear", "cosine", "normed_linear"],
+)
+def test_predictor_with_the_objectness_branch(classifier):
+    pred = _predictor("seesaw", stage_one_options=dict(objectness=True), **classifier)
+    assert pred.cls_score.weight.shape == (K + 2, D)
+    x, proposals = torch.randn(6, D), _proposals([0, 1, 2, 3, 3, 1])
+    raw = pred.cls_score(x)
+    scores, deltas = pred(x)
+    torch.testing.assert_close(scores, objectness_softmax_log_probs(raw))
+    (probs,) = pred.predict_probs((scores, None), proposals)
+    pc, po = F.softmax(raw[:, :K], 1), F.softmax(raw[:, K:], 1)
+    torch.testing.assert_close(probs, torch.cat([pc * po[:, :1], po[:, 1:]], 1))
+    with EventStorage():
+        loss = pred.losses((scores, deltas), proposals)["loss_cls"]
+    reference = StageOneLoss("seesaw", K, objectness=True).eval()  # eval: the counts stay
+    reference.load_state_dict(pred.stage_one_loss.state_dict())
+    assert torch.equal(reference.cum_samples, torch.tensor([1.0, 2.0, 1.0, 2.0]).double())
+    torch.testing.assert_close(loss, reference(scores, torch.tensor([0, 1, 2, 3, 3, 1])))
+    with pytest.raises(ValueError, match=r"SEESAW\.OBJECTNESS needs .*STAGE_ONE_LOSS='seesaw'"):
+        _predictor("ce", stage_one_options=dict(objectness=True))
+
+
+def test_calibration_acts_only_on_the_class_logits_of_the_objectness_model():
+    opts = dict(stage_one_options=dict(objectness=True), cosine=True, normed_linear=True)
+    stage_one = _predictor("seesaw", **opts)
+    with torch.no_grad():
+        stage_one.cls_score.bias.copy_(torch.tensor([0.5, -1.0, 0.25, 1.0, -0.5]))
+    stage_two = _predictor(
+        "seesaw", calibrate=True, cls_loss="grw", class_weights=torch.ones(K + 1), **opts
+    )
+    incompatible = stage_two.load_state_dict(stage_one.state_dict(), strict=False)
+    assert not incompatible.unexpected_keys
+    assert incompatible.missing_keys and all(map(is_disalign_state, incompatible.missing_keys))
+    with torch.no_grad():
+        stage_two.confidence_layer.weight.normal_(std=1.0)
+    x, proposals = torch.randn(7, D) * 3, _proposals([0] * 7)
+    (p1,), (p2,) = (m.predict_probs(m(x), proposals) for m in (stage_one, stage_two))
+    assert torch.equal(p1, p2)  # identity at init
+    # A trained calibration: the class logits c' = c + s ((beta - 1) c + gamma); the objectness
+    # (hence p_bg) is untouched.
+    with torch.no_grad():
+        stage_two.logit_scale.copy_(torch.tensor([1.5, 0.5, 2.0]))
+        stage_two.logit_bias.copy_(torch.tensor([0.3, -0.2, 1.0]))
+    (p3,) = stage_two.predict_probs(stage_two(x), proposals)
+    raw = stage_one.cls_score(x)
+    s = torch.sigmoid(stage_two.confidence_layer(x))
+    c = raw[:, :K] + s * ((stage_two.logit_scale - 1) * raw[:, :K] + stage_two.logit_bias)
+    po = F.softmax(raw[:, K:], 1)
+    torch.testing.assert_close(p3, torch.cat([F.softmax(c, 1) * po[:, :1], po[:, 1:]], 1))
+    torch.testing.assert_close(p3[:, K], p1[:, K])
+
+
+def test_posthoc_adjustments_on_the_objectness_model():
+    # NorCal acts on the K + 1 probabilities p (foreground divided by the relative counts,
+    # renormalised); tau-norm re-normalises only the K class rows of a linear classifier.
+    counts = torch.tensor([50.0, 5.0, 1.0])
+    x, proposals = torch.randn(5, D), _proposals([0] * 5)
+    norcal = _predictor(
+        "seesaw", stage_one_options=dict(objectness=True), posthoc="norcal", class_counts=counts
+    )
+    raw = norcal.cls_score(x)
+    pc, po = F.softmax(raw[:, :K], 1), F.softmax(raw[:, K:], 1)
+    p = torch.cat([pc * po[:, :1], po[:, 1:]], 1)
+    adj = torch.cat([p[:, :K] / (counts / counts.mean()), p[:, K:]], 1)
+    (got,) = norcal.eval().predict_probs(norcal(x), proposals)
+    torch.testing.assert_close(got, adj / adj.sum(1, keepdim=True))
+
+    tau = _predictor("seesaw", stage_one_options=dict(objectness=True), posthoc="tau_norm").eval()
+    with torch.no_grad():
+        tau.cls_score.weight.mul_(torch.arange(1.0, K + 3)[:, None])
+    w, b = tau.cls_score.weight, tau.cls_score.bias
+    norms = w[:K].norm(dim=1, keepdim=True)
+    w_adj = torch.cat([w[:K] * norms.mean() / norms, w[K:]])
+    torch.testing.assert_close(tau(x)[0], objectness_softmax_log_probs(x @ w_adj.T + b))
+
+
+def test_seesaw_configs_use_the_normed_linear_classifier(tiny_dataset):
+    # The LVIS recipe, its DisAlign delta and the synthetic configs that mirror their classifier.
+    for name in (
+        "mask_rcnn_R_50_FPN_2x_seesaw.yaml",
+        "disalign_mask_rcnn_seesaw.yaml",
+        "synthetic_lt/mask_rcnn_synth_seesaw.yaml",
+        "synthetic_lt/disalign_synth_seesaw.yaml",
+        "synthetic_lt/disalign_box_only_synth_seesaw.yaml",
+    ):
+        cfg = get_cfg()
+        add_disalign_config(cfg)
+        cfg.merge_from_file(os.path.join(CONFIGS, name))
+        box = cfg.MODEL.ROI_BOX_HEAD
+        assert box.STAGE_ONE_LOSS == "seesaw", name
+        assert (box.COSINE_CLASSIFIER, box.NORMED_LINEAR, box.COSINE_SCALE) == (True, True, 20.0)
+        # The LVIS recipe has mmdetection's objectness branch; the benchmark's configs do not.
+        assert box.SEESAW.OBJECTNESS is ("synthetic" not in name), name
+    model = build_model(tiny_cfg("synthetic_lt/mask_rcnn_synth_seesaw.yaml"))
+    assert isinstance(model.roi_heads.box_predictor.cls_score, NormedLinear)
+
+
+# ---- ECM's recipe: normed linear classifier, gradient clipping of the whole model ---------------
+def _clipped_step(clip_type):
+    # Two parameter tensors with gradients (6, 0) and (8,): norms 6 and 8, together 10.
+    cfg = get_cfg()
+    add_disalign_config(cfg)
+    cfg.merge_from_list(["SOLVER.BASE_LR", 1.0, "SOLVER.MOMENTUM", 0.0, "SOLVER.WEIGHT_DECAY", 0.0])
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    clip.ENABLED, clip.CLIP_VALUE, clip.CLIP_TYPE = True, 5.0, clip_type
+    model = torch.nn.Module()
+    model.a = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    model.b = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    optimizer = Trainer.build_optimizer(cfg, model)
+    model.a.grad = torch.tensor([6.0, 0.0], dtype=torch.float64)
+    model.b.grad = torch.tensor([8.0], dtype=torch.float64)
+    optimizer.step()  # SGD, lr 1: parameter = -clipped gradient
+    return -model.a.detach(), -model.b.detach()
+
+
+def test_full_model_gradient_clipping_clips_the_norm_of_all_gradients():
+    # clip_grad_norm_ scales every gradient by max_norm / (total_norm + 1e-6) when that is < 1.
+    a, b = _clipped_step("full_model")
+    coef = 5.0 / (10.0 + 1e-6)
+    assert a.tolist() == pytest.approx([6.0 * coef, 0.0], rel=1e-12)
+    assert b.tolist() == pytest.approx([8.0 * coef], rel=1e-12)
+    assert (a.square().sum() + b.square().sum()).sqrt().item() == pytest.approx(5.0, rel=1e-6)
+    # detectron2's "norm": each parameter's gradient on its own (so the total stays above 5).
+    a, b = _clipped_step("norm")
+    assert a.tolist() == pytest.approx([6.0 * 5.0 / (6.0 + 1e-6), 0.0], rel=1e-12)
+    assert b.tolist() == pytest.approx([8.0 * 5.0 / (8.0 + 1e-6)], rel=1e-12)
+
+
+def test_ecm_recipe_is_the_authors():
+    for name in ("mask_rcnn_R_50_FPN_1x_ecm.yaml", "disalign_mask_rcnn_ecm.yaml"):
+        cfg = get_cfg()
+        add_disalign_config(cfg)
+        cfg.merge_from_file(os.path.join(CONFIGS, name))
+        box = cfg.MODEL.ROI_BOX_HEAD
+        assert (box.COSINE_CLASSIFIER, box.NORMED_LINEAR, box.COSINE_SCALE) == (True, True, 20.0)
+    clip = cfg.clone()
+    clip.merge_from_file(os.path.join(CONFIGS, "mask_rcnn_R_50_FPN_1x_ecm.yaml"))
+    c = clip.SOLVER.CLIP_GRADIENTS
+    assert (c.ENABLED, c.CLIP_TYPE, c.CLIP_VALUE, c.NORM_TYPE) == (True, "full_model", 5.0, 2.0)
+
+
 # ---- DisAlign on top of each stage one (tiny model from the synthetic_lt configs) ---------------
+OBJECTNESS = ["MODEL.ROI_BOX_HEAD.SEESAW.OBJECTNESS", "True"]
+
+
 @pytest.mark.slow  # trains a tiny stage one
-@pytest.mark.parametrize("kind", LOSS_PARAMS)
+@pytest.mark.parametrize(
+    "kind, opts",
+    [
+        pytest.param("eqlv2", [], marks=needs_sigmoid),
+        ("seesaw", []),
+        pytest.param("ecm", [], marks=needs_sigmoid),
+        ("seesaw", OBJECTNESS),
+    ],
+    ids=["eqlv2", "seesaw", "ecm", "seesaw_objectness"],
+)
 def test_disalign_on_each_stage_one_loads_and_starts_from_its_predictions(
-    kind, tiny_dataset, tmp_path
+    kind, opts, tiny_dataset, tmp_path
 ):
     from test_sigmoid import max_score_difference
 
     out = str(tmp_path)
-    cfg1 = tiny_cfg(f"synthetic_lt/mask_rcnn_synth_{kind}.yaml", out)
+    cfg1 = tiny_cfg(f"synthetic_lt/mask_rcnn_synth_{kind}.yaml", out, opts)
     trainer = Trainer(cfg1)  # installs ECM's class frequencies
     trainer.resume_or_load(resume=False)
     trainer.train()  # 3 iterations: the loss state moves
@@ -431,8 +759,10 @@ def test_disalign_on_each_stage_one_loads_and_starts_from_its_predictions(
     DetectionCheckpointer(trainer.model, out).save("stage1")
     path = os.path.join(out, "stage1.pth")
 
-    cfg2 = tiny_cfg(f"synthetic_lt/disalign_synth_{kind}.yaml", out, ["MODEL.WEIGHTS", path])
+    cfg2 = tiny_cfg(f"synthetic_lt/disalign_synth_{kind}.yaml", out, ["MODEL.WEIGHTS", path] + opts)
     model2 = Trainer.build_model(cfg2)
+    logits = model2.roi_heads.box_predictor.cls_score.weight.shape[0]
+    assert logits == cfg2.MODEL.ROI_HEADS.NUM_CLASSES + (2 if opts else 1)
     # Raises if anything but the calibration (DisAlign state) is missing from the checkpoint.
     DisAlignCheckpointer(model2, strict_stage_one=True).load(path)
     ckpt = torch.load(path, weights_only=False)["model"]
@@ -500,10 +830,15 @@ def test_lazyconfig_arguments():
         cls_loss="ce",
         stage_one_loss="seesaw",
         stage_one_options=dict(p=0.5, q=1.0),
+        cosine=True,
+        normed_linear=True,
     )
     pred = instantiate(node)
-    assert pred.stage_one_loss.kind == "seesaw"
+    assert pred.stage_one_loss.kind == "seesaw" and isinstance(pred.cls_score, NormedLinear)
     assert pred.stage_one_loss.options["p"] == 0.5 and pred.stage_one_loss.options["q"] == 1.0
+    node.stage_one_options = dict(objectness=True)
+    assert instantiate(node).cls_score.weight.shape == (K + 2, D)
+    node.stage_one_options = dict(p=0.5, q=1.0)
     if has_federated_loss():  # the sigmoid losses need the sigmoid classifier switched on
         node.stage_one_loss = "eqlv2"
         with pytest.raises(ValueError, match="STAGE_ONE_LOSS='eqlv2' needs .*USE_SIGMOID_CE=True"):

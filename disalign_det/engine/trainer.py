@@ -6,10 +6,12 @@ import logging
 import os
 import weakref
 
+import torch
 from detectron2.data import MetadataCatalog, build_detection_test_loader
 from detectron2.engine import DefaultTrainer, TrainerBase
 from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import build_model
+from detectron2.solver import build as solver_build
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
@@ -33,7 +35,7 @@ from .loop import (
 )
 from .progress import track_loader
 
-__all__ = ["Trainer", "EVALUATORS"]
+__all__ = ["Trainer", "EVALUATORS", "clip_full_model_gradients"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,22 @@ EVALUATORS = {
     "coco": _coco_evaluator,
     "sem_seg": build_sem_seg_evaluator,  # SemSegEvaluator + head / body / tail mIoU
 }
+
+
+def clip_full_model_gradients(optimizer, max_norm: float, norm_type: float = 2.0):
+    """Make ``optimizer.step()`` first clip the ``norm_type``-norm of the gradients of all its
+    parameters, taken together, to ``max_norm`` (``torch.nn.utils.clip_grad_norm_``). Uses
+    detectron2's own optimizer-with-clipping class (its global clipper), as its "norm" clipping
+    does per parameter. Returns ``optimizer`` (its class swapped, its state untouched)."""
+
+    def clip_all(params):
+        torch.nn.utils.clip_grad_norm_(list(params), max_norm, norm_type)
+
+    clipped = solver_build._generate_optimizer_class_with_gradient_clipping(
+        type(optimizer), global_clipper=clip_all
+    )
+    optimizer.__class__ = clipped  # what detectron2's maybe_add_gradient_clipping does
+    return optimizer
 
 
 class Trainer(ResumableLoopMixin, DefaultTrainer):
@@ -124,6 +142,21 @@ class Trainer(ResumableLoopMixin, DefaultTrainer):
         freeze_model(model, cfg.MODEL.DISALIGN.FREEZE)
         logger.info("Model:\n%s", model)
         return model
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """detectron2's optimizer. ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE: "full_model"`` clips the
+        ``NORM_TYPE``-norm of all gradients together to ``CLIP_VALUE`` (mmdetection's
+        ``grad_clip``, ECM's recipe; detectron2's "norm" clips each parameter's gradient on its
+        own); "value" and "norm" are detectron2's."""
+        clip = cfg.SOLVER.CLIP_GRADIENTS
+        if not (clip.ENABLED and clip.CLIP_TYPE == "full_model"):
+            return super().build_optimizer(cfg, model)
+        plain = cfg.clone()
+        plain.defrost()
+        plain.SOLVER.CLIP_GRADIENTS.ENABLED = False
+        optimizer = super().build_optimizer(plain, model)
+        return clip_full_model_gradients(optimizer, clip.CLIP_VALUE, clip.NORM_TYPE)
 
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):

@@ -4,7 +4,7 @@ DisAlignMaskRCNNConvUpsampleHead; ``PROPOSAL_GENERATOR_REGISTRY``: DisAlignRPN).
 
 from . import losses  # noqa: F401
 from .box_predictor import DisAlignFastRCNNOutputLayers
-from .calibration import CosineLinear, calibrate_logits
+from .calibration import CosineLinear, NormedLinear, calibrate_logits
 from .class_weights import install_class_weights, set_class_frequencies
 from .classification import DisAlignClassifierHead, ImageClassifier
 from .freeze import CALIBRATION_PARAMETER_NAMES, apply_freeze, is_calibration_parameter
@@ -29,6 +29,7 @@ __all__ = [
     "DisAlignROIHeads",
     "DisAlignRPN",
     "ImageClassifier",
+    "NormedLinear",
     "apply_freeze",
     "calibrate_logits",
     "grw_class_weights",

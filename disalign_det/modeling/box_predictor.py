@@ -5,6 +5,9 @@ classifier (``use_sigmoid_ce``, optionally ``use_fed_loss``; feature-detected, a
 (K + 1)-th column is kept and ignored, as detectron2 does. Parameter names of the stock
 predictor (``cls_score``, ``bbox_pred``) are kept so stage-one checkpoints load unchanged; the
 calibration adds ``logit_scale`` (K,), ``logit_bias`` (K,) and ``confidence_layer`` Linear(D, 1).
+With Seesaw's objectness branch (``MODEL.ROI_BOX_HEAD.SEESAW.OBJECTNESS``) ``cls_score`` has K + 2
+outputs (K classes, then fg / bg objectness); the calibration acts on the K class logits and the
+predictor's scores are the (R, K + 1) log-probabilities of softmax(classes) * p_fg and p_bg.
 """
 
 import logging
@@ -16,11 +19,21 @@ from detectron2.layers import cat
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, _log_classification_stats
 from torch import nn
 
-from .calibration import CosineLinear, add_calibration, calibrate_logits, confidence_logit
+from .calibration import (
+    CosineLinear,
+    NormedLinear,
+    add_calibration,
+    calibrate_logits,
+    confidence_logit,
+)
 from .class_weights import ClassFrequencyMixin
 from .fracal import fracal_sigmoid_probs, fracal_softmax_probs, fracal_statistics_from_datasets
 from .losses import weighted_cross_entropy, weighted_sigmoid_cross_entropy
-from .stage_one_losses import StageOneLoss, stage_one_loss_from_config
+from .stage_one_losses import (
+    StageOneLoss,
+    objectness_softmax_log_probs,
+    stage_one_loss_from_config,
+)
 
 __all__ = ["DisAlignFastRCNNOutputLayers"]
 
@@ -54,6 +67,7 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
         rho: float = 0.8,
         cosine: bool = False,
         cosine_scale: float = 20.0,
+        normed_linear: bool = False,
         posthoc: str = "none",
         posthoc_power: float = 1.0,
         class_counts=None,
@@ -76,6 +90,9 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
                 are installed when training starts (:func:`~.class_weights.install_class_weights`).
             rho: the GRW exponent used when the weights are installed from class counts.
             cosine: replace ``cls_score`` by a cosine classifier with temperature ``cosine_scale``.
+            normed_linear: with ``cosine``, that classifier is Seesaw's :class:`NormedLinear`
+                (``cosine_scale`` fixed, with a bias) instead of :class:`CosineLinear` (learned
+                temperature, no bias).
             posthoc: test-time adjustment "none", "norcal" or "tau_norm".
             posthoc_power: gamma of "norcal" / tau of "tau_norm".
             class_counts: (K,) training frequencies n_j for "norcal". Stored with the model (the
@@ -103,6 +120,11 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
         self.sigmoid_ce = bool(getattr(self, "use_sigmoid_ce", False))
         num_classes = self.num_classes
         self.stage_one_loss = None
+        if stage_one_loss == "ce" and (stage_one_options or {}).get("objectness"):
+            raise ValueError(
+                "MODEL.ROI_BOX_HEAD.SEESAW.OBJECTNESS needs "
+                "MODEL.ROI_BOX_HEAD.STAGE_ONE_LOSS='seesaw', got 'ce'"
+            )
         if stage_one_loss != "ce":
             self.stage_one_loss = StageOneLoss(
                 stage_one_loss, num_classes, **(stage_one_options or {})
@@ -113,8 +135,21 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
                     f"MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE={self.stage_one_loss.uses_sigmoid}"
                 )
         in_features = self.cls_score.in_features
+        # Seesaw's objectness branch: K class logits, then the fg / bg objectness logits.
+        self.objectness = self.stage_one_loss is not None and self.stage_one_loss.objectness
+        num_logits = num_classes + (2 if self.objectness else 1)
+        if self.objectness and not cosine:
+            self.cls_score = nn.Linear(in_features, num_logits)
+            nn.init.normal_(self.cls_score.weight, std=0.01)  # detectron2's init of cls_score
+            nn.init.constant_(self.cls_score.bias, 0.0)
+        if normed_linear and not cosine:
+            raise ValueError(
+                "MODEL.ROI_BOX_HEAD.NORMED_LINEAR picks the kind of normalised classifier: it "
+                "needs MODEL.ROI_BOX_HEAD.COSINE_CLASSIFIER=True"
+            )
         if cosine:
-            self.cls_score = CosineLinear(in_features, num_classes + 1, scale=cosine_scale)
+            layer = NormedLinear if normed_linear else CosineLinear
+            self.cls_score = layer(in_features, num_logits, scale=cosine_scale)
 
         self.calibrate = calibrate
         if calibrate:
@@ -167,6 +202,7 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
             cls_loss=d.CLS_LOSS,
             cosine=cfg.MODEL.ROI_BOX_HEAD.COSINE_CLASSIFIER,
             cosine_scale=cfg.MODEL.ROI_BOX_HEAD.COSINE_SCALE,
+            normed_linear=cfg.MODEL.ROI_BOX_HEAD.NORMED_LINEAR,
             posthoc=d.POSTHOC,
             posthoc_power=d.POSTHOC_POWER,
             rho=d.RHO,
@@ -213,13 +249,15 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
         return counts / counts.mean()
 
     def _class_logits(self, x):
-        """x: (R, D) -> (R, K + 1) uncalibrated logits (tau-normalised at inference if asked)."""
+        """x: (R, D) -> (R, K + 1) uncalibrated logits (tau-normalised at inference if asked);
+        (R, K + 2) with Seesaw's objectness branch."""
         if self.posthoc == "tau_norm" and not self.training:
-            # Rows of the foreground classes divided by ||w_j|| ** tau, rescaled so their mean
-            # factor is 1 (keeps the foreground/background balance); background row untouched.
-            w = self.cls_score.weight
-            norms = w[:-1].norm(dim=1, keepdim=True).clamp(min=1e-12).pow(self.posthoc_power)
-            w = torch.cat([w[:-1] * (norms.mean() / norms), w[-1:]], dim=0)
+            # Rows of the K foreground classes divided by ||w_j|| ** tau, rescaled so their mean
+            # factor is 1 (keeps the foreground/background balance); background (or objectness)
+            # rows untouched.
+            K, w = self.num_classes, self.cls_score.weight
+            norms = w[:K].norm(dim=1, keepdim=True).clamp(min=1e-12).pow(self.posthoc_power)
+            w = torch.cat([w[:K] * (norms.mean() / norms), w[K:]], dim=0)
             return F.linear(x, w, self.cls_score.bias)
         return self.cls_score(x)
 
@@ -229,22 +267,26 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
             x: (R, D) or (R, C, H, W) per-RoI features.
 
         Returns:
-            scores: (R, K + 1) calibrated logits, background last.
+            scores: (R, K + 1) calibrated logits, background last (with Seesaw's objectness
+                branch: the log-probabilities of softmax(calibrated classes) * p_fg and p_bg).
             proposal_deltas: (R, K * 4) or (R, 4).
         """
         if x.dim() > 2:
             x = torch.flatten(x, start_dim=1)
         scores = self._class_logits(x)
         proposal_deltas = self.bbox_pred(x)
+        K = self.num_classes
         if self.calibrate:
             fg = calibrate_logits(
-                scores[:, :-1],
+                scores[:, :K],
                 confidence_logit(self.confidence_layer, x),
                 self.logit_scale,
                 self.logit_bias,
             )
             # float32 (calibrate_logits' dtype): under autocast the background logit is half.
-            scores = torch.cat([fg, scores[:, -1:].float()], dim=1)
+            scores = torch.cat([fg, scores[:, K:].float()], dim=1)
+        if self.objectness:
+            scores = objectness_softmax_log_probs(scores)
         return scores, proposal_deltas
 
     def losses(self, predictions, proposals):

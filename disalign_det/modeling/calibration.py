@@ -3,7 +3,13 @@
 import torch
 from torch import nn
 
-__all__ = ["add_calibration", "calibrate_logits", "confidence_logit", "CosineLinear"]
+__all__ = [
+    "add_calibration",
+    "calibrate_logits",
+    "confidence_logit",
+    "CosineLinear",
+    "NormedLinear",
+]
 
 
 def calibrate_logits(logits, confidence_logit, logit_scale, logit_bias):
@@ -89,3 +95,30 @@ class CosineLinear(nn.Module):
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, cosine"
+
+
+class NormedLinear(nn.Linear):
+    """Seesaw's normalised linear classifier (mmdetection's ``NormedLinear``):
+    z_j = tau <x / (|x| + eps), w_j / (|w_j| + eps)> + b_j, tau fixed, with a bias.
+
+    Unlike :class:`CosineLinear` the temperature is a constant (not a parameter) and every output
+    has a bias; eps = 1e-6 is added to the norms as mmdetection does. An ``nn.Linear``, so its
+    parameters keep the stock names ``weight`` (C, D) and ``bias`` (C,); initialised as
+    mmdetection does (weight ~ N(0, 0.01), bias 0).
+    """
+
+    def __init__(self, in_features: int, out_features: int, scale: float = 20.0, eps=1e-6):
+        super().__init__(in_features, out_features, bias=True)
+        self.scale = float(scale)
+        self.eps = float(eps)
+        nn.init.normal_(self.weight, std=0.01)
+        nn.init.constant_(self.bias, 0.0)
+
+    def forward(self, x):
+        """x: (R, D) -> (R, C)."""
+        x = x / (x.norm(dim=1, keepdim=True) + self.eps)
+        w = self.weight / (self.weight.norm(dim=1, keepdim=True) + self.eps)
+        return nn.functional.linear(self.scale * x, w, self.bias)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", normed, tau={self.scale} (fixed)"

@@ -5,6 +5,9 @@ and the (R,) labels in [0, K]; the little state two of them keep (EQLv2's accumu
 Seesaw's cumulative class counts) lives in the buffers of :class:`StageOneLoss`, saved with the
 model and all-reduced so that every process holds the same values.
 
+Longer than 450 lines: the three losses (and Seesaw's objectness variant) share the state
+module, the config keys and the formulas written out below; one module keeps them side by side.
+
 * EQLv2 (Tan et al., CVPR 2021, "Equalization Loss v2"): K + 1 sigmoids (the last one is the
   background/objectness sigmoid). With g_j the ratio of the accumulated positive to negative
   gradient magnitudes of class j,
@@ -22,10 +25,17 @@ model and all-reduced so that every process holds the same values.
       C_ij = (s_j / s_i) ** q  if s_j > s_i else 1     (compensation, s = softmax(z) detached,
                                                          s_i clamped to >= eps),
 
-  i.e. z_j + log S_ij. Here the factors act among the K foreground classes: the background logit
-  and background RoIs are plain cross-entropy (the paper's mmdetection model has a separate
-  objectness branch, K + 2 outputs; we keep detectron2's K + 1 softmax so that DisAlign's
-  calibration and every checkpoint layout stay as they are).
+  i.e. z_j + log S_ij. By default the factors act among the K foreground classes of detectron2's
+  K + 1 softmax: the background logit and background RoIs are plain cross-entropy.
+  With ``objectness`` (the mmdetection model of the paper): K + 2 outputs, K class logits c and
+  two objectness logits o = (o_fg, o_bg); the Seesaw term acts on softmax(c) for the foreground
+  RoIs only, a 2-way cross-entropy on softmax(o) (target fg / bg) on every RoI, both summed and
+  divided by R; the model predicts p_j = softmax(c)_j softmax(o)_fg and p_bg = softmax(o)_bg.
+  The predictor hands these K + 1 probabilities on as log-probabilities
+  (:func:`objectness_softmax_log_probs`), the logits of a K + 1 softmax, so that everything
+  downstream (inference, DisAlign's GRW, NorCal, FRACAL) sees detectron2's layout; the loss
+  (:func:`seesaw_objectness_loss`) recovers c up to a per-RoI constant (to which the Seesaw term
+  is invariant) and log softmax(o) from them.
 * ECM (Cho and Kraehenbuehl, ECCV 2022, "Long-tail detection with effective class-margins"):
   K + 1 sigmoids with class margins from the training frequencies n_j (the background's
   n_{K} = fg_bg_ratio * sum_j n_j, the empirical foreground/background RoI ratio), n-_j = N - n_j
@@ -63,7 +73,9 @@ __all__ = [
     "eqlv2_loss",
     "eqlv2_weights",
     "objectness_sigmoid_probs",
+    "objectness_softmax_log_probs",
     "seesaw_loss",
+    "seesaw_objectness_loss",
     "stage_one_loss_from_config",
 ]
 
@@ -92,6 +104,10 @@ def add_stage_one_loss_config(cfg):
     h.SEESAW.P = 0.8  # p, exponent of the mitigation factor M_ij = (N_j / N_i) ** p
     h.SEESAW.Q = 2.0  # q, exponent of the compensation factor C_ij = (s_j / s_i) ** q
     h.SEESAW.EPS = 1e-2  # lower clamp of s_i in C_ij
+    # mmdetection's objectness branch: K + 2 outputs (K classes + fg/bg), the Seesaw term among
+    # the K classes on the foreground RoIs, a fg/bg cross-entropy on every RoI; scores
+    # softmax(classes) * p_fg. False: detectron2's K + 1 softmax (background = class K + 1).
+    h.SEESAW.OBJECTNESS = False
     h.ECM = CN()
     # n_bg / sum_j n_j: the background's frequency in the margins (the authors' Mask R-CNN value).
     h.ECM.FG_BG_RATIO = 6.3313
@@ -121,6 +137,7 @@ def stage_one_loss_from_config(cfg):
             p=h.SEESAW.P,
             q=h.SEESAW.Q,
             eps=h.SEESAW.EPS,
+            objectness=h.SEESAW.OBJECTNESS,
             fg_bg_ratio=h.ECM.FG_BG_RATIO,
         ),
     )
@@ -235,24 +252,72 @@ def seesaw_loss(logits, labels, counts, p: float, q: float, eps: float = 1e-2, n
     fg = labels < num_classes
     log_s = torch.zeros_like(logits)
     if fg.any() and (p > 0 or q > 0):
-        cls = labels[fg]
-        log_s_fg = logits.new_zeros(len(cls), num_classes)
-        if p > 0:
-            n = counts.to(logits.dtype).clamp(min=1)
-            # log (N_j / N_i) ** p where N_j < N_i, else 0.
-            log_s_fg += (p * (n[None, :].log() - n[cls][:, None].log())).clamp(max=0)
-        if q > 0:
-            s = F.softmax(logits[fg].detach(), dim=1)[:, :num_classes]
-            own = s.gather(1, cls[:, None]).clamp(min=eps)
-            # log (s_j / s_i) ** q where s_j > s_i, else 0.
-            log_s_fg += (q * (s.clamp(min=1e-38).log() - own.log())).clamp(min=0)
-        log_s_fg.scatter_(1, cls[:, None], 0.0)  # no factor on the RoI's own class
-        log_s[fg, :num_classes] = log_s_fg
+        s = F.softmax(logits[fg].detach(), dim=1)[:, :num_classes] if q > 0 else None
+        log_s[fg, :num_classes] = _seesaw_log_factors(s, labels[fg], counts, p, q, eps, logits)
     adjusted = logits + log_s
     if normalize is None:
         return F.cross_entropy(adjusted, labels, reduction="mean")
     total = F.cross_entropy(adjusted, labels, reduction="sum")
     return _mean_over_rois(total, len(labels), logits, normalize)
+
+
+def _seesaw_log_factors(s, cls, counts, p, q, eps, like):
+    """(Rfg, K) log S_ij = log M_ij + log C_ij of foreground RoIs of classes ``cls`` (Rfg,), 0 on
+    each RoI's own class. ``s``: (Rfg, K) detached class probabilities (only their ratios count;
+    None when q == 0); ``counts``: (K,) N_j; ``like``: a tensor giving dtype and device."""
+    log_s = like.new_zeros(len(cls), len(counts))
+    if p > 0:
+        n = counts.to(like.dtype).clamp(min=1)
+        # log (N_j / N_i) ** p where N_j < N_i, else 0.
+        log_s += (p * (n[None, :].log() - n[cls][:, None].log())).clamp(max=0)
+    if q > 0:
+        own = s.gather(1, cls[:, None]).clamp(min=eps)
+        # log (s_j / s_i) ** q where s_j > s_i, else 0.
+        log_s += (q * (s.clamp(min=1e-38).log() - own.log())).clamp(min=0)
+    return log_s.scatter_(1, cls[:, None], 0.0)  # no factor on the RoI's own class
+
+
+def objectness_softmax_log_probs(logits):
+    """(R, K + 2) logits of the Seesaw objectness model (K class logits c, then o_fg, o_bg) ->
+    (R, K + 1) log-probabilities, background last:
+    log p_j = log softmax(c)_j + log softmax(o)_fg, log p_bg = log softmax(o)_bg."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 under autocast
+    log_obj = F.log_softmax(logits[:, -2:], dim=1)
+    log_cls = F.log_softmax(logits[:, :-2], dim=1)
+    return torch.cat([log_cls + log_obj[:, :1], log_obj[:, 1:]], dim=1)
+
+
+def seesaw_objectness_loss(
+    log_probs, labels, counts, p: float, q: float, eps: float = 1e-2, normalize=None
+):
+    """Seesaw loss of the objectness model (mmdetection's, K + 2 outputs).
+
+    Args:
+        log_probs: (R, K + 1) :func:`objectness_softmax_log_probs` of the (R, K + 2) logits.
+        labels: (R,) int64 in [0, K] (K = background).
+        counts, p, q, eps, normalize: as for :func:`seesaw_loss`.
+
+    Returns:
+        Scalar (sum over the foreground RoIs of CE_K(c + log S, y) + sum over all RoIs of
+        CE_2(o, fg / bg)) / R. log_probs[:, :K] = c - (a per-RoI constant), which CE_K and S
+        ignore; log softmax(o) = (logsumexp_j log p_j, log p_bg).
+    """
+    if labels.numel() == 0:
+        return _empty(log_probs, normalize)
+    num_classes = log_probs.shape[1] - 1
+    fg = labels < num_classes
+    cls_logits = log_probs[:, :num_classes]
+    total = log_probs.new_zeros(())
+    if fg.any():
+        c, y = cls_logits[fg], labels[fg]
+        if p > 0 or q > 0:
+            s = F.softmax(c.detach(), dim=1) if q > 0 else None
+            c = c + _seesaw_log_factors(s, y, counts, p, q, eps, c)
+        total = total + F.cross_entropy(c, y, reduction="sum")
+    log_obj = torch.stack([torch.logsumexp(cls_logits, dim=1), log_probs[:, -1]], dim=1)
+    # nll of log softmax(o): the 2-way cross-entropy, target 0 = foreground, 1 = background.
+    total = total + F.nll_loss(log_obj, (~fg).long(), reduction="sum")
+    return _mean_over_rois(total, len(labels), log_probs, normalize)
 
 
 # ---- ECM -------------------------------------------------------------------------------------
@@ -311,7 +376,16 @@ class StageOneLoss(nn.Module):
             raise ValueError(f"{_KEY} must be one of {STAGE_ONE_LOSSES}, got {kind!r}")
         self.kind = kind
         self.num_classes = num_classes
-        o = dict(gamma=12.0, mu=0.8, alpha=4.0, p=0.8, q=2.0, eps=1e-2, fg_bg_ratio=6.3313)
+        o = dict(
+            gamma=12.0,
+            mu=0.8,
+            alpha=4.0,
+            p=0.8,
+            q=2.0,
+            eps=1e-2,
+            objectness=False,
+            fg_bg_ratio=6.3313,
+        )
         unknown = set(options) - set(o)
         if unknown:
             raise ValueError(f"unknown {_KEY} options {sorted(unknown)}")
@@ -320,6 +394,12 @@ class StageOneLoss(nn.Module):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{_KEY} option {name} must be a finite number >= 0, got {value}")
         self.options = o
+        # Seesaw's objectness branch (MODEL.ROI_BOX_HEAD.SEESAW.OBJECTNESS): K + 2 outputs.
+        self.objectness = bool(o["objectness"])
+        if self.objectness and kind != "seesaw":
+            raise ValueError(
+                f"MODEL.ROI_BOX_HEAD.SEESAW.OBJECTNESS needs {_KEY}='seesaw', got {kind!r}"
+            )
         if kind == "eqlv2":
             self.register_buffer("pos_grad", torch.zeros(num_classes, dtype=torch.float64))
             self.register_buffer("neg_grad", torch.zeros(num_classes, dtype=torch.float64))
@@ -327,6 +407,11 @@ class StageOneLoss(nn.Module):
             self.register_buffer("cum_samples", torch.zeros(num_classes + 1, dtype=torch.float64))
         else:
             self.register_buffer("sample_counts", torch.zeros(num_classes))
+
+    @property
+    def num_logits(self) -> int:
+        """Outputs of the classifier: K + 2 with Seesaw's objectness branch, else K + 1."""
+        return self.num_classes + (2 if self.objectness else 1)
 
     @property
     def uses_sigmoid(self) -> bool:
@@ -357,7 +442,8 @@ class StageOneLoss(nn.Module):
         return pos_w.float(), neg_w.float()
 
     def forward(self, logits, labels, normalize=None):
-        """(R, K + 1) logits, (R,) labels -> scalar loss; in training, updates the state."""
+        """(R, K + 1) logits (the log-probabilities of :func:`objectness_softmax_log_probs` for
+        Seesaw's objectness model), (R,) labels -> scalar loss; in training, updates the state."""
         # float32 maths under autocast, like the losses of losses.py (a sum over R x (K + 1)
         # sigmoid terms overflows float16).
         logits = logits.float()
@@ -376,7 +462,8 @@ class StageOneLoss(nn.Module):
                 batch = torch.bincount(labels, minlength=self.num_classes + 1)
                 self.cum_samples += all_reduce_sum(batch.to(self.cum_samples))
             counts = self.cum_samples[: self.num_classes]
-            return seesaw_loss(logits, labels, counts, o["p"], o["q"], o["eps"], normalize)
+            loss = seesaw_objectness_loss if self.objectness else seesaw_loss
+            return loss(logits, labels, counts, o["p"], o["q"], o["eps"], normalize)
         if not bool((self.sample_counts > 0).any()):
             raise RuntimeError(
                 f"{_KEY}='ecm' but its class frequencies were never installed: they are read "
