@@ -203,7 +203,7 @@ def test_linear_interpolation_band_by_hand():
     """The adjoint's band for factor 4 (align_corners=False): output o = 4k + r samples the input
     at k + (r + 0.5) / 4 - 0.5, so k gets 1 - |d_r| and k -+ 1 gets |d_r|, d_r = -3/8, -1/8, 1/8,
     3/8; at the borders (sample clamped to the edge) the edge input gets weight 1."""
-    a, (center, left, right) = _linear_interpolation(5, 20, 4.0)
+    a, (center, left, right, _, _) = _linear_interpolation(5, 20, 4.0)
     assert a.shape == (20, 5)
     torch.testing.assert_close(center[2], torch.tensor([0.625, 0.875, 0.875, 0.625]))
     torch.testing.assert_close(left[2], torch.tensor([0.375, 0.125, 0.0, 0.0]))

@@ -2,8 +2,8 @@
 """Speed of a DisAlign stage-two iteration on a segmentation model, relative to the same model's
 no-grad forward on the same batch (goal: <= 1.15x), measured in one run.
 
-    python tools/benchmark_speed_sem_seg.py [--rounds 3] [--ade-size 512] [--ade-batch 1] \
-        [--no-autograd-baseline] [--only ade|cpu]
+    python tools/benchmark_speed_sem_seg.py [--rounds 3] [--cpu-rounds N] [--ade-size 512] \
+        [--ade-batch 1] [--no-autograd-baseline] [--only ade|cpu]
 
 Models: the ADE20K DisAlign DeepLabV3+ R50-D8 stage two (configs/ADE20K/, random weights, plain BN
 instead of SyncBN, ``--ade-size`` square crops) and the CPU config on the generated data
@@ -18,8 +18,11 @@ and both again with autograd's GRW loss (the head's ``fused_pixel_loss = False``
 ``upsampled_cross_entropy`` (the default), for comparison (``--no-autograd-baseline`` skips it).
 
 The four are interleaved within each round, so that load changes hit them alike. The ratio
-iteration / forward is the cost of training the calibration on top of running the frozen model.
-Timings on a shared CPU vary; the ratios are measured within one process.
+iteration / forward (of wall-clock medians) is the cost of training the calibration on top of
+running the frozen model. Timings on a shared CPU vary; the ratios are measured within one process.
+The last column, the same ratio of the process's CPU-time medians, leaves out the time the process
+waited for a core (with one torch thread, ``OMP_NUM_THREADS=1``, it is the single thread's time;
+with several it adds them up).
 """
 
 import argparse
@@ -67,9 +70,9 @@ def _batch(n, h, w, num_classes):
 
 
 def measure(model, batch, rounds, baseline=True):
-    """Medians in seconds: (no-grad forward, iteration) with the head's loss path as built
-    (``fused_pixel_loss``), then, when ``baseline``, the same two with autograd's loss path
-    (``fused_pixel_loss = False``), else (None, None)."""
+    """Medians over ``rounds``: {(path, what): (wall seconds, process CPU seconds)} for path
+    "fused" (the head's loss path as built, ``fused_pixel_loss``) and, when ``baseline``,
+    "autograd" (``fused_pixel_loss = False``), what "forward" or "iteration"."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
     head = model.sem_seg_head
@@ -94,23 +97,30 @@ def measure(model, batch, rounds, baseline=True):
         loss.backward()
         opt.step()
 
-    timed = [with_path(True, forward), with_path(True, iteration)]
-    if baseline:
-        timed += [with_path(False, forward), with_path(False, iteration)]
-    for f in timed:  # warm-up
+    paths = [("fused", True)] + ([("autograd", False)] if baseline else [])
+    timed = {
+        (path, what): with_path(fused, f)
+        for path, fused in paths
+        for what, f in (("forward", forward), ("iteration", iteration))
+    }
+    for f in timed.values():  # warm-up
         f()
-    times = [[] for _ in timed]
+    times = {k: ([], []) for k in timed}
     for _ in range(rounds):  # interleaved, so that load changes hit all alike
-        for f, out in zip(timed, times):
-            t = time.perf_counter()
+        for k, f in timed.items():
+            wall, cpu = time.perf_counter(), time.process_time()
             f()
-            out.append(time.perf_counter() - t)
-    return tuple(median(t) for t in times) + ((None, None) if not baseline else ())
+            times[k][0].append(time.perf_counter() - wall)
+            times[k][1].append(time.process_time() - cpu)
+    return {k: (median(w), median(c)) for k, (w, c) in times.items()}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the ADE20K-sized model")
+    parser.add_argument(
+        "--cpu-rounds", type=int, help="rounds of the CPU config (default: --rounds)"
+    )
     parser.add_argument("--ade-size", type=int, default=512)
     parser.add_argument("--ade-batch", type=int, default=1)
     parser.add_argument(
@@ -129,6 +139,7 @@ def main(argv=None):
                 f"ADE20K DisAlign DeepLabV3+ R50-D8, {args.ade_batch} x {s}x{s}",
                 lambda: _model(ADE, ["INPUT.CROP.SIZE", f"({s}, {s})"]),
                 lambda: _batch(args.ade_batch, s, s, 150),
+                args.rounds,
             )
         )
     if args.only in (None, "cpu"):
@@ -137,23 +148,33 @@ def main(argv=None):
                 "CPU config (generated data), 4 x 112x144",
                 lambda: _model(CPU, []),
                 lambda: _batch(4, 112, 144, 61),
+                args.cpu_rounds or args.rounds,
             )
         )
-    baseline = not args.no_autograd_baseline
-    print(f"torch threads: {torch.get_num_threads()}, rounds: {args.rounds}")
+    print(f"torch threads: {torch.get_num_threads()}")
     print(f"load average: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    print("| model | loss path | no-grad forward (s) | stage-two iteration (s) | ratio |")
-    print("|---|---|---|---|---|")
+    print(
+        "| model | rounds | loss path | no-grad forward (s) | stage-two iteration (s) | ratio "
+        "| ratio of process CPU times |"
+    )
+    print("|---|---|---|---|---|---|---|")
     out = {}
-    for name, model, batch in cases:
-        fwd, it, fwd_autograd, it_autograd = measure(model(), batch(), args.rounds, baseline)
-        out[name] = {"fused": (fwd, it, it / fwd)}
-        rows = [("fused (upsampled_cross_entropy)", fwd, it)]
-        if baseline:
-            out[name]["autograd"] = (fwd_autograd, it_autograd, it_autograd / fwd_autograd)
-            rows.append(("autograd (F.interpolate + cross-entropy)", fwd_autograd, it_autograd))
-        for path, f, i in rows:
-            print(f"| {name} | {path} | {f:.3f} | {i:.3f} | {i / f:.3f}x |", flush=True)
+    for name, model, batch, rounds in cases:
+        res = measure(model(), batch(), rounds, not args.no_autograd_baseline)
+        for path in ("fused", "autograd"):
+            if (path, "forward") not in res:
+                continue
+            (fwd, fwd_cpu), (it, it_cpu) = res[path, "forward"], res[path, "iteration"]
+            out[name, path] = (fwd, it, it / fwd, it_cpu / fwd_cpu)
+            label = {
+                "fused": "upsampled_cross_entropy",
+                "autograd": "autograd (F.interpolate + cross-entropy)",
+            }[path]
+            print(
+                f"| {name} | {rounds} | {label} | {fwd:.3f} | {it:.3f} | {it / fwd:.3f}x "
+                f"| {it_cpu / fwd_cpu:.3f}x |",
+                flush=True,
+            )
     print(f"load average: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
     return out
 

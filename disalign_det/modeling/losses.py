@@ -217,8 +217,8 @@ def _upsampled_softmax(logits, scale_factor):
 
 def _upsampled_ce_forward(logits, labels, valid, weights, scale_factor, normalize):
     """(loss, P (N, H, W, C) softmax of the upsampled logits, (N, H, W) flat indices of
-    P_{y_p}(p) in P (ignored pixels: of class 0), per-pixel gradient scale w[y_p] / denominator
-    (N, H, W), 0 where ignored)."""
+    P_{y_p}(p) in P (ignored pixels: of class 0), P_{y_p}(p) (N, H, W), per-pixel gradient scale
+    w[y_p] / denominator (N, H, W), 0 where ignored)."""
     num_classes = logits.shape[1]
     safe = torch.where(valid, labels, torch.zeros_like(labels))
     if bool(((safe < 0) | (safe >= num_classes)).any()):
@@ -248,7 +248,7 @@ def _upsampled_ce_forward(logits, labels, valid, weights, scale_factor, normaliz
     denominator = local if normalize is None else normalize(local)
     pixel_w = weights[safe] * valid if weights is not None else valid.to(prob.dtype)
     loss = (pixel_w * nll).sum() / denominator
-    return loss, prob, flat, pixel_w / denominator
+    return loss, prob, flat, p_y, pixel_w / denominator
 
 
 class _UpsampledCrossEntropy(torch.autograd.Function):
@@ -256,24 +256,24 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, valid, weights, scale_factor, normalize):
-        loss, prob, flat, grad_scale = _upsampled_ce_forward(
+        loss, prob, flat, p_y, grad_scale = _upsampled_ce_forward(
             logits, labels, valid, weights, scale_factor, normalize
         )
         ctx.prob = prob  # consumed (overwritten) by the backward
         ctx.scale_factor = scale_factor
-        ctx.save_for_backward(logits, flat, grad_scale)
+        ctx.save_for_backward(logits, flat, p_y, grad_scale)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        logits, flat, grad_scale = ctx.saved_tensors
+        logits, flat, p_y, grad_scale = ctx.saved_tensors
         prob, ctx.prob = ctx.prob, None
         with _autocast_off(logits.device.type):
             if prob is None:  # a second backward (retain_graph=True): the first overwrote it
                 prob = _upsampled_softmax(logits, ctx.scale_factor)[1]
             # P - onehot in P's buffer; the pixel weights w[y_p] / denominator are folded into
             # the adjoint's first pass (no other pass over the full-resolution tensor).
-            prob.view(-1).index_add_(0, flat.view(-1), prob.new_full((flat.numel(),), -1.0))
+            prob.view(-1).index_copy_(0, flat.view(-1), p_y.view(-1) - 1.0)
             g = (grad_scale * grad_loss).unsqueeze(-1)  # (N, H, W, 1)
             grad = bilinear_upsample_adjoint(
                 prob, logits.shape[-2:], ctx.scale_factor, dims=(1, 2), row_scale=g
@@ -314,7 +314,8 @@ def bilinear_upsample_adjoint(
 @functools.lru_cache(maxsize=64)
 def _linear_interpolation(n: int, m: int, scale_factor):
     """1-D interpolation matrix (m, n) of F.interpolate(mode="linear", align_corners=False) and,
-    for m = s n, its band (center, left, right) of shape (n, s) each, or None if not banded."""
+    for m = s n, its band (center, left, right) of shape (n, s) each and which phases have a left
+    / right weight, or None if not banded."""
     eye = torch.eye(n, dtype=torch.float32)[None]  # (1, n, n): n unit inputs of length n
     a = F.interpolate(eye, scale_factor=scale_factor, mode="linear", align_corners=False)[0].t()
     if a.shape[0] != m:
@@ -335,7 +336,10 @@ def _linear_interpolation(n: int, m: int, scale_factor):
     rest[k[:-1], :, k[:-1] + 1] = 0
     if rest.abs().max() > 0:
         return a, None
-    return a, (center, left, right)
+    # Phases r with a weight on k - 1 / k + 1 at all (for s = 4: r = 0, 1 / r = 2, 3).
+    has_left = tuple(bool(left[:, r].any()) for r in range(s))
+    has_right = tuple(bool(right[:, r].any()) for r in range(s))
+    return a, (center, left, right, has_left, has_right)
 
 
 def _linear_adjoint(grad, dim, n, m, scale_factor, row_scale=None):
@@ -348,7 +352,8 @@ def _linear_adjoint(grad, dim, n, m, scale_factor, row_scale=None):
             grad = grad * row_scale
         moved = grad.movedim(dim, -1)
         return (moved @ a.to(grad.device, grad.dtype)).movedim(-1, dim)
-    center, left, right = (t.to(grad.device, grad.dtype) for t in band)
+    center, left, right = (t.to(grad.device, grad.dtype) for t in band[:3])
+    has_left, has_right = band[3:]
     s = m // n
     blocks = grad.unflatten(dim, (n, s))
     scales = None if row_scale is None else row_scale.unflatten(dim, (n, s))
@@ -366,9 +371,9 @@ def _linear_adjoint(grad, dim, n, m, scale_factor, row_scale=None):
 
         c = coef(center[:, r], 0, n)
         out = x * c if out is None else out.addcmul_(x, c)
-        if n > 1 and bool(band[1][1:, r].any()):  # output s k + r -> input k - 1
+        if n > 1 and has_left[r]:  # output s k + r -> input k - 1
             out.narrow(dim, 0, n - 1).addcmul_(x.narrow(dim, 1, n - 1), coef(left[:, r], 1, n - 1))
-        if n > 1 and bool(band[2][:-1, r].any()):  # output s k + r -> input k + 1
+        if n > 1 and has_right[r]:  # output s k + r -> input k + 1
             out.narrow(dim, 1, n - 1).addcmul_(x.narrow(dim, 0, n - 1), coef(right[:, r], 0, n - 1))
     return out
 
