@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .calibration import _autocast_available
+
 __all__ = [
     "check_rho",
     "global_normalizer",
@@ -171,14 +173,12 @@ def upsampled_cross_entropy(
         of the upsampled logits u (or ``normalize``'s denominator), the value of
         ``weighted_cross_entropy(F.interpolate(logits, ...), labels, ...)`` up to float rounding.
 
-    Why not autograd through ``F.interpolate`` and ``F.cross_entropy``: their CPU kernels on
-    (N, C, H, W) are slow (the upsampling and the softmax over C at stride H * W, and the backward
-    of both: ``upsample_bilinear2d_backward`` scatters) and the backward writes two fresh
-    full-resolution tensors. Here the logits are upsampled channels-last, so that u is an
-    (N, H, W, C) tensor whose softmax runs over contiguous rows; the forward keeps the softmax
-    P = softmax(u) and takes CE_p = -log P_{y_p}(p) (a pixel whose P_y underflows to < 1e-30 takes
-    log_softmax(u(p))_y instead, the same value without the underflow). The gradient with respect
-    to u,
+    Why not autograd through ``F.interpolate`` and ``F.cross_entropy``: their CPU backwards on
+    (N, C, H, W) are slow (``upsample_bilinear2d_backward`` scatters, the softmax's reduces over C
+    at stride H * W) and write two fresh full-resolution tensors. Here the logits are upsampled
+    channels-last (u: (N, H, W, C), softmax over contiguous rows), the forward keeps P = softmax(u)
+    and takes CE_p = -log P_{y_p}(p) (log_softmax(u(p))_y where P_y underflows to < 1e-30). The
+    gradient with respect to u,
 
         dL/du_c(p) = w[y_p] (P_c(p) - [c = y_p]) / sum_q w[y_q]   (0 where ignored),
 
@@ -199,9 +199,7 @@ def upsampled_cross_entropy(
 
 
 def _autocast_off(device_type):
-    check = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.3
-    available = check(device_type) if check is not None else device_type in ("cpu", "cuda")
-    if not available:  # e.g. "meta": no autocast to turn off
+    if not _autocast_available(device_type):  # e.g. "meta": no autocast to turn off
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, enabled=False)
 
@@ -331,9 +329,7 @@ def _linear_interpolation(n: int, m: int, scale_factor):
     left[1:] = a3[k[1:], :, k[1:] - 1]
     right[:-1] = a3[k[:-1], :, k[:-1] + 1]
     rest = a3.clone()
-    rest[k, :, k] = 0
-    rest[k[1:], :, k[1:] - 1] = 0
-    rest[k[:-1], :, k[:-1] + 1] = 0
+    rest[k, :, k], rest[k[1:], :, k[1:] - 1], rest[k[:-1], :, k[:-1] + 1] = 0, 0, 0
     if rest.abs().max() > 0:
         return a, None
     # Phases r with a weight on k - 1 / k + 1 at all (for s = 4: r = 0, 1 / r = 2, 3).
