@@ -44,7 +44,7 @@ class StageOne:
     disalign_box_only: str
     disalign_box_mask: str
     tau_norm: bool  # tau-normalisation needs a linear (non-cosine) classifier
-    softmax: bool = True  # NorCal renormalises softmax probabilities (not EQLv2's / ECM's sigmoids)
+    softmax: bool = True  # NorCal renormalises softmax probabilities (not sigmoids, not Gumbels)
 
 
 def _recipe(key, label, suffix, stage_two_suffix, tau_norm, softmax=True):
@@ -74,6 +74,8 @@ STAGE_ONES = OrderedDict(
         _recipe("eqlv2", "EQLv2", "_eqlv2", "_eqlv2", tau_norm=True, softmax=False),
         _recipe("seesaw", "Seesaw", "_seesaw", "_seesaw", tau_norm=False),
         _recipe("ecm", "ECM", "_ecm", "_ecm", tau_norm=False, softmax=False),
+        # GOL's Gumbel classifier: its own activation (any detectron2), no softmax for NorCal.
+        _recipe("gol", "GOL", "_gol", "_gol", tau_norm=True, softmax=False),
     )
 )
 SIGMOID_STAGE_ONES = ("eqlv2", "ecm")

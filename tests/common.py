@@ -10,7 +10,9 @@ import importlib.util
 import os
 from typing import List, Optional, Sequence
 
+import torch
 from detectron2.config import get_cfg
+from detectron2.structures import Boxes, Instances
 
 from disalign_det import add_disalign_config
 from disalign_det.data import generate_synthetic_lvis, register_lvis_format
@@ -31,6 +33,18 @@ __all__ = [
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs", "LVIS")
 TINY_CLASSES = 6
+
+# Hand-made (R, K + 1) = (5, 4) class logits (background last) and labels, two background RoIs,
+# every z inside [-4, 10]: the stage-one loss tests write each loss's formula out on them.
+HAND_LOGITS = [
+    [1.0, -0.5, 0.3, 0.2],
+    [-1.2, 0.7, 2.0, -0.3],
+    [0.1, 0.1, -1.0, 1.5],
+    [0.4, -2.0, 0.9, 0.0],
+    [2.2, 0.3, -0.7, -1.1],
+]
+HAND_LABELS = [0, 2, 3, 1, 3]
+HAND_K = 3
 
 
 def load_script(relpath):
@@ -152,3 +166,15 @@ def evaluate_lvis(gt, dets: List[dict], iou_type: str) -> dict:
     ev = LVISEval(gt, LVISResults(gt, dets), iou_type)
     ev.run()
     return ev.get_results()
+
+
+def one_image_proposals(labels: List[int]):
+    """Proposals of one 32 x 32 image: ``len(labels)`` copies of one box matched to a ground-truth
+    box, with ``gt_classes`` = ``labels`` (for the box predictor's ``losses`` / ``predict_probs``).
+    """
+    inst = Instances((32, 32))
+    n = len(labels)
+    inst.proposal_boxes = Boxes(torch.tensor([[1.0, 2.0, 20.0, 25.0]] * n))
+    inst.gt_boxes = Boxes(torch.tensor([[2.0, 2.0, 21.0, 24.0]] * n))
+    inst.gt_classes = torch.tensor(labels)
+    return [inst]

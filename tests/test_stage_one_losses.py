@@ -12,13 +12,16 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from common import HAND_K as K
+from common import HAND_LABELS as Y
+from common import HAND_LOGITS as Z
+from common import one_image_proposals
 from conftest import CONFIGS, tiny_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.box_regression import Box2BoxTransform
-from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from disalign_det import add_disalign_config
@@ -34,6 +37,7 @@ from disalign_det.modeling.stage_one_losses import (
     eqlv2_gradient_statistics,
     eqlv2_loss,
     eqlv2_weights,
+    gumbel_probs,
     objectness_sigmoid_probs,
     objectness_softmax_log_probs,
     seesaw_loss,
@@ -47,18 +51,17 @@ LOSS_PARAMS = [
     pytest.param("eqlv2", marks=needs_sigmoid),
     "seesaw",
     pytest.param("ecm", marks=needs_sigmoid),
+    "gol",  # its own (Gumbel) activation: on both detectron2s (tests/test_gol.py)
 ]
+# Each loss's inference activation.
+ACTIVATION = {
+    "eqlv2": objectness_sigmoid_probs,
+    "seesaw": lambda s: F.softmax(s, -1),
+    "ecm": objectness_sigmoid_probs,
+    "gol": gumbel_probs,
+}
 
-# 3 foreground classes + background; 5 RoIs, two of them background.
-Z = [
-    [1.0, -0.5, 0.3, 0.2],
-    [-1.2, 0.7, 2.0, -0.3],
-    [0.1, 0.1, -1.0, 1.5],
-    [0.4, -2.0, 0.9, 0.0],
-    [2.2, 0.3, -0.7, -1.1],
-]
-Y = [0, 2, 3, 1, 3]
-K = 3
+# 3 foreground classes + background; 5 RoIs, two of them background (tests/common.py).
 
 
 def _zy():
@@ -148,6 +151,25 @@ def test_eqlv2_state_starts_neutral_accumulates_and_resumes():
 
 
 # ---- Seesaw ----------------------------------------------------------------------------------
+def _seesaw_denominator(e, s, yi, counts, p, q, eps):
+    """e^z_i + sum_{j != i} S_ij e^z_j over the classes of ``e`` (exp logits) for a RoI of class
+    i = ``yi``, S_ij = M_ij C_ij: M = (N_j / N_i)^p if N_j < N_i, C = (s_j / s_i)^q if s_j > s_i
+    (s the softmax, s_i clamped to >= eps)."""
+    denom = e[yi]
+    for j in range(len(e)):
+        if j == yi:
+            continue
+        S = 1.0
+        n_i, n_j = max(counts[yi], 1), max(counts[j], 1)
+        if n_j < n_i:
+            S *= (n_j / n_i) ** p
+        own = max(s[yi], eps)
+        if s[j] > own:
+            S *= (s[j] / own) ** q
+        denom += S * e[j]
+    return denom
+
+
 def _seesaw_by_hand(counts, p, q, eps):
     """The paper's sigma_hat_i = e^z_i / (sum_{j != i} S_ij e^z_j + e^z_i), S = M C among the
     foreground classes (1 for the background logit; background RoIs: plain softmax)."""
@@ -156,19 +178,10 @@ def _seesaw_by_hand(counts, p, q, eps):
         zi, yi = Z[i], Y[i]
         e = [math.exp(v) for v in zi]
         s = [v / sum(e) for v in e]  # softmax, for the compensation factor
-        denom = e[yi]
-        for j in range(K + 1):
-            if j == yi:
-                continue
-            S = 1.0
-            if yi < K and j < K:
-                n_i, n_j = max(counts[yi], 1), max(counts[j], 1)
-                if n_j < n_i:
-                    S *= (n_j / n_i) ** p
-                own = max(s[yi], eps)
-                if s[j] > own:
-                    S *= (s[j] / own) ** q
-            denom += S * e[j]
+        if yi < K:  # the background logit (j = K) gets no factor (S = 1)
+            denom = _seesaw_denominator(e[:K], s[:K], yi, counts, p, q, eps) + e[K]
+        else:  # a background RoI: plain softmax
+            denom = sum(e)
         total += -math.log(e[yi] / denom)
     return total / 5
 
@@ -262,19 +275,7 @@ def _seesaw_objectness_by_hand(counts, p, q, eps):
         c, o = row[:K], row[K:]
         if yi < K:
             e, s = [math.exp(v) for v in c], _softmax(c)
-            denom = e[yi]
-            for j in range(K):
-                if j == yi:
-                    continue
-                S = 1.0
-                n_i, n_j = max(counts[yi], 1), max(counts[j], 1)
-                if n_j < n_i:
-                    S *= (n_j / n_i) ** p
-                own = max(s[yi], eps)
-                if s[j] > own:
-                    S *= (s[j] / own) ** q
-                denom += S * e[j]
-            total += -math.log(e[yi] / denom)
+            total += -math.log(e[yi] / _seesaw_denominator(e, s, yi, counts, p, q, eps))
         total += -math.log(_softmax(o)[0 if yi < K else 1])
     return total / len(ZO)
 
@@ -451,13 +452,21 @@ def _predictor(kind, **kw):
     )
 
 
-def _proposals(labels):
-    inst = Instances((32, 32))
-    n = len(labels)
-    inst.proposal_boxes = Boxes(torch.tensor([[1.0, 2.0, 20.0, 25.0]] * n))
-    inst.gt_boxes = Boxes(torch.tensor([[2.0, 2.0, 21.0, 24.0]] * n))
-    inst.gt_classes = torch.tensor(labels)
-    return [inst]
+_proposals = one_image_proposals
+
+
+def _load_and_predict(stage_one, stage_two):
+    """Load ``stage_one``'s state into ``stage_two`` (only DisAlign tensors may be missing), give
+    the confidence s(x) a non-trivial weight, and predict a random batch with both: (p1, p2, x,
+    proposals)."""
+    incompatible = stage_two.load_state_dict(stage_one.state_dict(), strict=False)
+    assert not incompatible.unexpected_keys
+    assert incompatible.missing_keys and all(map(is_disalign_state, incompatible.missing_keys))
+    with torch.no_grad():
+        stage_two.confidence_layer.weight.normal_(std=1.0)
+    x, proposals = torch.randn(7, D) * 3, _proposals([0] * 7)
+    (p1,), (p2,) = (m.predict_probs(m(x), proposals) for m in (stage_one, stage_two))
+    return p1, p2, x, proposals
 
 
 @pytest.mark.parametrize("kind", LOSS_PARAMS)
@@ -475,8 +484,7 @@ def test_predictor_trains_with_the_stage_one_loss_and_predicts_its_activation(ki
         loss = pred.losses((scores, deltas), proposals)["loss_cls"]
     torch.testing.assert_close(loss, reference.train()(scores, torch.tensor(Y)))
     (probs,) = pred.predict_probs((scores, None), proposals)
-    want = objectness_sigmoid_probs(scores) if kind != "seesaw" else F.softmax(scores, -1)
-    assert torch.equal(probs, want)
+    assert torch.equal(probs, ACTIVATION[kind](scores))
     assert all(k.startswith("stage_one_loss.") for k in pred.state_dict() if "grad" in k)
 
 
@@ -494,8 +502,7 @@ def test_calibration_is_the_identity_at_init_on_each_stage_one(kind):
     x, proposals = torch.randn(7, D) * 3, _proposals([0] * 7)
     (p1,), (p2,) = (m.predict_probs(m(x), proposals) for m in (stage_one, stage_two))
     assert torch.equal(p1, p2)
-    want = objectness_sigmoid_probs if kind != "seesaw" else (lambda s: F.softmax(s, -1))
-    assert torch.equal(p1, want(stage_one(x)[0]))
+    assert torch.equal(p1, ACTIVATION[kind](stage_one(x)[0]))
 
 
 @pytest.mark.skipif(has_federated_loss(), reason="detectron2 main has the sigmoid classifier")
@@ -571,13 +578,7 @@ def test_calibration_is_the_identity_at_init_on_the_normed_linear_seesaw():
         cls_loss="grw",
         class_weights=torch.ones(K + 1),
     )
-    incompatible = stage_two.load_state_dict(stage_one.state_dict(), strict=False)
-    assert not incompatible.unexpected_keys
-    assert incompatible.missing_keys and all(map(is_disalign_state, incompatible.missing_keys))
-    with torch.no_grad():
-        stage_two.confidence_layer.weight.normal_(std=1.0)
-    x, proposals = torch.randn(7, D) * 3, _proposals([0] * 7)
-    (p1,), (p2,) = (m.predict_probs(m(x), proposals) for m in (stage_one, stage_two))
+    p1, p2, x, proposals = _load_and_predict(stage_one, stage_two)
     assert torch.equal(p1, p2)
     assert torch.equal(p1, F.softmax(stage_one(x)[0], -1))
 
@@ -615,13 +616,7 @@ def test_calibration_acts_only_on_the_class_logits_of_the_objectness_model():
     stage_two = _predictor(
         "seesaw", calibrate=True, cls_loss="grw", class_weights=torch.ones(K + 1), **opts
     )
-    incompatible = stage_two.load_state_dict(stage_one.state_dict(), strict=False)
-    assert not incompatible.unexpected_keys
-    assert incompatible.missing_keys and all(map(is_disalign_state, incompatible.missing_keys))
-    with torch.no_grad():
-        stage_two.confidence_layer.weight.normal_(std=1.0)
-    x, proposals = torch.randn(7, D) * 3, _proposals([0] * 7)
-    (p1,), (p2,) = (m.predict_probs(m(x), proposals) for m in (stage_one, stage_two))
+    p1, p2, x, proposals = _load_and_predict(stage_one, stage_two)
     assert torch.equal(p1, p2)  # identity at init
     # A trained calibration: the class logits c' = c + s ((beta - 1) c + gamma); the objectness
     # (hence p_bg) is untouched.
@@ -738,8 +733,9 @@ OBJECTNESS = ["MODEL.ROI_BOX_HEAD.SEESAW.OBJECTNESS", "True"]
         ("seesaw", []),
         pytest.param("ecm", [], marks=needs_sigmoid),
         ("seesaw", OBJECTNESS),
+        ("gol", []),
     ],
-    ids=["eqlv2", "seesaw", "ecm", "seesaw_objectness"],
+    ids=["eqlv2", "seesaw", "ecm", "seesaw_objectness", "gol"],
 )
 def test_disalign_on_each_stage_one_loads_and_starts_from_its_predictions(
     kind, opts, tiny_dataset, tmp_path
@@ -753,7 +749,7 @@ def test_disalign_on_each_stage_one_loads_and_starts_from_its_predictions(
     trainer.train()  # 3 iterations: the loss state moves
     s1 = trainer.model.roi_heads.box_predictor.stage_one_loss
     state = {k: v.clone() for k, v in s1.state_dict().items()}
-    assert any(bool((v != 0).any()) for v in state.values())
+    assert any(bool((v != 0).any()) for v in state.values()) or kind == "gol"  # GOL: no state
     with torch.no_grad():  # sharpen the classifier so that the tiny model detects something
         trainer.model.roi_heads.box_predictor.cls_score.weight.normal_(std=0.5)
     DetectionCheckpointer(trainer.model, out).save("stage1")
@@ -815,7 +811,9 @@ def test_benchmark_plan_has_every_loss_and_fracal(tmp_path):
     assert [m for g, m, _ in rows if g == "ecm"] == methods["ecm"]
     want = [s for s in plan.STAGE_ONES if has_federated_loss() or s not in ("eqlv2", "ecm")]
     assert longtail._available_stage_ones() == want
-    assert set(plan.STAGE_ONES) == {"softmax", "rfs", "cosine", "eqlv2", "seesaw", "ecm"}
+    assert set(plan.STAGE_ONES) == {"softmax", "rfs", "cosine", "eqlv2", "seesaw", "ecm", "gol"}
+    gol = plan.build_plan(preset, str(tmp_path), ["gol"])
+    assert [r.method for r in gol[0]] == common + ["tau_norm_1", "fracal_2"]  # no NorCal
 
 
 def test_lazyconfig_arguments():

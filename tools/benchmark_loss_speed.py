@@ -4,11 +4,11 @@ measured in ONE run on the same machine, weights and input batch.
 
     python tools/benchmark_loss_speed.py [--config-set lvis|synthetic] [--iters 6] [--warmup 2]
 
-For every loss of ``MODEL.ROI_BOX_HEAD.STAGE_ONE_LOSS`` ("eqlv2", "seesaw", "ecm"; the sigmoid
-ones only on a detectron2 with the sigmoid classifier) the model is the softmax stage one of the
-config set (``lvis``: configs/LVIS/mask_rcnn_R_50_FPN_2x.yaml, R50-FPN with 1203 classes) with
-only the loss changed: DisAlignROIHeads without calibration, the same linear classifier, so the
-ratio is what the loss itself costs. Two baselines: detectron2's own predictor ("softmax
+For every loss of ``MODEL.ROI_BOX_HEAD.STAGE_ONE_LOSS`` ("eqlv2", "seesaw", "ecm", "gol"; the
+sigmoid ones only on a detectron2 with the sigmoid classifier) the model is the softmax stage one
+of the config set (``lvis``: configs/LVIS/mask_rcnn_R_50_FPN_2x.yaml, R50-FPN with 1203 classes)
+with only the loss changed: DisAlignROIHeads without calibration, the same linear classifier, so
+the ratio is what the loss itself costs. Two baselines: detectron2's own predictor ("softmax
 (stock)", the ratio's denominator) and ours with the plain loss ("softmax (ours)").
 
 Each time is detectron2's ``SimpleTrainer.run_step`` (forward, backward, optimizer step, LR 0 so
@@ -49,7 +49,7 @@ def loss_variants():
         "MODEL.DISALIGN.CLS_LOSS", "ce",
     ]  # fmt: skip
     variants = {BASELINE: [], "softmax (ours)": ours}
-    for loss in ("eqlv2", "seesaw", "ecm"):
+    for loss in ("eqlv2", "seesaw", "ecm", "gol"):
         if loss in ("eqlv2", "ecm") and not has_federated_loss():
             continue
         variants[loss] = ours + ["MODEL.ROI_BOX_HEAD.STAGE_ONE_LOSS", loss]

@@ -8,6 +8,10 @@ calibration adds ``logit_scale`` (K,), ``logit_bias`` (K,) and ``confidence_laye
 With Seesaw's objectness branch (``MODEL.ROI_BOX_HEAD.SEESAW.OBJECTNESS``) ``cls_score`` has K + 2
 outputs (K classes, then fg / bg objectness); the calibration acts on the K class logits and the
 predictor's scores are the (R, K + 1) log-probabilities of softmax(classes) * p_fg and p_bg.
+
+Longer than 450 lines: one predictor serves every classifier (softmax, sigmoid, Seesaw's
+objectness, GOL's Gumbel) with the calibration, GRW and the post-hoc adjustments on each; its
+losses and probabilities branch on the same few attributes, which a split would scatter.
 """
 
 import logging
@@ -31,6 +35,8 @@ from .fracal import fracal_sigmoid_probs, fracal_softmax_probs, fracal_statistic
 from .losses import weighted_cross_entropy, weighted_sigmoid_cross_entropy
 from .stage_one_losses import (
     StageOneLoss,
+    gol_loss,
+    gumbel_probs,
     objectness_softmax_log_probs,
     stage_one_loss_from_config,
 )
@@ -101,8 +107,9 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
                 source)`` whose json categories carry the training counts (LVIS val jsons do),
                 read at the first inference if neither a checkpoint nor training installed them.
             stage_one_loss: "ce" (detectron2's loss) or a loss of :mod:`.stage_one_losses`
-                ("eqlv2", "seesaw", "ecm"), with ``stage_one_options``; it trains while
-                ``cls_loss`` is "ce" and sets the inference activation.
+                ("eqlv2", "seesaw", "ecm", "gol"), with ``stage_one_options``; it trains while
+                ``cls_loss`` is "ce" and sets the inference activation (and, for "gol", the
+                activation GRW trains through and the initial classifier bias).
             fracal_lambda, fracal_grid: lambda and G of ``posthoc="fracal"`` (:mod:`.fracal`).
             fracal_fallback: (training dataset names) whose boxes give FRACAL's statistics at
                 the first inference when the model (its checkpoint) has none.
@@ -150,6 +157,10 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
         if cosine:
             layer = NormedLinear if normed_linear else CosineLinear
             self.cls_score = layer(in_features, num_logits, scale=cosine_scale)
+        if self.activation == "gumbel" and getattr(self.cls_score, "bias", None) is not None:
+            # GOL starts every class at a small Gumbel probability G(init_bias) (the authors'
+            # init; a stage two loads its stage one's bias over it).
+            nn.init.constant_(self.cls_score.bias, self.stage_one_loss.options["init_bias"])
 
         self.calibrate = calibrate
         if calibrate:
@@ -171,6 +182,12 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
             raise ValueError(
                 "MODEL.DISALIGN.POSTHOC='norcal' renormalises softmax probabilities; the sigmoid "
                 "classifier (MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE) has independent ones."
+            )
+        if posthoc == "norcal" and self.activation == "gumbel":
+            raise ValueError(
+                "MODEL.DISALIGN.POSTHOC='norcal' renormalises softmax probabilities; the Gumbel "
+                f"classifier of MODEL.ROI_BOX_HEAD.STAGE_ONE_LOSS={stage_one_loss!r} has "
+                "independent ones (use 'fracal' or 'tau_norm')."
             )
         self.posthoc = posthoc
         self.posthoc_power = float(posthoc_power)
@@ -214,6 +231,14 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
         )
         ret.update(stage_one_loss_from_config(cfg))
         return ret
+
+    @property
+    def activation(self) -> str:
+        """The classifier's activation: "softmax", "sigmoid" (detectron2's sigmoid classifier,
+        with EQLv2's / ECM's objectness factor for those losses) or "gumbel" (GOL)."""
+        if self.stage_one_loss is not None:
+            return self.stage_one_loss.activation
+        return "sigmoid" if self.sigmoid_ce else "softmax"
 
     # ---- class frequencies (see class_weights.py) -------------------------------------------
     @property
@@ -313,6 +338,12 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
             weights, normalize = self.grw_weights(), self.loss_normalizer()
             if self.stage_one_loss is not None and not self.uses_grw:
                 loss = self.stage_one_loss(scores, gt_classes, normalize)
+            elif self.activation == "gumbel":
+                # GRW through the Gumbel activation the stage one predicts with.
+                o = self.stage_one_loss.options
+                loss = gol_loss(
+                    scores.float(), gt_classes, o["clamp_min"], o["clamp_max"], weights, normalize
+                )
             elif self.sigmoid_ce:
                 mask = None
                 if self.use_fed_loss and gt_classes.numel():
@@ -365,10 +396,22 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
     def predict_probs(self, predictions, proposals):
         """The stage one's probabilities: softmax over K + 1 (NorCal- or FRACAL-adjusted if
         asked), or the sigmoid of each logit for the sigmoid classifier (with EQLv2's / ECM's
-        objectness factor for those losses, FRACAL-adjusted if asked). List of (Ri, K + 1) tensors.
+        objectness factor for those losses, FRACAL-adjusted if asked), or GOL's Gumbel
+        G(z) = exp(-exp(-z)) of each logit (FRACAL-adjusted if asked: G(z) G(z + a + b)).
+        List of (Ri, K + 1) tensors.
         """
         scores, _ = predictions
         num_inst_per_image = [len(p) for p in proposals]
+        if self.activation == "gumbel":
+            probs = gumbel_probs(scores)
+            if self.posthoc == "fracal":
+                # FRACAL's product form with the stage one's own activation (as the FRACAL
+                # authors' head applies the loss's activation to both factors).
+                freq, dims = self._fracal_statistics()
+                probs = fracal_sigmoid_probs(
+                    probs, scores, freq, dims, self.fracal_lambda, activation=gumbel_probs
+                )
+            return probs.split(num_inst_per_image, dim=0)
         if self.sigmoid_ce:
             # EQLv2 / ECM: sigmoid with their objectness factor; else detectron2's sigmoid.
             s1 = self.stage_one_loss

@@ -14,7 +14,9 @@ and the fractal adjustment b_j = -log10(K D_j^lambda / sum_k D_k^lambda):
 
 * softmax classifier: p = softmax(z + [a, 0]) (background logit unchanged), then the K
   foreground probabilities are divided by D_j^lambda and all K + 1 renormalised;
-* sigmoid classifier: p'_j = p_j sigmoid(z_j + a_j + b_j), p_j the stage one's probability.
+* sigmoid classifier: p'_j = p_j sigmoid(z_j + a_j + b_j), p_j the stage one's probability;
+  GOL's Gumbel classifier the same with G(z) = exp(-exp(-z)) for the sigmoid (their head applies
+  the loss's own activation to both factors).
 
 What is implemented is read from the authors' public code (kostas1515/FRACAL, ``base10`` variant,
 the default), since the paper's text was not available to us: the base-10 logarithms, the image
@@ -128,9 +130,10 @@ def fracal_softmax_probs(logits, freq, dims, lam: float):
     return p / p.sum(dim=1, keepdim=True)
 
 
-def fracal_sigmoid_probs(probs, logits, freq, dims, lam: float):
+def fracal_sigmoid_probs(probs, logits, freq, dims, lam: float, activation=torch.sigmoid):
     """(R, K + 1) stage-one probabilities and logits of a sigmoid classifier -> (R, K + 1)
-    FRACAL probabilities (the background column unchanged)."""
+    FRACAL probabilities p_j act(z_j + a_j + b_j) (the background column unchanged);
+    ``activation`` is the classifier's per-class activation (GOL's Gumbel for a GOL stage one)."""
     a, b = fracal_adjustments(freq.to(logits), dims.to(logits), lam)
-    fg = probs[:, :-1] * torch.sigmoid(logits[:, :-1] + (a + b)[None, :])
+    fg = probs[:, :-1] * activation(logits[:, :-1] + (a + b)[None, :])
     return torch.cat([fg, probs[:, -1:]], dim=1)

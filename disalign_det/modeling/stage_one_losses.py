@@ -1,12 +1,13 @@
-"""Long-tail stage-one classification losses for the box predictor: EQLv2, Seesaw and ECM.
+"""Long-tail stage-one classification losses for the box predictor: EQLv2, Seesaw, ECM and GOL.
+
+Longer than 450 lines: the four losses (and Seesaw's objectness variant) share the layout
+helpers, the option checks, the config keys and the one module (:class:`StageOneLoss`) that
+dispatches between them; split, each piece would import the others.
 
 Each loss is a pure function of the (R, K + 1) class logits (detectron2's layout, background LAST)
 and the (R,) labels in [0, K]; the little state two of them keep (EQLv2's accumulated gradients,
 Seesaw's cumulative class counts) lives in the buffers of :class:`StageOneLoss`, saved with the
 model and all-reduced so that every process holds the same values.
-
-Longer than 450 lines: the three losses (and Seesaw's objectness variant) share the state
-module, the config keys and the formulas written out below; one module keeps them side by side.
 
 * EQLv2 (Tan et al., CVPR 2021, "Equalization Loss v2"): K + 1 sigmoids (the last one is the
   background/objectness sigmoid). With g_j the ratio of the accumulated positive to negative
@@ -46,8 +47,22 @@ module, the config keys and the formulas written out below; one module keeps the
       p+_ij = e^(z_ij + m+_j) / (e^(z_ij + m+_j) + e^(-z_ij + m-_j)),
       L = sum_ij w_j BCE(p+_ij, y_ij) / R,   w_j = a_j log((1 + a_j) / a_j),  a_j = n-_j / n_j.
 
+* GOL (Alexandridis et al., ECCV 2022, "Long-tailed Instance Segmentation using Gumbel Optimized
+  Loss"): K binary terms with the Gumbel activation G(z) = exp(-exp(-z)) instead of the sigmoid,
+
+      L = -sum_{i, j<K} [y_ij log G(z_ij) + (1 - y_ij) log(1 - G(z_ij))] / R,
+      log G(z) = -exp(-z),   log(1 - G(z)) = log(-expm1(-exp(-z)))  (~ -z - exp(-z) / 2 for
+                                                                        large z, where exp(-z)
+                                                                        underflows),
+
+  z clamped to [clamp_min, clamp_max] first (the authors' GOL code: [-4, 10]; the y = 1 term
+  exp(-z) grows exponentially below). The (K + 1)-th column is ignored, as in detectron2's sigmoid
+  classifier and the authors' GOL head (K outputs): a background RoI has K negative targets.
+  Predictions: p_j = G(z_j) for every column (the last one is meaningless, as for the sigmoid).
+
 EQLv2 and ECM predict with the objectness activation of their papers' code:
 p_j = sigmoid(z_j) (1 - sigmoid(z_bg)) for the K classes, sigmoid(z_bg) for the background.
+
 """
 
 import logging
@@ -62,6 +77,7 @@ from torch import nn
 from .losses import _empty  # 0 connected to the logits, after taking part in the all-reduce
 
 __all__ = [
+    "GUMBEL_STAGE_ONE_LOSSES",
     "SIGMOID_STAGE_ONE_LOSSES",
     "STAGE_ONE_LOSSES",
     "StageOneLoss",
@@ -69,6 +85,8 @@ __all__ = [
     "all_reduce_sum",
     "ecm_loss",
     "ecm_margins",
+    "gol_loss",
+    "gumbel_probs",
     "eqlv2_gradient_statistics",
     "eqlv2_loss",
     "eqlv2_weights",
@@ -81,9 +99,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-STAGE_ONE_LOSSES = ("ce", "eqlv2", "seesaw", "ecm")
+STAGE_ONE_LOSSES = ("ce", "eqlv2", "seesaw", "ecm", "gol")
 # Losses that need the sigmoid classifier (detectron2 main's MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE).
 SIGMOID_STAGE_ONE_LOSSES = ("eqlv2", "ecm")
+# Losses with the Gumbel activation: their own loss and probabilities, on any detectron2 (they do
+# not use detectron2's sigmoid classifier, so USE_SIGMOID_CE stays False).
+GUMBEL_STAGE_ONE_LOSSES = ("gol",)
 _KEY = "MODEL.ROI_BOX_HEAD.STAGE_ONE_LOSS"
 
 
@@ -92,9 +113,10 @@ def add_stage_one_loss_config(cfg):
     ``add_disalign_config``. Defaults change nothing."""
     h = cfg.MODEL.ROI_BOX_HEAD
     # Classification loss of stage one: "ce" (detectron2's: softmax cross-entropy, or the sigmoid
-    # / federated loss of USE_SIGMOID_CE / USE_FED_LOSS), "eqlv2", "seesaw" or "ecm" (see
+    # / federated loss of USE_SIGMOID_CE / USE_FED_LOSS), "eqlv2", "seesaw", "ecm" or "gol" (see
     # disalign_det/modeling/stage_one_losses.py). Used while MODEL.DISALIGN.CLS_LOSS is "ce";
-    # a DisAlign stage two ("grw") keeps the activation it implies (sigmoid for eqlv2 / ecm).
+    # a DisAlign stage two ("grw") keeps the activation it implies (sigmoid for eqlv2 / ecm,
+    # Gumbel for gol).
     h.STAGE_ONE_LOSS = "ce"
     h.EQLV2 = CN()
     h.EQLV2.GAMMA = 12.0  # gamma, slope of the mapping q_j = sigmoid(gamma (g_j - mu))
@@ -111,6 +133,14 @@ def add_stage_one_loss_config(cfg):
     h.ECM = CN()
     # n_bg / sum_j n_j: the background's frequency in the margins (the authors' Mask R-CNN value).
     h.ECM.FG_BG_RATIO = 6.3313
+    h.GOL = CN()
+    # z is clamped to [CLAMP_MIN, CLAMP_MAX] in the loss (the authors' GOL code; no gradient
+    # outside): -log G(z) = exp(-z) grows exponentially for negative z.
+    h.GOL.CLAMP_MIN = -4.0
+    h.GOL.CLAMP_MAX = 10.0
+    # Initial bias of the classifier (cls_score): G(-2) = exp(-e^2) ~ 6e-4, a small initial
+    # probability of every class (the authors' init).
+    h.GOL.INIT_BIAS = -2.0
     d = cfg.MODEL.DISALIGN
     # lambda of FRACAL (POSTHOC "fracal"): foreground probabilities divided by D_j ** lambda, D_j
     # the box-counting fractal dimension of class j's box centres.
@@ -139,6 +169,9 @@ def stage_one_loss_from_config(cfg):
             eps=h.SEESAW.EPS,
             objectness=h.SEESAW.OBJECTNESS,
             fg_bg_ratio=h.ECM.FG_BG_RATIO,
+            clamp_min=h.GOL.CLAMP_MIN,
+            clamp_max=h.GOL.CLAMP_MAX,
+            init_bias=h.GOL.INIT_BIAS,
         ),
     )
     if kind in SIGMOID_STAGE_ONE_LOSSES:
@@ -357,6 +390,75 @@ def ecm_loss(logits, labels, m_pos, m_neg, class_weight, normalize=None):
     return _mean_over_rois((bce * w[None, :]).sum(), len(labels), logits, normalize)
 
 
+# ---- GOL ---------------------------------------------------------------------------------------
+# Above this z, exp(-z) < 2e-9: log(1 - G(z)) = log(-expm1(-exp(-z))) is replaced by its expansion
+# -z - exp(-z) / 2 (error ~ exp(-2z) / 24), which stays finite where exp(-z) underflows to 0.
+_GUMBEL_LARGE_Z = 20.0
+
+
+def gumbel_probs(logits: torch.Tensor) -> torch.Tensor:
+    """(R, K + 1) logits -> (R, K + 1) Gumbel probabilities G(z) = exp(-exp(-z)) (GOL's
+    activation; in [0, 1] for every finite z: exp(-z) = inf gives 0)."""
+    return torch.exp(-torch.exp(-logits))
+
+
+def _gumbel_log_one_minus(z):
+    # log(1 - G(z)), stable for large z (see _GUMBEL_LARGE_Z). Both branches are computed on
+    # finite inputs so that the gradient of the branch not taken is 0, never NaN. Below z = -50,
+    # G(z) = exp(-e^50) is 0 even in float64: log(1 - G) is exactly 0 with a 0 gradient there,
+    # and clamping first keeps exp(-z) finite (its inf would give 0 * inf = NaN gradients).
+    large = z > _GUMBEL_LARGE_Z
+    u = torch.exp(-torch.where(large, torch.zeros_like(z), z.clamp(min=-50.0)))
+    exact = torch.log(-torch.expm1(-u))
+    zl = torch.where(large, z, torch.full_like(z, _GUMBEL_LARGE_Z))
+    expansion = -zl - 0.5 * torch.exp(-zl)
+    return torch.where(large, expansion, exact)
+
+
+def gol_loss(
+    logits, labels, clamp_min: float = -4.0, clamp_max: float = 10.0, weights=None, normalize=None
+):
+    """GOL: binary cross-entropy of the Gumbel activation on the K foreground columns.
+
+    Args:
+        logits: (R, K + 1) logits; the (K + 1)-th column is ignored (a background RoI has K
+            negative targets).
+        labels: (R,) int64 in [0, K].
+        clamp_min, clamp_max: z is clamped to this range first (no gradient outside it).
+        weights: (K + 1,) class weights (DisAlign's GRW, background last) weighting each RoI's
+            terms by its label's weight, or None.
+        normalize: as in :mod:`.losses` (None: the local mean).
+
+    Returns:
+        Scalar ``sum_i w[y_i] sum_{j<K} [y_ij exp(-z_ij) - (1 - y_ij) log(1 - G(z_ij))] /
+        sum_i w[y_i]`` (divided by R without weights); 0 connected to ``logits`` when R == 0.
+    """
+    if labels.numel() == 0:
+        return _empty(logits, normalize)
+    num_classes = logits.shape[1] - 1
+    target = _one_hot(logits, labels)[:, :num_classes]
+    z = logits[:, :num_classes].clamp(min=clamp_min, max=clamp_max)
+    # -log G(z) = exp(-z) for the positives, -log(1 - G(z)) for the negatives.
+    pos = target > 0
+    if -50.0 <= clamp_min and clamp_max <= _GUMBEL_LARGE_Z:
+        # Within these clamps exp(-z) is finite and log(-expm1(-exp(-z))) exact: one exp for
+        # both terms (the default [-4, 10]; the loss is a sizeable part of a GPU iteration).
+        u = torch.exp(-z)
+        per_term = torch.where(pos, u, -torch.log(-torch.expm1(-u)))
+    else:
+        # exp(-z) only where it is used (elsewhere it may overflow, and inf * 0 is NaN in the
+        # value and the gradient).
+        per_term = torch.where(
+            pos, torch.exp(-torch.where(pos, z, torch.zeros_like(z))), -_gumbel_log_one_minus(z)
+        )
+    if weights is None:
+        return _mean_over_rois(per_term.sum(), len(labels), logits, normalize)
+    roi_weights = weights.to(dtype=logits.dtype, device=logits.device)[labels]
+    local = roi_weights.sum()
+    total = (per_term * roi_weights[:, None]).sum()
+    return total / (local if normalize is None else normalize(local))
+
+
 # ---- the module holding the state --------------------------------------------------------------
 class StageOneLoss(nn.Module):
     """The stage-one loss of the box predictor and its state.
@@ -368,6 +470,8 @@ class StageOneLoss(nn.Module):
     * "seesaw": ``cum_samples`` (K + 1,) float64, the cumulative numbers of RoIs per label.
     * "ecm": ``sample_counts`` (K,), the training frequencies n_j behind the margins; installed
       when training starts (like the GRW weights), zeros until then.
+    * "gol": none (its options: ``clamp_min``, ``clamp_max``, and ``init_bias``, which the box
+      predictor gives its classifier's bias at construction).
     """
 
     def __init__(self, kind: str, num_classes: int, **options):
@@ -386,13 +490,24 @@ class StageOneLoss(nn.Module):
             objectness=False,
             fg_bg_ratio=6.3313,
         )
+        o.update(clamp_min=-4.0, clamp_max=10.0, init_bias=-2.0)  # GOL's
         unknown = set(options) - set(o)
         if unknown:
             raise ValueError(f"unknown {_KEY} options {sorted(unknown)}")
         o.update(options)
+        signed = ("clamp_min", "clamp_max", "init_bias")  # may be negative
         for name, value in o.items():
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{_KEY} option {name} must be a finite number >= 0, got {value}")
+            ok = isinstance(value, (int, float)) and math.isfinite(value)
+            if not ok or (value < 0 and name not in signed):
+                bound = "" if name in signed else " >= 0"
+                raise ValueError(
+                    f"{_KEY} option {name} must be a finite number{bound}, got {value}"
+                )
+        if kind == "gol" and not o["clamp_min"] < o["clamp_max"]:
+            raise ValueError(
+                f"{_KEY}='gol' needs MODEL.ROI_BOX_HEAD.GOL.CLAMP_MIN < CLAMP_MAX, got "
+                f"{o['clamp_min']} and {o['clamp_max']}"
+            )
         self.options = o
         # Seesaw's objectness branch (MODEL.ROI_BOX_HEAD.SEESAW.OBJECTNESS): K + 2 outputs.
         self.objectness = bool(o["objectness"])
@@ -405,7 +520,7 @@ class StageOneLoss(nn.Module):
             self.register_buffer("neg_grad", torch.zeros(num_classes, dtype=torch.float64))
         elif kind == "seesaw":
             self.register_buffer("cum_samples", torch.zeros(num_classes + 1, dtype=torch.float64))
-        else:
+        elif kind == "ecm":
             self.register_buffer("sample_counts", torch.zeros(num_classes))
 
     @property
@@ -415,7 +530,16 @@ class StageOneLoss(nn.Module):
 
     @property
     def uses_sigmoid(self) -> bool:
+        """Whether it needs detectron2's sigmoid classifier (``use_sigmoid_ce``)."""
         return self.kind in SIGMOID_STAGE_ONE_LOSSES
+
+    @property
+    def activation(self) -> str:
+        """ "softmax", "sigmoid" (with the objectness factor) or "gumbel": what :meth:`probs`
+        computes, and what a DisAlign stage two trains its calibration through."""
+        if self.kind in SIGMOID_STAGE_ONE_LOSSES:
+            return "sigmoid"
+        return "gumbel" if self.kind in GUMBEL_STAGE_ONE_LOSSES else "softmax"
 
     @property
     def needs_class_frequencies(self) -> bool:
@@ -464,6 +588,8 @@ class StageOneLoss(nn.Module):
             counts = self.cum_samples[: self.num_classes]
             loss = seesaw_objectness_loss if self.objectness else seesaw_loss
             return loss(logits, labels, counts, o["p"], o["q"], o["eps"], normalize)
+        if self.kind == "gol":
+            return gol_loss(logits, labels, o["clamp_min"], o["clamp_max"], None, normalize)
         if not bool((self.sample_counts > 0).any()):
             raise RuntimeError(
                 f"{_KEY}='ecm' but its class frequencies were never installed: they are read "
@@ -475,8 +601,10 @@ class StageOneLoss(nn.Module):
 
     def probs(self, logits):
         """(R, K + 1) logits -> (R, K + 1) probabilities of this loss's classifier."""
-        if self.uses_sigmoid:
+        if self.activation == "sigmoid":
             return objectness_sigmoid_probs(logits)
+        if self.activation == "gumbel":
+            return gumbel_probs(logits)
         return F.softmax(logits, dim=-1)
 
     def extra_repr(self):
