@@ -30,6 +30,12 @@ from disalign_det.evaluation.sem_seg_evaluation import (
     iou_and_accuracy,
 )
 from disalign_det.modeling import apply_freeze
+from disalign_det.modeling.losses import (
+    _linear_interpolation,
+    bilinear_upsample_adjoint,
+    upsampled_cross_entropy,
+    weighted_cross_entropy,
+)
 from disalign_det.modeling.sem_seg import (
     CalibratedConv2d,
     DisAlignDeepLabV3Head,
@@ -184,6 +190,144 @@ def test_grw_pixel_weights_and_loss():
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     loss.backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+# ---- the GRW loss's own backward (speed; same maths) -------------------------------------------
+
+
+def _stock_upsampled_ce(logits, labels, scale, weights, normalize, ignore):
+    up = F.interpolate(logits, scale_factor=scale, mode="bilinear", align_corners=False)
+    return weighted_cross_entropy(up, labels, weights, normalize, ignore)
+
+
+def test_linear_interpolation_band_by_hand():
+    """The adjoint's band for factor 4 (align_corners=False): output o = 4k + r samples the input
+    at k + (r + 0.5) / 4 - 0.5, so k gets 1 - |d_r| and k -+ 1 gets |d_r|, d_r = -3/8, -1/8, 1/8,
+    3/8; at the borders (sample clamped to the edge) the edge input gets weight 1."""
+    a, (center, left, right, _, _) = _linear_interpolation(5, 20, 4.0)
+    assert a.shape == (20, 5)
+    torch.testing.assert_close(center[2], torch.tensor([0.625, 0.875, 0.875, 0.625]))
+    torch.testing.assert_close(left[2], torch.tensor([0.375, 0.125, 0.0, 0.0]))
+    torch.testing.assert_close(right[2], torch.tensor([0.0, 0.0, 0.125, 0.375]))
+    torch.testing.assert_close(center[0], torch.tensor([1.0, 1.0, 0.875, 0.625]))
+    torch.testing.assert_close(center[4], torch.tensor([0.625, 0.875, 1.0, 1.0]))
+    x = torch.randn(3, 5)
+    up = F.interpolate(x[None], scale_factor=4, mode="linear", align_corners=False)[0]
+    torch.testing.assert_close(x @ a.t(), up, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [4, 2, 3, 8, 1.5])
+def test_bilinear_upsample_adjoint_equals_autograd(scale):
+    """bilinear_upsample_adjoint(g) = d/dx <F.interpolate(x), g>, for both layouts and with the
+    folded row scale; 1.5 takes the dense-matmul path."""
+    torch.manual_seed(4)
+    h, w = 5, 7
+    big_h, big_w = int(h * scale), int(w * scale)
+    x = torch.randn(2, 3, h, w, requires_grad=True)
+    g = torch.randn(2, 3, big_h, big_w)
+    rows = torch.rand(2, 1, big_h, big_w)
+    up = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+    (ref,) = torch.autograd.grad(up, x, g * rows)
+    nchw = bilinear_upsample_adjoint(g, (h, w), scale, row_scale=rows)
+    nhwc = bilinear_upsample_adjoint(
+        g.permute(0, 2, 3, 1), (h, w), scale, dims=(1, 2), row_scale=rows.permute(0, 2, 3, 1)
+    )
+    torch.testing.assert_close(nchw, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(nhwc.permute(0, 3, 1, 2), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("normalized", [False, True])
+def test_upsampled_cross_entropy_equals_autograd(weighted, normalized):
+    """Loss of F.interpolate + weighted_cross_entropy (1e-6), gradient equal to autograd's of that
+    composition, with ignored pixels; no_grad gives the same loss; a second backward
+    (retain_graph) the same gradient."""
+    torch.manual_seed(5)
+    logits = (3 * torch.randn(2, NUM_CLASSES, 6, 5)).requires_grad_()
+    labels = torch.randint(0, NUM_CLASSES, (2, 24, 20))
+    labels[0, :7] = IGNORE
+    weights = torch.rand(NUM_CLASSES) + 0.5 if weighted else None
+    normalize = (lambda local: local * 0.5 + 3.0) if normalized else None
+    ref = _stock_upsampled_ce(logits, labels, 4, weights, normalize, IGNORE)
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+    loss = upsampled_cross_entropy(logits, labels, 4, weights, normalize, IGNORE)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(logits.grad, ref_grad, rtol=1e-5, atol=1e-8)
+    first = logits.grad.clone()
+    logits.grad = None
+    loss.backward()
+    torch.testing.assert_close(logits.grad, first, rtol=1e-6, atol=1e-9)
+    with torch.no_grad():
+        no_grad = upsampled_cross_entropy(logits, labels, 4, weights, normalize, IGNORE)
+    torch.testing.assert_close(no_grad, ref, rtol=1e-6, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 inside, whatever autocast says
+        amp = upsampled_cross_entropy(logits, labels, 4, weights, normalize, IGNORE)
+    assert amp.dtype == torch.float32
+    torch.testing.assert_close(
+        amp, _stock_upsampled_ce(logits, labels, 4, weights, normalize, IGNORE), rtol=1e-6, atol=0
+    )
+
+
+def test_upsampled_cross_entropy_underflow_and_edge_cases():
+    """A pixel whose true-class probability underflows float32 (a logit gap of 200) still gets
+    its log-softmax loss, 200 + log(1 + (C - 2) e^-200) = 200; all pixels ignored: 0, connected;
+    labels out of range: ValueError."""
+    logits = torch.zeros(1, NUM_CLASSES, 1, 1)
+    logits[0, 1] = 200.0
+    logits.requires_grad_()
+    labels = torch.full((1, 4, 4), IGNORE)
+    labels[0, 0, 0] = 0
+    loss = upsampled_cross_entropy(logits, labels, 4, None, None, IGNORE)
+    assert loss.item() == pytest.approx(200.0, rel=1e-6)
+    loss.backward()
+    (ref_grad,) = torch.autograd.grad(
+        _stock_upsampled_ce(logits, labels, 4, None, None, IGNORE), logits
+    )
+    torch.testing.assert_close(logits.grad, ref_grad, rtol=1e-6, atol=1e-7)
+    empty = upsampled_cross_entropy(logits, torch.full((1, 4, 4), IGNORE), 4, None, None, IGNORE)
+    assert empty.item() == 0.0 and empty.requires_grad
+    with pytest.raises(ValueError, match="labels must be in"):
+        upsampled_cross_entropy(logits, torch.full((1, 4, 4), NUM_CLASSES), 4, None, None, IGNORE)
+
+
+@pytest.mark.parametrize("name", ["DisAlignSemSegFPNHead", "DisAlignDeepLabV3PlusHead"])
+def test_head_grw_loss_gradients_equal_autograd_path(name):
+    """The head's GRW loss (upsampled_cross_entropy) against its autograd path
+    (fused_pixel_loss = False): the same loss and the same gradients of beta, gamma and the
+    confidence layer, everything else frozen."""
+    cfg = _cfg(name, SEM_SEG_LOSS="grw", RHO=0.2)
+    head, feats = _build_head(name, cfg)
+    head.set_class_frequencies(torch.tensor([5000.0, 3000, 800, 100, 50, 10, 1]))
+    with torch.no_grad():  # away from the identity, so that every gradient is non-trivial
+        head.predictor.logit_scale.uniform_(0.5, 1.5)
+        head.predictor.logit_bias.uniform_(-1, 1)
+    calibration = [
+        "predictor.confidence_layer.bias",
+        "predictor.confidence_layer.weight",
+        "predictor.logit_bias",
+        "predictor.logit_scale",
+    ]
+    for pname, p in head.named_parameters():
+        p.requires_grad_(pname in calibration)
+    head.train()
+    targets = torch.randint(0, NUM_CLASSES, (2, 32, 32))
+    targets[1, 3:9] = IGNORE
+    results = []
+    for fused in (True, False):
+        head.fused_pixel_loss = fused
+        head.zero_grad()
+        torch.manual_seed(6)  # the same dropout masks (DeepLab's ASPP) in both passes
+        _, losses = head(feats, targets)
+        losses["loss_sem_seg"].backward()
+        grads = {n: p.grad.clone() for n, p in head.named_parameters() if p.requires_grad}
+        results.append((losses["loss_sem_seg"].detach(), grads))
+    (loss, grads), (ref_loss, ref_grads) = results
+    assert sorted(grads) == calibration
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    for n in grads:
+        assert ref_grads[n].abs().max() > 0
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-7)
 
 
 def test_grw_without_counts_refuses_to_train():

@@ -2,7 +2,8 @@
 """Speed of a DisAlign stage-two iteration on a segmentation model, relative to the same model's
 no-grad forward on the same batch (goal: <= 1.15x), measured in one run.
 
-    python tools/benchmark_speed_sem_seg.py [--rounds 3] [--ade-size 512] [--ade-batch 1]
+    python tools/benchmark_speed_sem_seg.py [--rounds 3] [--cpu-rounds N] [--ade-size 512] \
+        [--ade-batch 1] [--no-autograd-baseline] [--only ade|cpu]
 
 Models: the ADE20K DisAlign DeepLabV3+ R50-D8 stage two (configs/ADE20K/, random weights, plain BN
 instead of SyncBN, ``--ade-size`` square crops) and the CPU config on the generated data
@@ -10,10 +11,18 @@ instead of SyncBN, ``--ade-size`` square crops) and the CPU config on the genera
 
 * forward: ``model(batch)`` in training mode (losses computed) under ``torch.no_grad()``;
 * iteration: forward, backward and an SGD step of the trainable (calibration) parameters, i.e.
-  what the trainer does per stage-two iteration.
+  what the trainer does per stage-two iteration;
 
-The ratio iteration / forward is the cost of training the calibration on top of running the
-frozen model. Timings on a shared CPU vary; the ratio is measured within one process.
+and both again with autograd's GRW loss (the head's ``fused_pixel_loss = False``:
+``F.interpolate`` and the per-pixel cross-entropy, backpropagated by autograd) instead of
+``upsampled_cross_entropy`` (the default), for comparison (``--no-autograd-baseline`` skips it).
+
+The four are interleaved within each round, so that load changes hit them alike. The ratio
+iteration / forward (of wall-clock medians) is the cost of training the calibration on top of
+running the frozen model. Timings on a shared CPU vary; the ratios are measured within one process.
+The last column, the same ratio of the process's CPU-time medians, leaves out the time the process
+waited for a core (with one torch thread, ``OMP_NUM_THREADS=1``, it is the single thread's time;
+with several it adds them up).
 """
 
 import argparse
@@ -60,10 +69,23 @@ def _batch(n, h, w, num_classes):
     ]
 
 
-def measure(model, batch, rounds):
-    """(median no-grad forward seconds, median iteration seconds)."""
+def measure(model, batch, rounds, baseline=True):
+    """Medians over ``rounds``: {(path, what): (wall seconds, process CPU seconds)} for path
+    "fused" (the head's loss path as built, ``fused_pixel_loss``) and, when ``baseline``,
+    "autograd" (``fused_pixel_loss = False``), what "forward" or "iteration"."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    head = model.sem_seg_head
+
+    def with_path(fused, f):
+        def run():
+            head.fused_pixel_loss = fused
+            try:
+                f()
+            finally:
+                head.fused_pixel_loss = True
+
+        return run
 
     def forward():
         with torch.no_grad():
@@ -75,42 +97,85 @@ def measure(model, batch, rounds):
         loss.backward()
         opt.step()
 
-    forward(), iteration()  # warm-up
-    fwd, it = [], []
-    for _ in range(rounds):  # interleaved, so that load changes hit both alike
-        t = time.perf_counter()
-        forward()
-        fwd.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        iteration()
-        it.append(time.perf_counter() - t)
-    return median(fwd), median(it)
+    paths = [("fused", True)] + ([("autograd", False)] if baseline else [])
+    timed = {
+        (path, what): with_path(fused, f)
+        for path, fused in paths
+        for what, f in (("forward", forward), ("iteration", iteration))
+    }
+    for f in timed.values():  # warm-up
+        f()
+    times = {k: ([], []) for k in timed}
+    for _ in range(rounds):  # interleaved, so that load changes hit all alike
+        for k, f in timed.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            f()
+            times[k][0].append(time.perf_counter() - wall)
+            times[k][1].append(time.process_time() - cpu)
+    return {k: (median(w), median(c)) for k, (w, c) in times.items()}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the ADE20K-sized model")
+    parser.add_argument(
+        "--cpu-rounds", type=int, help="rounds of the CPU config (default: --rounds)"
+    )
     parser.add_argument("--ade-size", type=int, default=512)
     parser.add_argument("--ade-batch", type=int, default=1)
+    parser.add_argument(
+        "--no-autograd-baseline",
+        action="store_true",
+        help="do not time the iteration with autograd's loss backward",
+    )
+    parser.add_argument("--only", choices=("ade", "cpu"), help="time one of the two models")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     s = args.ade_size
-    cases = [
-        (
-            f"ADE20K DisAlign DeepLabV3+ R50-D8, {args.ade_batch} x {s}x{s}",
-            _model(ADE, ["INPUT.CROP.SIZE", f"({s}, {s})"]),
-            _batch(args.ade_batch, s, s, 150),
-        ),
-        ("CPU config (generated data), 4 x 112x144", _model(CPU, []), _batch(4, 112, 144, 61)),
-    ]
-    print(f"torch threads: {torch.get_num_threads()}, rounds: {args.rounds}")
-    print("| model | no-grad forward (s) | stage-two iteration (s) | ratio |")
-    print("|---|---|---|---|")
+    cases = []
+    if args.only in (None, "ade"):
+        cases.append(
+            (
+                f"ADE20K DisAlign DeepLabV3+ R50-D8, {args.ade_batch} x {s}x{s}",
+                lambda: _model(ADE, ["INPUT.CROP.SIZE", f"({s}, {s})"]),
+                lambda: _batch(args.ade_batch, s, s, 150),
+                args.rounds,
+            )
+        )
+    if args.only in (None, "cpu"):
+        cases.append(
+            (
+                "CPU config (generated data), 4 x 112x144",
+                lambda: _model(CPU, []),
+                lambda: _batch(4, 112, 144, 61),
+                args.cpu_rounds or args.rounds,
+            )
+        )
+    print(f"torch threads: {torch.get_num_threads()}")
+    print(f"load average: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(
+        "| model | rounds | loss path | no-grad forward (s) | stage-two iteration (s) | ratio "
+        "| ratio of process CPU times |"
+    )
+    print("|---|---|---|---|---|---|---|")
     out = {}
-    for name, model, batch in cases:
-        fwd, it = measure(model, batch, args.rounds)
-        out[name] = (fwd, it, it / fwd)
-        print(f"| {name} | {fwd:.3f} | {it:.3f} | {it / fwd:.3f}x |", flush=True)
+    for name, model, batch, rounds in cases:
+        res = measure(model(), batch(), rounds, not args.no_autograd_baseline)
+        for path in ("fused", "autograd"):
+            if (path, "forward") not in res:
+                continue
+            (fwd, fwd_cpu), (it, it_cpu) = res[path, "forward"], res[path, "iteration"]
+            out[name, path] = (fwd, it, it / fwd, it_cpu / fwd_cpu)
+            label = {
+                "fused": "upsampled_cross_entropy",
+                "autograd": "autograd (F.interpolate + cross-entropy)",
+            }[path]
+            print(
+                f"| {name} | {rounds} | {label} | {fwd:.3f} | {it:.3f} | {it / fwd:.3f}x "
+                f"| {it_cpu / fwd_cpu:.3f}x |",
+                flush=True,
+            )
+    print(f"load average: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
     return out
 
 

@@ -22,6 +22,8 @@ precision (a sum over R x K sigmoid terms overflows fp16's 65504), and the cast 
 to float32 is exact.
 """
 
+import contextlib
+import functools
 import logging
 import math
 
@@ -29,10 +31,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .calibration import _autocast_available
+
 __all__ = [
     "check_rho",
     "global_normalizer",
     "grw_class_weights",
+    "upsampled_cross_entropy",
     "weighted_cross_entropy",
     "weighted_mask_bce",
     "weighted_sigmoid_cross_entropy",
@@ -142,6 +147,231 @@ def weighted_cross_entropy(
     kept = labels[valid]
     local = weights[kept].sum() if weights is not None else logits.new_tensor(kept.numel())
     return per_roi.sum() / normalize(local)
+
+
+def upsampled_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    scale_factor: int,
+    weights=None,
+    normalize=None,
+    ignore_index=-100,
+):
+    """:func:`weighted_cross_entropy` of the logits upsampled bilinearly by ``scale_factor``
+    (``F.interpolate(..., mode="bilinear", align_corners=False)``, what detectron2's segmentation
+    heads do before their per-pixel loss), computed pixel-major and with a hand-written backward.
+
+    Args:
+        logits: (N, C, h, w) per-pixel logits at the head's stride.
+        labels: (N, H, W) int64 labels in [0, C) or ``ignore_index``, H = h * scale_factor and
+            W = w * scale_factor.
+        scale_factor: the upsampling factor (the head's ``common_stride``).
+        weights, normalize, ignore_index: as in :func:`weighted_cross_entropy`.
+
+    Returns:
+        Scalar float32 tensor: ``sum_p w[y_p] CE_p / sum_p w[y_p]`` over the non-ignored pixels p
+        of the upsampled logits u (or ``normalize``'s denominator), the value of
+        ``weighted_cross_entropy(F.interpolate(logits, ...), labels, ...)`` up to float rounding.
+
+    Why not autograd through ``F.interpolate`` and ``F.cross_entropy``: their CPU backwards on
+    (N, C, H, W) are slow (``upsample_bilinear2d_backward`` scatters, the softmax's reduces over C
+    at stride H * W) and write two fresh full-resolution tensors. Here the logits are upsampled
+    channels-last (u: (N, H, W, C), softmax over contiguous rows), the forward keeps P = softmax(u)
+    and takes CE_p = -log P_{y_p}(p) (log_softmax(u(p))_y where P_y underflows to < 1e-30). The
+    gradient with respect to u,
+
+        dL/du_c(p) = w[y_p] (P_c(p) - [c = y_p]) / sum_q w[y_q]   (0 where ignored),
+
+    is written in place into P, and the gradient with respect to ``logits`` is the adjoint
+    (transpose) of the separable bilinear upsampling applied to it
+    (:func:`bilinear_upsample_adjoint`). The same numbers as autograd's up to float rounding.
+    """
+    logits = logits.float()  # fp32 under autocast too (see the module docstring)
+    valid = labels != ignore_index
+    if labels.numel() == 0 or (ignore_index >= 0 and not bool(valid.any())):
+        return _empty(logits, normalize)
+    if weights is not None:
+        weights = weights.to(dtype=logits.dtype, device=logits.device)
+    with _autocast_off(logits.device.type):  # float32 throughout (also a dense adjoint's matmul)
+        if not (torch.is_grad_enabled() and logits.requires_grad):
+            return _upsampled_ce_forward(logits, labels, valid, weights, scale_factor, normalize)[0]
+        return _UpsampledCrossEntropy.apply(logits, labels, valid, weights, scale_factor, normalize)
+
+
+def _autocast_off(device_type):
+    if not _autocast_available(device_type):  # e.g. "meta": no autocast to turn off
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def _upsampled_softmax(logits, scale_factor):
+    """(u, P): the logits upsampled channels-last as an (N, H, W, C) tensor and its softmax over
+    C (contiguous rows)."""
+    z = logits.contiguous(memory_format=torch.channels_last)
+    up = F.interpolate(z, scale_factor=scale_factor, mode="bilinear", align_corners=False)
+    u = up.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C); a view when up is channels-last
+    return u, torch.softmax(u, dim=-1)
+
+
+def _upsampled_ce_forward(logits, labels, valid, weights, scale_factor, normalize):
+    """(loss, P (N, H, W, C) softmax of the upsampled logits, (N, H, W) flat indices of
+    P_{y_p}(p) in P (ignored pixels: of class 0), P_{y_p}(p) (N, H, W), per-pixel gradient scale
+    w[y_p] / denominator (N, H, W), 0 where ignored)."""
+    num_classes = logits.shape[1]
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    if bool(((safe < 0) | (safe >= num_classes)).any()):
+        raise ValueError(
+            f"labels must be in [0, {num_classes}) or the ignore value, got values in "
+            f"[{int(labels.min())}, {int(labels.max())}]"
+        )
+    u, prob = _upsampled_softmax(logits, scale_factor)
+    if u.shape[:3] != labels.shape:
+        raise ValueError(
+            f"labels of shape {tuple(labels.shape)} do not match the logits upsampled by "
+            f"{scale_factor}: {tuple(u.shape[:3])}"
+        )
+    # Flat index of (p, y_p) in prob: index_select / index_add_ on it are faster than gather /
+    # scatter_add_ along the last dim.
+    flat = torch.arange(0, prob.numel(), num_classes, device=safe.device).view(safe.shape) + safe
+    p_y = prob.view(-1).index_select(0, flat.view(-1)).view(safe.shape)
+    nll = -torch.log(p_y)
+    tiny = (p_y < 1e-30) & valid
+    if bool(tiny.any()):  # P_y underflowed: the log-softmax of those pixels' logits
+        nll[tiny] = -torch.log_softmax(u[tiny], dim=-1).gather(-1, safe[tiny].unsqueeze(-1))[:, 0]
+    del u
+    nll = nll.masked_fill(~valid, 0.0)  # ignored pixels (their P_0 may underflow: inf * 0)
+    # The weight sum as weighted_cross_entropy takes it.
+    kept = labels[valid]
+    local = weights[kept].sum() if weights is not None else prob.new_tensor(kept.numel())
+    denominator = local if normalize is None else normalize(local)
+    pixel_w = weights[safe] * valid if weights is not None else valid.to(prob.dtype)
+    loss = (pixel_w * nll).sum() / denominator
+    return loss, prob, flat, p_y, pixel_w / denominator
+
+
+class _UpsampledCrossEntropy(torch.autograd.Function):
+    """See :func:`upsampled_cross_entropy`."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, valid, weights, scale_factor, normalize):
+        loss, prob, flat, p_y, grad_scale = _upsampled_ce_forward(
+            logits, labels, valid, weights, scale_factor, normalize
+        )
+        ctx.prob = prob  # consumed (overwritten) by the backward
+        ctx.scale_factor = scale_factor
+        ctx.save_for_backward(logits, flat, p_y, grad_scale)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, flat, p_y, grad_scale = ctx.saved_tensors
+        prob, ctx.prob = ctx.prob, None
+        with _autocast_off(logits.device.type):
+            if prob is None:  # a second backward (retain_graph=True): the first overwrote it
+                prob = _upsampled_softmax(logits, ctx.scale_factor)[1]
+            # P - onehot in P's buffer; the pixel weights w[y_p] / denominator are folded into
+            # the adjoint's first pass (no other pass over the full-resolution tensor).
+            prob.view(-1).index_copy_(0, flat.view(-1), p_y.view(-1) - 1.0)
+            g = (grad_scale * grad_loss).unsqueeze(-1)  # (N, H, W, 1)
+            grad = bilinear_upsample_adjoint(
+                prob, logits.shape[-2:], ctx.scale_factor, dims=(1, 2), row_scale=g
+            )
+        # (N, h, w, C) -> (N, C, h, w) laid out as the logits, for the calibration's backward.
+        return grad.permute(0, 3, 1, 2).contiguous(), None, None, None, None, None
+
+
+def bilinear_upsample_adjoint(
+    grad: torch.Tensor, size, scale_factor, dims=(2, 3), row_scale=None
+) -> torch.Tensor:
+    """Gradient with respect to x of ``F.interpolate(x, scale_factor=scale_factor,
+    mode="bilinear", align_corners=False)`` given ``grad`` of its output.
+
+    Args:
+        grad: gradient of the upsampled tensor, (N, C, H, W) (``dims=(2, 3)``) or any layout
+            with the two spatial axes at ``dims``, e.g. (N, H, W, C) with ``dims=(1, 2)``.
+        size: (h, w) of x, with H = floor(h * scale_factor), W = floor(w * scale_factor).
+        scale_factor: the factor given to ``F.interpolate``.
+        row_scale: None, or a tensor broadcastable to ``grad``: the adjoint of ``grad *
+            row_scale`` is returned, the product folded into the first axis' multiply-adds.
+
+    Returns:
+        ``grad``'s layout with (h, w) at ``dims``.
+
+    Bilinear upsampling is separable, U x = A_H x A_W^T with A_H (H, h) and A_W (W, w) the 1-D
+    linear-interpolation matrices (PyTorch's own: read off ``F.interpolate(mode="linear")`` of the
+    identity), so the adjoint is A_H^T g A_W, applied one axis at a time, the full-resolution H
+    axis first. For an integer factor s each output row o = s k + r reads inputs k - 1, k, k + 1
+    only, so A^T is applied as at most 3 s shifted multiply-adds of strided views (no scatter, no
+    copy of the full-resolution tensor); any other factor uses a dense matmul.
+    """
+    h, w = (int(v) for v in size)
+    out = _linear_adjoint(grad, dims[0], h, grad.shape[dims[0]], scale_factor, row_scale)
+    return _linear_adjoint(out, dims[1], w, grad.shape[dims[1]], scale_factor)
+
+
+@functools.lru_cache(maxsize=64)
+def _linear_interpolation(n: int, m: int, scale_factor):
+    """1-D interpolation matrix (m, n) of F.interpolate(mode="linear", align_corners=False) and,
+    for m = s n, its band (center, left, right) of shape (n, s) each and which phases have a left
+    / right weight, or None if not banded."""
+    eye = torch.eye(n, dtype=torch.float32)[None]  # (1, n, n): n unit inputs of length n
+    a = F.interpolate(eye, scale_factor=scale_factor, mode="linear", align_corners=False)[0].t()
+    if a.shape[0] != m:
+        raise ValueError(f"upsampling {n} by {scale_factor} gives {a.shape[0]}, not {m}")
+    if m % n:
+        return a, None
+    s = m // n
+    a3 = a.reshape(n, s, n)  # [k, r, j]: weight of output s k + r on input j
+    k = torch.arange(n)
+    center = a3[k, :, k]
+    left = torch.zeros(n, s)  # [k, r]: weight of output s k + r on input k - 1
+    right = torch.zeros(n, s)  # ... on input k + 1
+    left[1:] = a3[k[1:], :, k[1:] - 1]
+    right[:-1] = a3[k[:-1], :, k[:-1] + 1]
+    rest = a3.clone()
+    rest[k, :, k], rest[k[1:], :, k[1:] - 1], rest[k[:-1], :, k[:-1] + 1] = 0, 0, 0
+    if rest.abs().max() > 0:
+        return a, None
+    # Phases r with a weight on k - 1 / k + 1 at all (for s = 4: r = 0, 1 / r = 2, 3).
+    has_left = tuple(bool(left[:, r].any()) for r in range(s))
+    has_right = tuple(bool(right[:, r].any()) for r in range(s))
+    return a, (center, left, right, has_left, has_right)
+
+
+def _linear_adjoint(grad, dim, n, m, scale_factor, row_scale=None):
+    # A^T along ``dim`` of ``grad * row_scale`` (size m there) -> size n there. ``row_scale``
+    # (broadcastable to ``grad``, None for 1) is folded into the banded multiply-adds, which saves
+    # a pass over the full-resolution ``grad``.
+    a, band = _linear_interpolation(n, m, float(scale_factor))
+    if band is None:
+        if row_scale is not None:
+            grad = grad * row_scale
+        moved = grad.movedim(dim, -1)
+        return (moved @ a.to(grad.device, grad.dtype)).movedim(-1, dim)
+    center, left, right = (t.to(grad.device, grad.dtype) for t in band[:3])
+    has_left, has_right = band[3:]
+    s = m // n
+    blocks = grad.unflatten(dim, (n, s))
+    scales = None if row_scale is None else row_scale.unflatten(dim, (n, s))
+    shape = [1] * grad.dim()
+    shape[dim] = -1
+    out = None
+    for r in range(s):
+        x = blocks.select(dim + 1, r)  # outputs s k + r, k = 0..n-1
+        x_scale = None if scales is None else scales.select(dim + 1, r)
+
+        def coef(weights, start, length):
+            # weights (n,) along dim, times the rows' scale; start/length: the k range
+            w = weights[start : start + length].view(shape)
+            return w if x_scale is None else w * x_scale.narrow(dim, start, length)
+
+        c = coef(center[:, r], 0, n)
+        out = x * c if out is None else out.addcmul_(x, c)
+        if n > 1 and has_left[r]:  # output s k + r -> input k - 1
+            out.narrow(dim, 0, n - 1).addcmul_(x.narrow(dim, 1, n - 1), coef(left[:, r], 1, n - 1))
+        if n > 1 and has_right[r]:  # output s k + r -> input k + 1
+            out.narrow(dim, 1, n - 1).addcmul_(x.narrow(dim, 0, n - 1), coef(right[:, r], 0, n - 1))
+    return out
 
 
 def weighted_sigmoid_cross_entropy(

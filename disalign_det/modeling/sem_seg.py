@@ -32,7 +32,7 @@ from detectron2.modeling.meta_arch.semantic_seg import SemSegFPNHead
 
 from .calibration import add_calibration, calibrate_logits
 from .class_weights import ClassFrequencyMixin
-from .losses import weighted_cross_entropy
+from .losses import upsampled_cross_entropy, weighted_cross_entropy
 
 __all__ = [
     "CalibratedConv2d",
@@ -104,7 +104,14 @@ class CalibratedConv2d(Conv2d):
 class _DisAlignSemSegMixin(ClassFrequencyMixin):
     """What the three heads share: the calibrated predictor and the (GRW) pixel loss.
 
-    Goes before the stock head in the bases, so its ``losses`` overrides the stock one."""
+    Goes before the stock head in the bases, so its ``losses`` overrides the stock one.
+
+    ``fused_pixel_loss`` (True): the GRW loss is :func:`~.losses.upsampled_cross_entropy`, with
+    its own backward; False: ``F.interpolate`` and :func:`~.losses.weighted_cross_entropy` through
+    autograd (the same loss and gradients up to float rounding;
+    ``tools/benchmark_speed_sem_seg.py`` times both)."""
+
+    fused_pixel_loss = True
 
     def _init_disalign(self, *, calibration, confidence_init_std, sem_seg_loss, rho):
         num_classes = self.predictor.out_channels
@@ -133,20 +140,32 @@ class _DisAlignSemSegMixin(ClassFrequencyMixin):
         int64 labels with ``ignore_value``. Returns {"loss_sem_seg": scalar}."""
         if not self.uses_grw:
             return super().losses(predictions, targets)
-        # The stock heads upsample the logits to the input size and take the per-pixel loss there.
-        predictions = F.interpolate(
-            predictions.float(),
-            scale_factor=self.common_stride,
-            mode="bilinear",
-            align_corners=False,
-        )
-        loss = weighted_cross_entropy(
-            predictions,
-            targets,
-            self.pixel_class_weights(),
-            normalize=self.loss_normalizer(),
-            ignore_index=self.ignore_value,
-        )
+        # The stock heads upsample the logits to the input size and take the per-pixel loss there;
+        # upsampled_cross_entropy does the same pixel-major with a backward of its own (the same
+        # gradients without autograd's slow full-resolution kernels: a stage-two iteration's speed).
+        if not self.fused_pixel_loss:  # autograd's, for comparison (speed tool, tests)
+            predictions = F.interpolate(
+                predictions.float(),
+                scale_factor=self.common_stride,
+                mode="bilinear",
+                align_corners=False,
+            )
+            loss = weighted_cross_entropy(
+                predictions,
+                targets,
+                self.pixel_class_weights(),
+                normalize=self.loss_normalizer(),
+                ignore_index=self.ignore_value,
+            )
+        else:
+            loss = upsampled_cross_entropy(
+                predictions,
+                targets,
+                self.common_stride,
+                self.pixel_class_weights(),
+                normalize=self.loss_normalizer(),
+                ignore_index=self.ignore_value,
+            )
         return {"loss_sem_seg": loss * self.loss_weight}
 
 
