@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from common import REPO
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.layers import ShapeSpec
@@ -346,11 +347,12 @@ def test_bad_loss_and_loss_type_name_keys():
 
 
 def test_freeze_all_but_classifier_is_refused():
-    from disalign_det.modeling.sem_seg import install_pixel_class_weights
+    from disalign_det.modeling import install_class_weights
 
     cfg = _cfg(FREEZE="all_but_classifier")
+    cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentor"
     with pytest.raises(ValueError, match="MODEL.DISALIGN.FREEZE 'all_but_classifier'"):
-        install_pixel_class_weights(torch.nn.Module(), cfg)
+        install_class_weights(torch.nn.Module(), cfg)
 
 
 def test_missing_deeplab_project_names_the_key(monkeypatch):
@@ -493,6 +495,58 @@ def test_pixel_counts_from_cfg_checks_num_classes(tmp_path, monkeypatch):
         pixel_counts_from_cfg(cfg)
 
 
+def test_install_class_weights_reads_the_pixel_counts_of_a_segmentor(tmp_path, monkeypatch):
+    """The one install_class_weights of the detection and segmentation heads: for a
+    SemanticSegmentor config it reads the training pixel counts (not LVIS class counts) and
+    installs w_c = (1 / r_c) ** rho / mean; the trainer and the config pre-check both call it."""
+    from disalign_det.engine.run_folder import check_config_values
+    from disalign_det.modeling import install_class_weights
+    from disalign_det.modeling.class_weights import default_counts_reader
+
+    monkeypatch.setenv("DISALIGN_CACHE_DIR", str(tmp_path / "cache"))
+    files, expected = _write_labels(str(tmp_path / "labels"), n=3)
+    name = "test_sem_seg_install_train"
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(
+            name, lambda: [{"file_name": f, "sem_seg_file_name": f} for f in files]
+        )
+    MetadataCatalog.get(name).set(stuff_classes=[str(i) for i in range(NUM_CLASSES)])
+    rho = 0.3
+    cfg = _cfg(SEM_SEG_LOSS="grw", RHO=rho, PIXEL_COUNT_WORKERS=1)
+    cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentor"
+    cfg.DATASETS.TRAIN = (name,)
+    cfg.DATASETS.TEST = ()
+    assert default_counts_reader(cfg) is pixel_counts_from_cfg
+    head, _ = _build_head("DisAlignSemSegFPNHead", cfg)
+    counts = install_class_weights(head, cfg)
+    assert np.array_equal(counts, expected)
+    r = torch.tensor(expected, dtype=torch.float64) / float(expected.sum())
+    w = (1 / r) ** rho
+    torch.testing.assert_close(head.pixel_class_weights(), (w / w.mean()).float())
+    # An explicit reader replaces the default one.
+    other = np.arange(1, NUM_CLASSES + 1)
+    assert np.array_equal(install_class_weights(head, cfg, lambda c: other), other)
+    w = (other.sum() / torch.tensor(other, dtype=torch.float64)) ** rho
+    torch.testing.assert_close(head.pixel_class_weights(), (w / w.mean()).float())
+    # A head without GRW reads nothing: the reader is never called.
+    plain, _ = _build_head("DisAlignSemSegFPNHead", _cfg(SEM_SEG_LOSS="ce"))
+    assert install_class_weights(plain, cfg, lambda c: 1 / 0) is None
+    # The config pre-check of the CPU stage-two config's model (on the meta device) installs them
+    # too (it used to read the LVIS class counts of the segmentation dataset and fail).
+    full = get_cfg()
+    add_disalign_config(full)
+    full.merge_from_file(
+        os.path.join(REPO, "configs/ADE20K/synthetic/disalign_semantic_fpn_synth.yaml")
+    )
+    full.DATASETS.TRAIN = (name,)
+    full.DATASETS.TEST = ()
+    full.MODEL.SEM_SEG_HEAD.NUM_CLASSES = NUM_CLASSES
+    full.MODEL.DISALIGN.RHO = rho
+    model = check_config_values(full, training=True)
+    assert model is not None  # built and checked, not skipped
+    assert model.sem_seg_head.pixel_class_weights().shape == (NUM_CLASSES,)
+
+
 # ---- evaluator -------------------------------------------------------------------------------
 
 
@@ -585,3 +639,114 @@ def test_prepare_ade20k_checks_and_converts(tmp_path):
     ]
     assert len(problems) == 3
     assert prep.main(["--root", str(tmp_path)]) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# The generated long-tail segmentation data (sem_seg_synth_lt): its class profile and its cache
+# --------------------------------------------------------------------------------------------------
+
+
+def test_variant_images_one_geometric_run_parents_unchanged():
+    from disalign_det.data.synthetic import families, synthetic_styles
+
+    styles = synthetic_styles("lvis")
+    variants = [i for i, s in enumerate(styles) if s.parent is not None]
+    parents = [i for i, s in enumerate(styles) if s.parent is None]
+    lvis = families.family_profile(styles, 700, np.random.default_rng(3))
+    flat = families.family_profile(styles, 700, np.random.default_rng(3), variant_images=(60, 6))
+    # The variants: 60 * (6 / 60) ** (k / 39), rounded, k = 0..39, dealt in a random order.
+    expected = [int(round(60 * 0.1 ** (k / 39))) for k in range(len(variants))]
+    assert sorted(flat[variants].tolist(), reverse=True) == expected
+    # LVIS's buckets otherwise: common 90 -> 12, rare 10 -> 2 (23 + 17 variants).
+    assert max(lvis[variants]) == 90 and min(lvis[variants]) == 2
+    # The same draws from the rng: the parents' counts and the variants' ranking are unchanged.
+    assert flat[parents].tolist() == lvis[parents].tolist()
+    a, b = lvis[variants], flat[variants]
+    assert all(b[i] >= b[j] for i in range(len(a)) for j in range(len(a)) if a[i] > a[j])
+
+
+def test_variant_images_needs_families():
+    from disalign_det.data.synthetic import plan_images
+
+    with pytest.raises(ValueError, match="variant_images"):
+        plan_images(preset="basic", variant_images=(60, 6))
+
+
+def test_sem_seg_synth_plan_has_the_flat_variant_tail():
+    from disalign_det.data.sem_seg_synth import DEFAULTS
+    from disalign_det.data.synthetic import plan_images, synthetic_styles
+
+    styles = synthetic_styles("lvis")
+    p = DEFAULTS
+    plans = plan_images(
+        preset="lvis",
+        seed=0,
+        num_train_images=p["num_train_images"],
+        num_val_images=p["num_val_images"],
+        image_size=p["image_size"],
+        max_objects_per_image=p["max_objects_per_image"],
+        variant_images=tuple(p["variant_images"]),
+    )
+    images = np.zeros(len(styles), dtype=int)
+    for plan in plans["train"]:
+        images[sorted(set(plan.objects))] += 1
+    most, fewest = p["variant_images"]
+    variants = [i for i, s in enumerate(styles) if s.parent is not None]
+    # Exact image counts of the variants (the plan keeps the profile's counts).
+    assert sorted(images[variants].tolist()) == sorted(
+        int(round(most * (fewest / most) ** (k / (len(variants) - 1))))
+        for k in range(len(variants))
+    )
+    assert all(len(plan.objects) <= p["max_objects_per_image"] for plan in plans["train"])
+    # Every class is in the val split (tail IoU is defined).
+    val = set(c for plan in plans["val"] for c in plan.objects)
+    assert val == set(range(len(styles)))
+
+
+def test_sem_seg_synth_cache_regenerates_on_other_parameters(tmp_path, monkeypatch):
+    from disalign_det.data import sem_seg_synth
+
+    calls = []
+
+    def fake_generate(out_dir, **params):
+        calls.append(params)
+        return {}
+
+    monkeypatch.setattr(sem_seg_synth, "generate_synthetic_sem_seg", fake_generate)
+    out = os.path.join(str(tmp_path), sem_seg_synth.SEM_SEG_SYNTH_SUBDIR)
+    os.makedirs(out)
+    # A dataset of the first generator version (no object_scale / variant_images): regenerated.
+    with open(os.path.join(out, sem_seg_synth.STAMP), "w") as f:
+        json.dump({"version": 1, "seed": 0, "num_train_images": 700, "num_val_images": 100}, f)
+    sem_seg_synth.ensure_sem_seg_synth(str(tmp_path))
+    assert len(calls) == 1
+    with open(os.path.join(out, sem_seg_synth.STAMP)) as f:
+        stamp = json.load(f)
+    assert stamp["version"] == sem_seg_synth.VERSION
+    assert stamp["variant_images"] == list(sem_seg_synth.DEFAULTS["variant_images"])
+    # Current (the tuple parameter read back from json as a list): not generated again.
+    sem_seg_synth.ensure_sem_seg_synth(str(tmp_path))
+    assert len(calls) == 1
+    # Another parameter: generated again.
+    sem_seg_synth.ensure_sem_seg_synth(str(tmp_path), object_scale=1.0)
+    assert len(calls) == 2 and calls[1]["object_scale"] == 1.0
+
+
+def test_sem_seg_synth_textures_variants_only():
+    """A variant's visible pixels get its detail's texture, value * 0.55 rounded where the pattern
+    is on (bar: horizontal stripes of 3 px); its parent and the background are unchanged."""
+    from disalign_det.data.sem_seg_synth import SHADE, _texture_variants
+    from disalign_det.data.synthetic import synthetic_styles
+
+    styles = synthetic_styles("lvis")
+    variant = next(i for i, s in enumerate(styles) if s.detail == "bar")
+    parent = next(i for i, s in enumerate(styles) if s.name == styles[variant].parent)
+    label = np.zeros((12, 10), dtype=np.uint8)
+    label[:, :4] = variant + 1
+    label[:, 6:] = parent + 1
+    pixels = np.full((12, 10, 3), 200, dtype=np.uint8)
+    out = _texture_variants(pixels, label, styles)
+    stripes = (np.arange(12) // 3) % 2 == 0  # rows 0-2, 6-8 dark
+    expected = pixels.copy()
+    expected[stripes, :4] = int(round(200 * SHADE))
+    assert np.array_equal(out, expected)

@@ -4,7 +4,7 @@ mIoU, mean accuracy and head / body / tail mIoU as mean ± std, and the per-seed
 with the significance rule of the LVIS tables (lab.stats).
 
     python tools/benchmark_sem_seg.py [--out output/benchmark_sem_seg] [--seeds 0 1 2]
-                                      [--stage-one-iters 250] [--stage-two-iters 60] [--jobs 1]
+                                      [--stage-one-iters 1000] [--stage-two-iters 100] [--jobs 1]
 
 Each run is a ``tools/train_net.py`` subprocess (configs/ADE20K/synthetic/, SEED = the seed; the
 data is the same for every seed) writing OUT/seed<S>/{stage_one,disalign}/; a run whose
@@ -83,8 +83,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="output/benchmark_sem_seg")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--stage-one-iters", type=int, default=250)
-    parser.add_argument("--stage-two-iters", type=int, default=60)
+    parser.add_argument("--stage-one-iters", type=int, default=1000)
+    parser.add_argument("--stage-two-iters", type=int, default=100)
     parser.add_argument("--jobs", type=int, default=1, help="seeds run at once")
     args = parser.parse_args(argv)
     args.out = os.path.abspath(args.out)

@@ -185,7 +185,7 @@ def sem_seg_demo(args):
     """Stage one Semantic FPN and DisAlign stage two on the generated long-tail segmentation data
     (configs/ADE20K/synthetic/); prints mIoU and head / body / tail mIoU of both."""
     out = os.path.join(args.out, "sem_seg")
-    iters = ["SOLVER.MAX_ITER", "150", "SOLVER.STEPS", "(120,)"] if args.quick else []
+    iters = ["SOLVER.MAX_ITER", "300", "SOLVER.STEPS", "(225,)"] if args.quick else []
     iters_two = ["SOLVER.MAX_ITER", "50", "SOLVER.STEPS", "(40,)"] if args.quick else []
     s1_dir = os.path.join(out, "stage1")
     # load_metrics unwraps the one task: the "sem_seg" dict.

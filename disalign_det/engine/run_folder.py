@@ -105,8 +105,10 @@ def check_config_values(cfg, training: bool = True):
         with torch.device("meta"):
             model = build_model(meta_cfg)
             freeze_model(model, cfg.MODEL.DISALIGN.FREEZE)  # as Trainer.build_model
-            if training:
-                install_class_weights(model, meta_cfg)
+        if training:
+            # Outside the meta context: the counts and GRW weights are computed for real (their
+            # checks call .item()), then copied into the meta buffers.
+            install_class_weights(model, meta_cfg)
     except (ValueError, KeyError):
         raise
     except Exception as e:  # e.g. an op without a meta kernel in a custom backbone

@@ -21,7 +21,7 @@ from ..data.samplers import build_resumable_train_loader
 from ..evaluation import build_lvis_evaluator
 from ..evaluation.sem_seg_evaluation import build_sem_seg_evaluator
 from ..modeling import install_class_weights
-from ..modeling.sem_seg import build_sem_seg_lr_scheduler, install_pixel_class_weights, is_sem_seg
+from ..modeling.sem_seg import build_sem_seg_lr_scheduler
 from .checkpoint import DisAlignCheckpointer
 from .loop import (
     NamedErrorMapper,
@@ -103,7 +103,7 @@ class Trainer(ResumableLoopMixin, DefaultTrainer):
             # Only a model with ROI heads has MODEL.ROI_HEADS.NUM_CLASSES classes to check.
             check_num_classes(cfg)
         # GRW weights: training only, never at build time (pixel counts for a segmentation model)
-        (install_pixel_class_weights if is_sem_seg(cfg) else install_class_weights)(model, cfg)
+        install_class_weights(model, cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         precision = amp_precision(

@@ -5,7 +5,8 @@ Building a model (for inference, evaluation, export) reads no training json: the
 ``(1 / r_j) ** rho`` are needed only by the losses, so the heads start without them and
 :func:`install_class_weights` (called by ``Trainer.__init__``; a LazyConfig training script calls
 it too, or :func:`set_class_frequencies` with counts of its own) computes them from the training
-data. The counts come from :func:`~.frequency.class_counts_from_cfg`, cached per json state, so
+data. The counts come from :func:`~.frequency.class_counts_from_cfg` (a segmentation model's from
+the training pixels, :func:`default_counts_reader`), cached per json / label-map state, so
 every process of a distributed run installs identical weights without communicating. A loss that
 is configured for GRW but has no weights refuses to run.
 """
@@ -17,7 +18,12 @@ from detectron2.utils import comm
 
 from .losses import check_rho, global_normalizer, grw_class_weights
 
-__all__ = ["ClassFrequencyMixin", "install_class_weights", "set_class_frequencies"]
+__all__ = [
+    "ClassFrequencyMixin",
+    "default_counts_reader",
+    "install_class_weights",
+    "set_class_frequencies",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -120,24 +126,58 @@ def set_class_frequencies(model, counts, rho=None):
     return len(modules)
 
 
-def install_class_weights(model, cfg):
-    """Read the training frequencies of ``cfg`` (``DATASETS.TRAIN``, ``FREQUENCY_SOURCE``) and give
-    them to the heads of ``model`` that need them for training (GRW losses, NorCal), once per
-    process at the start of training. Reads nothing when no head needs them.
+def default_counts_reader(cfg):
+    """The training frequencies :func:`install_class_weights` reads for ``cfg``: the training
+    **pixel** counts for detectron2's ``SemanticSegmentor``
+    (:func:`~disalign_det.data.sem_seg_counts.pixel_counts_from_cfg`; ADE20K's ``objectInfo150``
+    ratios when ``MODEL.DISALIGN.PIXEL_RATIOS_FILE`` is set), else the per-class image or
+    instance counts of ``DATASETS.TRAIN`` (:func:`~disalign_det.data.class_counts.
+    class_counts_from_cfg`, ``FREQUENCY_SOURCE``). Returns ``cfg -> (K,) counts``."""
+    if cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor":
+        from ..data.sem_seg_counts import pixel_counts_from_cfg
 
-    Returns:
-        The (K,) int64 counts, or None when nothing needed them.
-    """
+        return pixel_counts_from_cfg
     from ..data.class_counts import class_counts_from_cfg
 
+    return class_counts_from_cfg
+
+
+def _check_sem_seg_freeze(cfg):
+    if (
+        cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor"
+        and cfg.MODEL.DISALIGN.FREEZE == "all_but_classifier"
+    ):
+        # apply_freeze's classifier is the box head's cls_score: nothing of a segmentation head.
+        raise ValueError(
+            "MODEL.DISALIGN.FREEZE 'all_but_classifier' has no segmentation counterpart (it "
+            "trains the box classifier cls_score): use 'all_but_calibration' or 'none'"
+        )
+
+
+def install_class_weights(model, cfg, read_counts=None):
+    """Read the training frequencies of ``cfg`` and give them to the heads of ``model`` that need
+    them for training (GRW losses, NorCal), once per process at the start of training. Reads
+    nothing when no head needs them. The one entry point of the detection heads (class counts)
+    and of the segmentation heads (pixel counts): the trainer and the config pre-check call it.
+
+    Args:
+        model: any module containing DisAlign heads (:class:`ClassFrequencyMixin`).
+        cfg: its config.
+        read_counts: ``cfg -> (K,) counts``; None: :func:`default_counts_reader` (pixel counts for
+            a ``SemanticSegmentor``, class counts otherwise).
+
+    Returns:
+        The (K,) counts, or None when nothing needed them.
+    """
+    _check_sem_seg_freeze(cfg)
     modules = [m for m in _frequency_modules(model) if m.needs_class_frequencies]
     if not modules:
         return None
-    counts = class_counts_from_cfg(cfg)
+    counts = (read_counts or default_counts_reader(cfg))(cfg)
     for m in modules:
         m.set_class_frequencies(counts)
     logger.info(
-        "Class frequencies of %s installed in %d head(s) (GRW rho=%g)",
+        "Training frequencies of %s installed in %d head(s) (GRW rho=%g)",
         list(cfg.DATASETS.TRAIN),
         len(modules),
         cfg.MODEL.DISALIGN.RHO,

@@ -40,7 +40,6 @@ __all__ = [
     "DisAlignDeepLabV3PlusHead",
     "DisAlignDeepLabV3Head",
     "deeplab_project",
-    "install_pixel_class_weights",
     "SEM_SEG_LOSSES",
 ]
 
@@ -289,42 +288,6 @@ except ImportError:  # a detectron2 without its projects: registered names that 
 
 SEM_SEG_HEADS_REGISTRY.register(DisAlignDeepLabV3PlusHead)
 SEM_SEG_HEADS_REGISTRY.register(DisAlignDeepLabV3Head)
-
-
-def install_pixel_class_weights(model, cfg):
-    """Give the DisAlign segmentation heads of ``model`` that train with GRW the training pixel
-    counts of ``cfg`` (:func:`~disalign_det.data.sem_seg_counts.pixel_counts_from_cfg`). Called
-    by the trainer instead of the LVIS ``install_class_weights`` for a ``SemanticSegmentor``.
-
-    Returns:
-        The (C,) counts, or None when no head needed them.
-    """
-    from ..data.sem_seg_counts import pixel_counts_from_cfg
-
-    if cfg.MODEL.DISALIGN.FREEZE == "all_but_classifier":
-        # apply_freeze's classifier is the box head's cls_score: nothing of a segmentation head.
-        raise ValueError(
-            "MODEL.DISALIGN.FREEZE 'all_but_classifier' has no segmentation counterpart (it "
-            "trains the box classifier cls_score): use 'all_but_calibration' or 'none'"
-        )
-    heads = [
-        m
-        for m in model.modules()
-        if isinstance(m, _DisAlignSemSegMixin) and m.needs_class_frequencies
-    ]
-    if not heads:
-        return None
-    counts = pixel_counts_from_cfg(cfg)
-    for m in heads:
-        m.set_class_frequencies(counts)
-    logger.info(
-        "Pixel class frequencies of %s installed (GRW rho=%g, weights %.3g..%.3g)",
-        list(cfg.DATASETS.TRAIN),
-        cfg.MODEL.DISALIGN.RHO,
-        float(heads[0].pixel_class_weights().min()),
-        float(heads[0].pixel_class_weights().max()),
-    )
-    return counts
 
 
 def is_sem_seg(cfg) -> bool:

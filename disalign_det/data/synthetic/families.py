@@ -15,7 +15,7 @@ The bucket sizes are LVIS v1.0's proportions scaled to ``num_classes`` (60 by de
 Class ids are alphabetical, as in LVIS, which keeps a family's ids adjacent.
 """
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -115,8 +115,18 @@ def _geom_counts(hi: float, lo: float, n: int) -> List[int]:
     return [int(round(v)) for v in np.geomspace(hi, lo, n)]
 
 
-def family_profile(styles: Sequence[SyntheticClass], num_images: int, rng) -> np.ndarray:
-    """Target number of train images per class: parents frequent, variants common or rare."""
+def family_profile(
+    styles: Sequence[SyntheticClass],
+    num_images: int,
+    rng,
+    variant_images: Optional[Tuple[float, float]] = None,
+) -> np.ndarray:
+    """Target number of train images per class: parents frequent, variants common or rare.
+
+    ``variant_images=(most, fewest)``: instead of LVIS's common and rare buckets, the variants'
+    counts run geometrically from ``most`` down to ``fewest`` in one run (a flatter tail, as
+    ADE20K's pixel classes have; :mod:`disalign_det.data.sem_seg_synth`). The same draws from
+    ``rng`` either way."""
     n_r, n_c, n_f = bucket_sizes(len(styles))
     if FREQUENT_TOP * num_images < FREQUENT_MIN:
         raise ValueError(
@@ -128,8 +138,11 @@ def family_profile(styles: Sequence[SyntheticClass], num_images: int, rng) -> np
     counts = np.zeros(len(styles), dtype=np.int64)
     counts[rng.permutation(parents)] = _geom_counts(FREQUENT_TOP * num_images, FREQUENT_MIN, n_f)
     order = rng.permutation(variants)
-    counts[order[:n_c]] = _geom_counts(*COMMON_RANGE, n_c)
-    counts[order[n_c:]] = _geom_counts(*RARE_RANGE, n_r)
+    if variant_images is None:
+        counts[order[:n_c]] = _geom_counts(*COMMON_RANGE, n_c)
+        counts[order[n_c:]] = _geom_counts(*RARE_RANGE, n_r)
+    else:
+        counts[order] = _geom_counts(*variant_images, n_c + n_r)
     return counts
 
 

@@ -125,12 +125,16 @@ def _resolve(overrides: dict) -> dict:
     return params
 
 
-def plan_images(**params) -> Dict[str, List[ImagePlan]]:
-    """What :func:`generate_synthetic_lvis` (same arguments) draws in each image, per split."""
+def plan_images(*, variant_images=None, **params) -> Dict[str, List[ImagePlan]]:
+    """What :func:`generate_synthetic_lvis` (same arguments) draws in each image, per split.
+
+    ``variant_images=(most, fewest)`` (``"lvis"`` preset only; not a parameter of the LVIS-format
+    datasets): the variants' train images in one geometric run instead of LVIS's common / rare
+    buckets (:func:`.families.family_profile`; the segmentation data's flatter tail)."""
     params = _resolve({k: v for k, v in params.items() if k != "generator_version"})
     preset = _preset(params["preset"])
     styles = synthetic_styles(params["preset"], params["num_classes"])
-    train = _plan_train(params, preset, styles)
+    train = _plan_train(params, preset, styles, variant_images)
     image_count, _ = _counts(train, len(styles))
     val = _plan_val(params, preset, image_count, [frequency_bucket(int(n)) for n in image_count])
     return {

@@ -175,10 +175,12 @@ def _top_up(ranked: np.ndarray, n_f: int, num_images: int) -> np.ndarray:
     return ranked
 
 
-def _train_profile(preset: _Preset, styles, num_images: int, rng) -> np.ndarray:
+def _train_profile(preset: _Preset, styles, num_images: int, rng, variant_images=None):
     if not preset.families:
+        if variant_images is not None:
+            raise ValueError("variant_images needs a preset with families ('lvis')")
         return _basic_profile(len(styles), num_images, rng)
-    counts = families.family_profile(styles, num_images, rng)
+    counts = families.family_profile(styles, num_images, rng, variant_images)
     parents = np.flatnonzero([s.parent is None for s in styles])
     counts[parents] = _top_up(counts[parents].copy(), len(parents), num_images)
     return counts
@@ -264,9 +266,9 @@ def _image_plans(objects, preset: _Preset, params, styles, split, rng) -> List[I
     return plans
 
 
-def _plan_train(params, preset, styles):
+def _plan_train(params, preset, styles, variant_images=None):
     train_rng, _ = _rng_streams(params["seed"])
-    target = _train_profile(preset, styles, params["num_train_images"], train_rng)
+    target = _train_profile(preset, styles, params["num_train_images"], train_rng, variant_images)
     buckets = [frequency_bucket(int(n)) for n in target]
     cap = min(preset.max_classes_per_image, params["max_objects_per_image"])
     sets = _assign(target, params["num_train_images"], cap, train_rng)
