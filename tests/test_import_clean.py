@@ -275,3 +275,34 @@ def test_detectron2_lvis_entries_are_the_same_objects_after_import():
         if "class_frequency" in r:
             assert f"{name}.json" in r["class_frequency"], r
             assert "datasets/README.md" in r["class_frequency"], r
+
+
+def test_per_class_ap_and_stock_lvis_eval_work_without_the_legacy_shims(tmp_path):
+    """lab's tables and tools/plot_per_class.py call ``lvis_per_class_ap`` (and a run may use the
+    "lvis" backend's stock ``LVISEval``) in a process that never applied the legacy shims; lvis
+    0.5.3's ``accumulate`` uses ``np.float``. Both set the alias for their call only: the numbers
+    come out (a perfect detection: AP 1) and numpy is left without the alias."""
+    gt = {
+        "images": [{"id": 1, "width": 64, "height": 48, "neg_category_ids": [],
+                    "not_exhaustive_category_ids": []}],
+        "categories": [{"id": 1, "name": "a", "frequency": "r"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 6, 20, 10],
+                         "area": 200, "segmentation": [[4, 6, 24, 6, 24, 16, 4, 16]]}],
+    }  # fmt: skip
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(gt))
+    out = _python(f"""
+        import json
+        import numpy as np
+        from lvis import LVIS, LVISEval, LVISResults
+        from disalign_det.evaluation.backends import run_lvis_eval
+        from disalign_det.evaluation.per_class import lvis_per_class_ap
+        gt = LVIS({str(path)!r})
+        det = [{{"image_id": 1, "category_id": 1, "bbox": [4, 6, 20, 10], "score": 0.9}}]
+        pc = lvis_per_class_ap(gt, det, "bbox")
+        stock = LVISEval(gt, LVISResults(gt, det), "bbox")
+        metrics = run_lvis_eval(stock, 300)[0]
+        print(json.dumps([float(pc.ap[0]), metrics["AP"], hasattr(np, "float")]))
+        """)
+    ap, stock_ap, alias_left = _json_of(out)
+    assert ap == pytest.approx(1.0) and stock_ap == pytest.approx(100.0) and alias_left is False

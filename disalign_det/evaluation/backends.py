@@ -31,6 +31,8 @@ from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
+from ..compat import numpy_aliases
+
 __all__ = ["BACKENDS", "Backend", "get", "run_lvis_eval", "summarize_precision"]
 
 logger = logging.getLogger(__name__)
@@ -65,7 +67,8 @@ def run_lvis_eval(lvis_eval, max_dets_per_image):
     logger.info("Evaluating with max detections per image = %d", max_dets_per_image)
     if max_dets_per_image < 0:
         lvis_eval.params.max_dets = max_dets_per_image  # only names the AR keys
-    lvis_eval.run()
+    with numpy_aliases():  # the stock LVISEval's accumulate() uses np.float (see lean_eval.py)
+        lvis_eval.run()
     lvis_eval.print_results()
     summary = lvis_eval.get_results()
     metrics = {metric: float(summary[metric] * 100) for metric in LVIS_METRICS}

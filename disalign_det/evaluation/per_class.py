@@ -18,6 +18,8 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
+from ..compat import numpy_aliases
+
 __all__ = [
     "per_class_ap_from_precision",
     "lvis_per_class_ap",
@@ -151,7 +153,10 @@ def lvis_per_class_ap(lvis_gt, results, iou_type: str, max_dets: int = 300) -> P
         results_logger.setLevel(level)
     ev = LVISEval(lvis_gt, dt, iou_type)
     ev.params.max_dets = max_dets
-    ev.run()
+    # lvis 0.5.3's accumulate() uses np.float (gone since numpy 1.24): set for this call only, so
+    # that callers which did not apply the legacy shims (lab's tables, plot_per_class) work.
+    with numpy_aliases():
+        ev.run()
     if list(ev.params.cat_ids) != cat_ids:  # the API sorts them too; guard the assumption
         raise RuntimeError("LVISEval category order differs from the sorted category ids")
     ap = per_class_ap_from_precision(ev.eval["precision"])
