@@ -12,7 +12,6 @@ from typing import List, Optional, Sequence
 
 import torch
 from detectron2.config import get_cfg
-from detectron2.structures import Boxes, Instances
 
 from disalign_det import add_disalign_config
 from disalign_det.data import generate_synthetic_lvis, register_lvis_format
@@ -172,6 +171,11 @@ def one_image_proposals(labels: List[int]):
     """Proposals of one 32 x 32 image: ``len(labels)`` copies of one box matched to a ground-truth
     box, with ``gt_classes`` = ``labels`` (for the box predictor's ``losses`` / ``predict_probs``).
     """
+    # Imported here: detectron2.structures imports detectron2._C, which on v0.6 exists only once
+    # disalign_det is imported (a test module may import this file first, e.g. in a spawned
+    # process of torch.multiprocessing).
+    from detectron2.structures import Boxes, Instances
+
     inst = Instances((32, 32))
     n = len(labels)
     inst.proposal_boxes = Boxes(torch.tensor([[1.0, 2.0, 20.0, 25.0]] * n))
