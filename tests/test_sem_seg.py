@@ -476,15 +476,21 @@ def test_read_ade_object_info(tmp_path):
         read_pixel_ratios(str(tmp_path / "nope.txt"), 3)
 
 
-def test_pixel_counts_from_cfg_checks_num_classes(tmp_path, monkeypatch):
-    monkeypatch.setenv("DISALIGN_CACHE_DIR", str(tmp_path / "cache"))
-    files, expected = _write_labels(str(tmp_path / "labels"), n=3)
-    name = "test_sem_seg_counts_train"
+def _register_label_dataset(name, files):
+    """Register ``name`` (once) as a dataset of the label PNGs ``files`` with NUM_CLASSES stuff
+    classes; returns ``name``."""
     if name not in DatasetCatalog.list():
         DatasetCatalog.register(
             name, lambda: [{"file_name": f, "sem_seg_file_name": f} for f in files]
         )
     MetadataCatalog.get(name).set(stuff_classes=[str(i) for i in range(NUM_CLASSES)])
+    return name
+
+
+def test_pixel_counts_from_cfg_checks_num_classes(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISALIGN_CACHE_DIR", str(tmp_path / "cache"))
+    files, expected = _write_labels(str(tmp_path / "labels"), n=3)
+    name = _register_label_dataset("test_sem_seg_counts_train", files)
     cfg = _cfg()
     cfg.DATASETS.TRAIN = (name,)
     cfg.DATASETS.TEST = ()
@@ -505,12 +511,7 @@ def test_install_class_weights_reads_the_pixel_counts_of_a_segmentor(tmp_path, m
 
     monkeypatch.setenv("DISALIGN_CACHE_DIR", str(tmp_path / "cache"))
     files, expected = _write_labels(str(tmp_path / "labels"), n=3)
-    name = "test_sem_seg_install_train"
-    if name not in DatasetCatalog.list():
-        DatasetCatalog.register(
-            name, lambda: [{"file_name": f, "sem_seg_file_name": f} for f in files]
-        )
-    MetadataCatalog.get(name).set(stuff_classes=[str(i) for i in range(NUM_CLASSES)])
+    name = _register_label_dataset("test_sem_seg_install_train", files)
     rho = 0.3
     cfg = _cfg(SEM_SEG_LOSS="grw", RHO=rho, PIXEL_COUNT_WORKERS=1)
     cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentor"

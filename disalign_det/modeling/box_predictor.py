@@ -402,23 +402,19 @@ class DisAlignFastRCNNOutputLayers(ClassFrequencyMixin, FastRCNNOutputLayers):
         """
         scores, _ = predictions
         num_inst_per_image = [len(p) for p in proposals]
-        if self.activation == "gumbel":
-            probs = gumbel_probs(scores)
-            if self.posthoc == "fracal":
-                # FRACAL's product form with the stage one's own activation (as the FRACAL
-                # authors' head applies the loss's activation to both factors).
-                freq, dims = self._fracal_statistics()
-                probs = fracal_sigmoid_probs(
-                    probs, scores, freq, dims, self.fracal_lambda, activation=gumbel_probs
-                )
-            return probs.split(num_inst_per_image, dim=0)
-        if self.sigmoid_ce:
-            # EQLv2 / ECM: sigmoid with their objectness factor; else detectron2's sigmoid.
+        if self.activation != "softmax":
+            # Independent per-class probabilities: detectron2's sigmoid, EQLv2's / ECM's sigmoid
+            # with their objectness factor, or GOL's Gumbel.
             s1 = self.stage_one_loss
             probs = s1.probs(scores) if s1 is not None else scores.sigmoid()
             if self.posthoc == "fracal":
+                # FRACAL's product form with the classifier's own activation (as the FRACAL
+                # authors' head applies the loss's activation to both factors).
+                act = gumbel_probs if self.activation == "gumbel" else torch.sigmoid
                 freq, dims = self._fracal_statistics()
-                probs = fracal_sigmoid_probs(probs, scores, freq, dims, self.fracal_lambda)
+                probs = fracal_sigmoid_probs(
+                    probs, scores, freq, dims, self.fracal_lambda, activation=act
+                )
             return probs.split(num_inst_per_image, dim=0)
         if self.posthoc == "fracal":
             freq, dims = self._fracal_statistics()
