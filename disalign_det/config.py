@@ -82,6 +82,10 @@ def add_disalign_config(cfg):
     # holds a smaller explicit cap); standard AP stays at 300 per image.
     _C.TEST.LVIS_EVAL.FIXED_AP = False
     _C.TEST.LVIS_EVAL.FIXED_AP_DETS_PER_CLASS = 10000  # K
+    # With FIXED_AP: drop before the mask head the detections below both their image's 300th
+    # score and their class's running K-th (FixedAPPruner). Exact: no reported number changes;
+    # lvis_instances_results.json then holds only the detections that can count.
+    _C.TEST.LVIS_EVAL.FIXED_AP_PRUNE = True
     # Metric backend: "lvis" (the LVIS API), "fast" (ours on arrays, bit-identical to the LVIS
     # API) or "faster_coco_eval" (opt-in C++, not bit-identical).
     _C.TEST.LVIS_EVAL.BACKEND = "lvis"

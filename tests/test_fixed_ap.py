@@ -14,6 +14,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 import torch
+from common import tiny_cfg
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.structures import Boxes, Instances
@@ -26,7 +27,7 @@ from disalign_det.evaluation import (
     apply_fixed_ap_config,
     build_lvis_evaluator,
 )
-from disalign_det.evaluation.fixed_ap import PerClassTopK
+from disalign_det.evaluation.fixed_ap import FixedAPPruner, PerClassTopK, pruning_before_masks
 
 SIZE = 64
 
@@ -286,6 +287,118 @@ def test_per_class_top_k_matches_a_stable_sort():
             idx = [j for j in range(500) if cats[j] == c]
             expected += sorted(idx, key=lambda j: scores[j], reverse=True)[:k]
         assert top.positions().tolist() == sorted(expected), (k, chunk)
+
+
+# ------------------------------------------------------------------ pruning before the mask head
+def _stable_top(entries, n):
+    """The first ``n`` of ``entries`` ((key, score) in stream order) by decreasing score, ties in
+    stream order: the cut of :class:`PerClassTopK` and of LVISResults' per-image limit."""
+    return [key for key, _ in sorted(entries, key=lambda e: -e[1])[:n]]
+
+
+@pytest.mark.parametrize("k,p", [(1, 1), (7, 10), (40, 3), (500, 500)])
+def test_pruner_drops_nothing_any_metric_uses(k, p):
+    """Every per-class top k over the stream and every per-image top q <= p are the same
+    detections with and without the pruner, ties (scores rounded to 0.05) included."""
+    rng = np.random.default_rng(k + p)
+    images = []
+    for _ in range(40):
+        n = int(rng.integers(0, 60))
+        images.append((rng.integers(0, 6, n), np.round(rng.random(n) * 20) / 20))
+    pruner = FixedAPPruner(k, p)
+    full, kept = defaultdict(list), defaultdict(list)  # class -> [((image, index), score)]
+    per_image_full, per_image_kept = [], []
+    for i, (cats, scores) in enumerate(images):
+        mask = pruner.keep(torch.as_tensor(cats), torch.as_tensor(scores, dtype=torch.float32))
+        assert mask.dtype == torch.bool and mask.shape == (len(scores),)
+        rows = [((i, j), float(np.float32(scores[j])), int(cats[j])) for j in range(len(scores))]
+        per_image_full.append([(key, s) for key, s, _ in rows])
+        per_image_kept.append([(key, s) for (key, s, _), m in zip(rows, mask.tolist()) if m])
+        for (key, s, c), m in zip(rows, mask.tolist()):
+            full[c].append((key, s))
+            if m:
+                kept[c].append((key, s))
+    for c in full:
+        assert _stable_top(kept[c], k) == _stable_top(full[c], k), c
+    for whole, pruned in zip(per_image_full, per_image_kept):
+        for q in {1, max(p // 2, 1), p}:
+            assert _stable_top(pruned, q) == _stable_top(whole, q)
+    assert pruner.num_seen == sum(len(s) for _, s in images)
+    assert pruner.num_kept == sum(len(x) for x in per_image_kept)
+    if k < 500:  # not vacuous: something was dropped
+        assert pruner.num_kept < pruner.num_seen
+    else:  # nothing can be dropped while fewer than k of a class were seen
+        assert pruner.num_kept == pruner.num_seen
+
+
+def test_pruner_rejects_non_positive_budgets():
+    with pytest.raises(ValueError, match="dets_per_class"):
+        FixedAPPruner(0, 300)
+
+
+def test_pruning_wraps_the_mask_step_and_restores_it():
+    class Heads(torch.nn.Module):
+        def forward_with_given_boxes(self, features, instances):
+            return [len(x) for x in instances]
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.roi_heads = Heads()
+
+    model = Model()
+    inst = Instances((8, 8), scores=torch.tensor([0.9, 0.1, 0.8, 0.05]),
+                     pred_classes=torch.tensor([0, 0, 1, 1]))  # fmt: skip
+    pruner = FixedAPPruner(1, 1)
+    with pruning_before_masks(model, pruner):
+        # Per image: top 1 (0.9); per class: its best (0.9, 0.8).
+        assert model.roi_heads.forward_with_given_boxes(None, [inst]) == [2]
+    assert "forward_with_given_boxes" not in vars(model.roi_heads)
+    assert model.roi_heads.forward_with_given_boxes(None, [inst]) == [4]
+    assert (pruner.num_seen, pruner.num_kept) == (4, 2)
+
+
+def _evaluate_untrained(tiny_dataset, out, prune):
+    from disalign_det.engine import Trainer
+
+    cfg = tiny_cfg(output_dir=str(out), opts=[
+        "DATASETS.TEST", "('tiny_val',)", "MODEL.DEVICE", "cpu", "SEED", "3",
+        "TEST.LVIS_EVAL.FIXED_AP", "True", "TEST.LVIS_EVAL.FIXED_AP_DETS_PER_CLASS", "4",
+        "TEST.LVIS_EVAL.FIXED_AP_PRUNE", str(prune), "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+        "TEST.LVIS_EVAL.BACKGROUND_RESULTS_JSON", "False",
+    ])  # fmt: skip
+    apply_fixed_ap_config(cfg)
+    torch.manual_seed(3)
+    model = Trainer.build_model(cfg)
+    metrics = Trainer.test(cfg, model)
+    path = os.path.join(str(out), "inference", "tiny_val", "lvis_instances_results.json")
+    with open(path) as f:
+        return metrics, json.load(f)
+
+
+@pytest.mark.slow
+def test_trainer_prunes_before_the_mask_head_without_changing_a_number(tiny_dataset, tmp_path):
+    """An untrained model at score threshold 0 (every class of each of the 64 boxes: 384 > 300
+    detections per image, so the per-image cut bites too) evaluated with Fixed AP at K = 4: the
+    pruned run saves fewer detections, among them every one Fixed AP and the standard 300 per
+    image use, and reports the same metrics."""
+    plain, full = _evaluate_untrained(tiny_dataset, tmp_path / "plain", False)
+    pruned, kept = _evaluate_untrained(tiny_dataset, tmp_path / "pruned", True)
+    assert set(plain) == {"bbox", "segm", "bbox_fixed", "segm_fixed"}
+    for task in plain:
+        for m, v in plain[task].items():
+            assert _same(pruned[task][m], v), (task, m)
+    assert 0 < len(kept) < len(full)
+    key = lambda r: (r["image_id"], r["category_id"], r["score"], tuple(r["bbox"]))  # noqa: E731
+    kept_keys = {key(r) for r in kept}
+    by_class, by_image = defaultdict(list), defaultdict(list)
+    for r in full:
+        by_class[r["category_id"]].append((key(r), r["score"]))
+        by_image[r["image_id"]].append((key(r), r["score"]))
+    assert max(len(v) for v in by_image.values()) > 300
+    needed = [x for v in by_class.values() for x in _stable_top(v, 4)]
+    needed += [x for v in by_image.values() for x in _stable_top(v, 300)]
+    assert set(needed) <= kept_keys
 
 
 # ------------------------------------------------------------------ the config switch

@@ -5,11 +5,12 @@ resumes, mixed precision and CPU multi-process support; the loop is the one of
 import logging
 import os
 import weakref
+from collections import OrderedDict
 
 import torch
 from detectron2.data import MetadataCatalog, build_detection_test_loader
 from detectron2.engine import DefaultTrainer, TrainerBase
-from detectron2.evaluation import COCOEvaluator
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
 from detectron2.modeling import build_model
 from detectron2.solver import build as solver_build
 from detectron2.utils import comm
@@ -18,7 +19,8 @@ from detectron2.utils.logger import setup_logger
 from ..data import check_num_classes
 from ..data.lvis_format import register_datasets_from_cfg
 from ..data.samplers import build_resumable_train_loader
-from ..evaluation import build_lvis_evaluator
+from ..evaluation import DEFAULT_MAX_DETS_PER_IMAGE, build_lvis_evaluator
+from ..evaluation.fixed_ap import FixedAPPruner, pruning_before_masks
 from ..evaluation.sem_seg_evaluation import build_sem_seg_evaluator
 from ..modeling import install_class_weights
 from ..modeling.sem_seg import build_sem_seg_lr_scheduler
@@ -211,9 +213,44 @@ class Trainer(ResumableLoopMixin, DefaultTrainer):
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
-        results = super().test(cfg, model, evaluators)
+        """detectron2's evaluation; with ``TEST.LVIS_EVAL.FIXED_AP`` and ``FIXED_AP_PRUNE`` each
+        test dataset is run on its own, with a fresh :class:`~disalign_det.evaluation.fixed_ap.
+        FixedAPPruner` (its thresholds are one dataset's)."""
+        node = cfg.TEST.get("LVIS_EVAL", None)
+        if node is None or not (node.FIXED_AP and node.get("FIXED_AP_PRUNE", False)):
+            results = super().test(cfg, model, evaluators)
+        else:
+            results = cls._test_pruned(cfg, model, evaluators, int(node.FIXED_AP_DETS_PER_CLASS))
         write_final_metrics(results, cfg.OUTPUT_DIR)
         return results
+
+    @classmethod
+    def _test_pruned(cls, cfg, model, evaluators, dets_per_class):
+        names = list(cfg.DATASETS.TEST)
+        if isinstance(evaluators, DatasetEvaluator):
+            evaluators = [evaluators]
+        if evaluators is not None and len(evaluators) != len(names):
+            raise ValueError(
+                f"{len(evaluators)} evaluators for {len(names)} datasets in DATASETS.TEST"
+            )
+        results = OrderedDict()
+        for i, name in enumerate(names):
+            one = cfg.clone()
+            one.defrost()
+            one.DATASETS.TEST = (name,)
+            if evaluators is not None:
+                evaluator = [evaluators[i]]
+            else:
+                # Built from the whole config: the per-class table's file name depends on how
+                # many test datasets it has.
+                try:
+                    evaluator = [cls.build_evaluator(cfg, name)]
+                except NotImplementedError:
+                    evaluator = None  # detectron2's test warns and skips it, as without pruning
+            pruner = FixedAPPruner(dets_per_class, DEFAULT_MAX_DETS_PER_IMAGE)
+            with pruning_before_masks(model, pruner):
+                results[name] = super().test(one, model, evaluator)
+        return results[names[0]] if len(names) == 1 else results
 
     def train(self):
         """Train; returns the last evaluation results (detectron2 returns them only when

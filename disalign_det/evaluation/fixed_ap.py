@@ -22,20 +22,27 @@ verified in their image (the others are dropped by ``LVISEval._prepare`` anyway,
 :func:`~disalign_det.evaluation.lvis_evaluation.load_lvis_results`).
 
 Inference must not cap detections per image either (``TEST.DETECTIONS_PER_IMAGE = -1``), see
-:func:`apply_fixed_ap_config`.
+:func:`apply_fixed_ap_config`. Without that cap a sigmoid classifier at a low score threshold
+returns thousands of detections per image, and each goes through the mask head and is pasted.
+:class:`FixedAPPruner` (``TEST.LVIS_EVAL.FIXED_AP_PRUNE``) drops, before the mask head, those that
+no reported number can use; the metrics are unchanged (see its docstring).
 """
 
+import contextlib
 import logging
 
 import numpy as np
+import torch
 
 __all__ = [
     "FIXED_AP_DETS_PER_CLASS",
     "FIXED_AP_KEY",
+    "FixedAPPruner",
     "PerClassTopK",
     "apply_fixed_ap_config",
     "fixed_task_name",
     "load_fixed_ap_results",
+    "pruning_before_masks",
     "select_top_per_class",
 ]
 
@@ -236,3 +243,104 @@ def load_fixed_ap_results(paths, task, positions, lvis_gt, iter_shard, append_re
         image_id, record, j = spare
         append_results(results, image_id, record, [j], with_masks)
     return results
+
+
+class FixedAPPruner:
+    """Drops, image by image, the detections no number of a Fixed AP evaluation can use.
+
+    The evaluation reports standard AP over each image's ``dets_per_image`` best detections and
+    Fixed AP over each category's ``dets_per_class`` best over the dataset. A detection is kept if
+    its score is at least
+
+    * the ``dets_per_image``-th best score of its image (ties kept), or
+    * the ``dets_per_class``-th best score of its category among the detections seen so far, this
+      image's included (all kept while fewer have been seen).
+
+    Why nothing that counts is dropped: the second threshold only rises as images arrive and is a
+    K-th best over a subset of the dataset, so it never exceeds the final K-th best; a detection
+    strictly below it is strictly below the final cut of its category. Kept detections keep their
+    order, so the ties of the stable per-category sort (:class:`PerClassTopK`) and of the per-image
+    cut resolve as without pruning. Several processes each prune their own images, with
+    thresholds below the global ones: still exact. Any per-image cut at most ``dets_per_image``
+    taken later from the saved detections is exact too.
+    """
+
+    def __init__(self, dets_per_class, dets_per_image):
+        if dets_per_class <= 0 or dets_per_image <= 0:
+            raise ValueError(
+                f"dets_per_class ({dets_per_class}) and dets_per_image ({dets_per_image}) must be "
+                "positive"
+            )
+        self.k = int(dets_per_class)
+        self.p = int(dets_per_image)
+        self._top = {}  # category -> (<= k,) best scores so far, decreasing
+        self.num_seen = 0
+        self.num_kept = 0
+
+    def keep(self, classes, scores):
+        """Boolean mask (N,) over one image's detections: ``classes`` (N,) int, ``scores`` (N,)."""
+        n = scores.numel()
+        if n > self.p:
+            keep = scores >= scores.topk(self.p).values[-1]
+        else:
+            keep = torch.ones(n, dtype=torch.bool, device=scores.device)
+        for c in classes.unique().tolist():
+            sel = classes == c
+            mine = scores[sel]
+            best = self._top.get(c)
+            merged = mine if best is None else torch.cat([best, mine])
+            best = merged.topk(min(self.k, merged.numel())).values
+            self._top[c] = best
+            if best.numel() == self.k:
+                keep[sel] |= mine >= best[-1]
+            else:
+                keep[sel] = True
+        self.num_seen += n
+        self.num_kept += int(keep.sum())
+        return keep
+
+    def __call__(self, instances):
+        """``instances`` (detectron2 ``Instances`` with ``scores``, ``pred_classes``) pruned."""
+        if len(instances) == 0:
+            return instances
+        return instances[self.keep(instances.pred_classes, instances.scores)]
+
+
+@contextlib.contextmanager
+def pruning_before_masks(model, pruner):
+    """Within the block, ``model``'s ROI heads prune their box detections with ``pruner`` before
+    the mask (and keypoint) heads see them.
+
+    The ROI heads' ``forward_with_given_boxes`` (where detectron2's ``StandardROIHeads`` and its
+    subclasses run the mask head at inference) is wrapped on the instance, and the class's method
+    is back on exit. A model without it is left alone (logged).
+    """
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    heads = getattr(model, "roi_heads", None)
+    inner = getattr(heads, "forward_with_given_boxes", None)
+    if inner is None:
+        logger.info("%s: no roi_heads.forward_with_given_boxes, nothing pruned", FIXED_AP_KEY)
+        yield pruner
+        return
+    own = "forward_with_given_boxes" in vars(heads)
+
+    def forward_with_given_boxes(features, instances):
+        return inner(features, [pruner(x) for x in instances])
+
+    heads.forward_with_given_boxes = forward_with_given_boxes
+    try:
+        yield pruner
+    finally:
+        if own:
+            heads.forward_with_given_boxes = inner
+        else:
+            del heads.forward_with_given_boxes
+        logger.info(
+            "%s: %d of %d detections kept before the mask head (the others are below both their "
+            "image's top %d and their category's running top %d)",
+            FIXED_AP_KEY,
+            pruner.num_kept,
+            pruner.num_seen,
+            pruner.p,
+            pruner.k,
+        )
