@@ -163,7 +163,9 @@ def test_eval_only_in_a_fresh_process_with_only_the_val_split(deployed, tmp_path
     )  # fmt: skip
     config_file = tmp_path / "config.yaml"
     config_file.write_text(cfg.dump())
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    # The child computes with as many threads as this process (conftest sets them): CPU kernels
+    # may sum in another order with another thread count, and the bytes must match.
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS=str(torch.get_num_threads()))
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file",
          str(config_file), "--eval-only"],
