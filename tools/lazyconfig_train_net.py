@@ -20,6 +20,7 @@ import disalign_det  # isort: skip  (a real _C or the stand-in, before detectron
 from detectron2.config import LazyConfig
 from detectron2.engine import default_argument_parser, default_setup  # noqa: F401  (re-export)
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from disalign_det.engine import launch_from_argv
 from disalign_det.engine.run_folder import preflight_lazy, remove_stale_temporaries
@@ -54,6 +55,8 @@ def setup(args):
     preflight_lazy(cfg, resume=args.resume, eval_only=args.eval_only)
     remove_stale_temporaries(out)  # a killed save's *.tmp.<pid>, once all checks pass
     default_setup(cfg, args)
+    # default_setup sets up detectron2's and fvcore's loggers only; ours log to the same places.
+    setup_logger(out, distributed_rank=comm.get_rank(), name="disalign_det")
     return cfg
 
 

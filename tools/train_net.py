@@ -25,6 +25,7 @@ from detectron2.config import get_cfg  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup  # noqa: E402,F401  (re-export)
 from detectron2.evaluation import verify_results  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from disalign_det import add_disalign_config  # noqa: E402
 from disalign_det.engine import Trainer, launch_from_argv  # noqa: E402
@@ -62,6 +63,9 @@ def setup(args):
         )
     remove_stale_temporaries(cfg.OUTPUT_DIR)  # a killed save's *.tmp.<pid>, once all checks pass
     default_setup(cfg, args)
+    # default_setup sets up detectron2's and fvcore's loggers only: ours (disalign_det.*, e.g. the
+    # evaluator, GRW weights, Fixed AP pruning) go to the same console and OUTPUT_DIR/log.txt.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="disalign_det")
     return cfg
 
 
