@@ -159,6 +159,8 @@ def test_tools_use_public_names_only():
         ("benchmark_longtail.py", ["--quick", "--dry-run"]),
         ("demo.py", ["--help"]),
         ("benchmark_speed.py", ["--help"]),
+        ("benchmark_speed_sem_seg.py", ["--help"]),
+        ("benchmark_sem_seg.py", ["--help"]),
     ],
 )
 def test_lab_tools_run_as_scripts_from_anywhere(tool, args, tmp_path):

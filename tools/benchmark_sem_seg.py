@@ -20,9 +20,12 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from lab.stats import format_gain, format_stats, gain_stats, seed_stats
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# lab/ is not installed: run as a script, Python puts tools/ on sys.path, not the checkout's root.
+sys.path.append(ROOT)
+
+from lab.stats import format_gain, format_stats, gain_stats, seed_stats  # noqa: E402
+
 STAGE_ONE = "configs/ADE20K/synthetic/semantic_fpn_synth.yaml"
 STAGE_TWO = "configs/ADE20K/synthetic/disalign_semantic_fpn_synth.yaml"
 METRICS = ("mIoU", "mIoU-head", "mIoU-body", "mIoU-tail", "mACC", "mACC-tail")

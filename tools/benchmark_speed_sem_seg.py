@@ -27,6 +27,7 @@ with several it adds them up).
 
 import argparse
 import os
+import sys
 import time
 
 import torch
@@ -37,9 +38,14 @@ from detectron2.modeling import build_model
 
 from disalign_det import add_disalign_config
 from disalign_det.modeling import apply_freeze
-from lab.stats import median
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# lab/ is not installed: run as a script, Python puts tools/ on sys.path, not the checkout's root
+# (appended: an installed disalign_det still wins).
+sys.path.append(ROOT)
+
+from lab.stats import median  # noqa: E402
+
 ADE = "configs/ADE20K/disalign_deeplab_v3_plus_R_50_D8_512x512_4k.yaml"
 CPU = "configs/ADE20K/synthetic/disalign_semantic_fpn_synth.yaml"
 
