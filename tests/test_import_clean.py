@@ -96,17 +96,26 @@ def test_import_leaves_numpy_pillow_and_warnings_unchanged():
         assert report["standin"]
 
 
+def _write_one_rare_object_gt(path, size, bbox):
+    """An LVIS json at ``path``: one image of ``size`` (width, height) with one object of a rare
+    category, box ``bbox`` (x, y, w, h) and that rectangle as its polygon. Returns ``path``."""
+    x, y, w, h = bbox
+    gt = {
+        "images": [{"id": 1, "width": size[0], "height": size[1], "neg_category_ids": [],
+                    "not_exhaustive_category_ids": []}],
+        "categories": [{"id": 1, "name": "a", "frequency": "r"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": list(bbox),
+                         "area": float(w * h),
+                         "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]}],
+    }  # fmt: skip
+    path.write_text(json.dumps(gt))
+    return path
+
+
 def test_import_without_the_legacy_call_evaluates_with_the_lvis_api(tmp_path):
     # The default backend runs lvis 0.5.3's accumulate (np.float) with the aliases set for that
     # call only: one perfect detection of one rare-category object gives AP = APr = 100.
-    gt = {
-        "images": [{"id": 1, "width": 10, "height": 10, "neg_category_ids": [],
-                    "not_exhaustive_category_ids": []}],
-        "categories": [{"id": 1, "name": "a", "frequency": "r"}],
-        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5],
-                         "area": 25.0, "segmentation": [[0, 0, 5, 0, 5, 5, 0, 5]]}],
-    }  # fmt: skip
-    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    _write_one_rare_object_gt(tmp_path / "gt.json", (10, 10), [0, 0, 5, 5])
     code = f"""
         import json
         import numpy as np
@@ -282,15 +291,7 @@ def test_per_class_ap_and_stock_lvis_eval_work_without_the_legacy_shims(tmp_path
     "lvis" backend's stock ``LVISEval``) in a process that never applied the legacy shims; lvis
     0.5.3's ``accumulate`` uses ``np.float``. Both set the alias for their call only: the numbers
     come out (a perfect detection: AP 1) and numpy is left without the alias."""
-    gt = {
-        "images": [{"id": 1, "width": 64, "height": 48, "neg_category_ids": [],
-                    "not_exhaustive_category_ids": []}],
-        "categories": [{"id": 1, "name": "a", "frequency": "r"}],
-        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 6, 20, 10],
-                         "area": 200, "segmentation": [[4, 6, 24, 6, 24, 16, 4, 16]]}],
-    }  # fmt: skip
-    path = tmp_path / "gt.json"
-    path.write_text(json.dumps(gt))
+    path = _write_one_rare_object_gt(tmp_path / "gt.json", (64, 48), [4, 6, 20, 10])
     out = _python(f"""
         import json
         import numpy as np
