@@ -31,6 +31,7 @@ from disalign_det.evaluation.sem_seg_evaluation import (
 )
 from disalign_det.modeling import apply_freeze
 from disalign_det.modeling.losses import (
+    _adjoint_kernel,
     _linear_interpolation,
     bilinear_upsample_adjoint,
     upsampled_cross_entropy,
@@ -216,12 +217,28 @@ def test_linear_interpolation_band_by_hand():
     torch.testing.assert_close(x @ a.t(), up, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("scale", [4, 2, 3, 8, 1.5])
-def test_bilinear_upsample_adjoint_equals_autograd(scale):
-    """bilinear_upsample_adjoint(g) = d/dx <F.interpolate(x), g>, for both layouts and with the
-    folded row scale; 1.5 takes the dense-matmul path."""
+def test_adjoint_kernel_by_hand():
+    """Factor 4: input k receives outputs 4k - 2 .. 4k + 5 with weights (1, 3, 5, 7, 7, 5, 3, 1) / 8
+    (the band above, its zero taps dropped: padding 2); input 0 also gets 3/8 of output 0 and 1/8
+    of output 1 (weight 1 in all from those clamped samples), input n - 1 the mirror image."""
+    kernel, first, last, padding = _adjoint_kernel(5, 20, 4.0)
+    torch.testing.assert_close(kernel, torch.tensor([1.0, 3, 5, 7, 7, 5, 3, 1]) / 8)
+    assert padding == 2
+    assert first == ((0, 0.375), (1, 0.125)) and last == ((18, 0.125), (19, 0.375))
+    assert _adjoint_kernel(2, 8, 4.0) is None  # no interior input: the banded path
+    assert _adjoint_kernel(4, 6, 1.5) is None  # not an integer factor: the dense path
+
+
+@pytest.mark.parametrize(
+    "scale,size",
+    [(4, (5, 7)), (2, (5, 7)), (3, (5, 7)), (8, (5, 7)), (4, (2, 7)), (3, (7, 2)), (1.5, (5, 7))],
+)
+def test_bilinear_upsample_adjoint_equals_autograd(scale, size):
+    """bilinear_upsample_adjoint(g) = d/dx <F.interpolate(x), g>, for both layouts, with the row
+    scale, in place or not: the strided convolution (integer factors, both sides >= 3), the
+    banded multiply-adds (a side of 2) and the dense matmul (1.5)."""
     torch.manual_seed(4)
-    h, w = 5, 7
+    h, w = size
     big_h, big_w = int(h * scale), int(w * scale)
     x = torch.randn(2, 3, h, w, requires_grad=True)
     g = torch.randn(2, 3, big_h, big_w)
@@ -229,11 +246,16 @@ def test_bilinear_upsample_adjoint_equals_autograd(scale):
     up = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
     (ref,) = torch.autograd.grad(up, x, g * rows)
     nchw = bilinear_upsample_adjoint(g, (h, w), scale, row_scale=rows)
-    nhwc = bilinear_upsample_adjoint(
-        g.permute(0, 2, 3, 1), (h, w), scale, dims=(1, 2), row_scale=rows.permute(0, 2, 3, 1)
-    )
     torch.testing.assert_close(nchw, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(nhwc.permute(0, 3, 1, 2), ref, rtol=1e-5, atol=1e-5)
+    g_nhwc = g.permute(0, 2, 3, 1).contiguous()
+    kept = g_nhwc.clone()
+    for overwrite in (False, True):
+        nhwc = bilinear_upsample_adjoint(
+            g_nhwc, (h, w), scale, (1, 2), rows.permute(0, 2, 3, 1), overwrite=overwrite
+        )
+        torch.testing.assert_close(nhwc.permute(0, 3, 1, 2), ref, rtol=1e-5, atol=1e-5)
+        if not overwrite:
+            assert torch.equal(g_nhwc, kept)
 
 
 @pytest.mark.parametrize("weighted", [False, True])
