@@ -18,7 +18,7 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from PIL import Image
-from test_resume import _check_resume_is_exact
+from resume_harness import check_resume_is_exact
 
 from disalign_det import add_disalign_config
 from disalign_det.data import sem_seg_synth
@@ -139,7 +139,7 @@ def _check_batches(batches, max_iter):
 @pytest.mark.slow
 def test_sem_seg_stage_one_resumes_exactly_and_eval_only_reproduces(tiny_synth, tmp_path):
     config = _config_file(tmp_path, STAGE_ONE)
-    final, batches, _ = _check_resume_is_exact(tmp_path, config, max_iter=4, period=2)
+    final, batches, _ = check_resume_is_exact(tmp_path, config, max_iter=4, period=2)
     _check_batches(batches, 4)
     # The resumed run's final evaluation equals the uninterrupted one's, and --eval-only of the
     # final model reproduces it.
@@ -174,7 +174,7 @@ def test_sem_seg_stage_two_resume_keeps_frozen_trunk_and_calibration(
 ):
     opts = ["MODEL.WEIGHTS", stage_one_weights, "SOLVER.BASE_LR", "0.5"]
     config = _config_file(tmp_path, STAGE_TWO, opts)
-    final, batches, _ = _check_resume_is_exact(tmp_path, config, max_iter=4, period=2)
+    final, batches, _ = check_resume_is_exact(tmp_path, config, max_iter=4, period=2)
     _check_batches(batches, 4)
     # Identical to the uninterrupted run (checked above), and that run froze everything but the
     # calibration: every stage-one tensor, BatchNorm statistics included, is bit-identical.
