@@ -20,13 +20,23 @@ and both again with autograd's GRW loss (the head's ``fused_pixel_loss = False``
 The four are interleaved within each round, so that load changes hit them alike. The ratio
 iteration / forward (of wall-clock medians) is the cost of training the calibration on top of
 running the frozen model. Timings on a shared CPU vary; the ratios are measured within one process.
-The last column, the same ratio of the process's CPU-time medians, leaves out the time the process
+The next column, the same ratio of the process's CPU-time medians, leaves out the time the process
 waited for a core (with one torch thread, ``OMP_NUM_THREADS=1``, it is the single thread's time;
-with several it adds them up).
+with several it adds them up). The last gives the median minor page faults of a forward and of an
+iteration: with glibc's malloc, a full-resolution tensor (20 MB on the CPU config) is either
+reused from the heap or mapped afresh and zero-filled page by page (~10k faults, 10-20 ms a
+forward), depending on the allocator's history in the process; the forward's time, hence the
+ratio, depends on which. So by default the tool pins glibc's malloc first (``mallopt``: no
+``mmap``, no trimming): freed memory is reused, no round faults, and the ratio compares the
+computation alone, the strictest case for it (a faulting forward is slower, the ratio lower).
+``--no-pin-malloc`` leaves the allocator as it is.
 """
 
 import argparse
+import ctypes
+import ctypes.util
 import os
+import resource
 import sys
 import time
 
@@ -48,6 +58,20 @@ from lab.stats import median  # noqa: E402
 
 ADE = "configs/ADE20K/disalign_deeplab_v3_plus_R_50_D8_512x512_4k.yaml"
 CPU = "configs/ADE20K/synthetic/disalign_semantic_fpn_synth.yaml"
+
+
+def pin_malloc() -> bool:
+    """glibc's malloc: serve every allocation from the heap (``M_MMAP_MAX`` 0) and never give
+    memory back (``M_TRIM_THRESHOLD`` 2**30), so that freed full-resolution tensors are reused
+    without page faults. This process only (a benchmark's, not the library's). False where the C
+    library is not glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**30))
 
 
 def _model(config, opts):
@@ -76,7 +100,8 @@ def _batch(n, h, w, num_classes):
 
 
 def measure(model, batch, rounds, baseline=True):
-    """Medians over ``rounds``: {(path, what): (wall seconds, process CPU seconds)} for path
+    """Medians over ``rounds``: {(path, what): (wall seconds, process CPU seconds, minor page
+    faults)} for path
     "fused" (the head's loss path as built, ``fused_pixel_loss``) and, when ``baseline``,
     "autograd" (``fused_pixel_loss = False``), what "forward" or "iteration"."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -111,14 +136,16 @@ def measure(model, batch, rounds, baseline=True):
     }
     for f in timed.values():  # warm-up
         f()
-    times = {k: ([], []) for k in timed}
+    times = {k: ([], [], []) for k in timed}
     for _ in range(rounds):  # interleaved, so that load changes hit all alike
         for k, f in timed.items():
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             wall, cpu = time.perf_counter(), time.process_time()
             f()
             times[k][0].append(time.perf_counter() - wall)
             times[k][1].append(time.process_time() - cpu)
-    return {k: (median(w), median(c)) for k, (w, c) in times.items()}
+            times[k][2].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+    return {k: tuple(median(v) for v in values) for k, values in times.items()}
 
 
 def main(argv=None):
@@ -135,7 +162,13 @@ def main(argv=None):
         help="do not time the iteration with autograd's loss backward",
     )
     parser.add_argument("--only", choices=("ade", "cpu"), help="time one of the two models")
+    parser.add_argument(
+        "--no-pin-malloc",
+        action="store_true",
+        help="leave glibc's malloc as it is (its page faults then vary with its history)",
+    )
     args = parser.parse_args(argv)
+    pinned = False if args.no_pin_malloc else pin_malloc()
     torch.manual_seed(0)
     s = args.ade_size
     cases = []
@@ -158,19 +191,23 @@ def main(argv=None):
             )
         )
     print(f"torch threads: {torch.get_num_threads()}")
+    print(f"malloc pinned (no mmap, no trim): {pinned}")
     print(f"load average: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(
         "| model | rounds | loss path | no-grad forward (s) | stage-two iteration (s) | ratio "
-        "| ratio of process CPU times |"
+        "| ratio of process CPU times | page faults (forward / iteration) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     out = {}
     for name, model, batch, rounds in cases:
         res = measure(model(), batch(), rounds, not args.no_autograd_baseline)
         for path in ("fused", "autograd"):
             if (path, "forward") not in res:
                 continue
-            (fwd, fwd_cpu), (it, it_cpu) = res[path, "forward"], res[path, "iteration"]
+            (fwd, fwd_cpu, fwd_pf), (it, it_cpu, it_pf) = (
+                res[path, "forward"],
+                res[path, "iteration"],
+            )
             out[name, path] = (fwd, it, it / fwd, it_cpu / fwd_cpu)
             label = {
                 "fused": "upsampled_cross_entropy",
@@ -178,7 +215,7 @@ def main(argv=None):
             }[path]
             print(
                 f"| {name} | {rounds} | {label} | {fwd:.3f} | {it:.3f} | {it / fwd:.3f}x "
-                f"| {it_cpu / fwd_cpu:.3f}x |",
+                f"| {it_cpu / fwd_cpu:.3f}x | {fwd_pf:.0f} / {it_pf:.0f} |",
                 flush=True,
             )
     print(f"load average: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
