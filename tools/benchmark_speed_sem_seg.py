@@ -27,7 +27,7 @@ iteration: with glibc's malloc, a full-resolution tensor (20 MB on the CPU confi
 reused from the heap or mapped afresh and zero-filled page by page (~10k faults, 10-20 ms a
 forward), depending on the allocator's history in the process; the forward's time, hence the
 ratio, depends on which. So by default the tool pins glibc's malloc first (``mallopt``: no
-``mmap``, no trimming): freed memory is reused, no round faults, and the ratio compares the
+``mmap``, no trimming): freed memory is reused, no page faults, and the ratio compares the
 computation alone, the strictest case for it (a faulting forward is slower, the ratio lower).
 ``--no-pin-malloc`` leaves the allocator as it is.
 """

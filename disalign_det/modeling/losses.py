@@ -362,8 +362,9 @@ def _adjoint_kernel(n: int, m: int, scale_factor):
 def _adjoint_conv(x, axis, n, spec):
     """:func:`_adjoint_kernel`'s convolution of the (N, C, H, W) ``x`` along ``axis`` (2 or 3),
     depthwise (each channel alone): size m -> n there. A strided convolution reads the
-    full-resolution gradient once, in one vectorised kernel (the banded multiply-adds of
-    :func:`_linear_adjoint` take about twice as long on a CPU)."""
+    full-resolution gradient once, in one vectorised kernel (on the CPU config: 6.4 ms against
+    8.2 ms for the banded multiply-adds of :func:`_linear_adjoint` on a tensor fresh in the cache,
+    about the same when it comes cold from memory; fewer kernels on a GPU)."""
     kernel, first, last, pad = spec
     channels, m = x.shape[1], x.shape[axis]
     s = m // n
