@@ -30,18 +30,17 @@ from disalign_det.evaluation.sem_seg_evaluation import (
     iou_and_accuracy,
 )
 from disalign_det.modeling import apply_freeze
-from disalign_det.modeling.losses import (
-    _adjoint_kernel,
-    _linear_interpolation,
-    bilinear_upsample_adjoint,
-    upsampled_cross_entropy,
-    weighted_cross_entropy,
-)
+from disalign_det.modeling.losses import upsampled_cross_entropy, weighted_cross_entropy
 from disalign_det.modeling.sem_seg import (
     CalibratedConv2d,
     DisAlignDeepLabV3Head,
     DisAlignDeepLabV3PlusHead,
     deeplab_project,
+)
+from disalign_det.modeling.upsample_adjoint import (
+    _adjoint_kernel,
+    _linear_interpolation,
+    bilinear_upsample_adjoint,
 )
 
 NUM_CLASSES = 7
