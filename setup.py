@@ -12,6 +12,8 @@ setup(
     version="0.1.0",
     description="DisAlign (distribution alignment) for long-tail instance segmentation on LVIS",
     packages=find_packages(include=("disalign_det", "disalign_det.*")),
+    # The CPU kernel's source, compiled on first use (disalign_det/modeling/cpu_kernel.py).
+    package_data={"disalign_det": ["csrc/*.cpp"]},
     python_requires=">=3.8",
     install_requires=[
         "torch>=1.8",

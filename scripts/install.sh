@@ -66,8 +66,8 @@ fi
 STAMP_DIR="$("$PY" -c 'import sys; print(sys.prefix)')"
 STAMP="$STAMP_DIR/.disalign_det_installed"
 # The stamp records the inputs of the install; any change re-runs it.
-FINGERPRINT="$( (cat "$ROOT/setup.py" "$ROOT/scripts/install.sh" "$ROOT/scripts/fetch_detectron2.py"
-  echo "$MODE $D2_SHA256") | sha256sum | cut -c1-16)"
+FINGERPRINT="$( (cat "$ROOT/setup.py" "$ROOT/scripts/install.sh" "$ROOT/scripts/fetch_detectron2.py" \
+  "$ROOT"/disalign_det/csrc/*.cpp; echo "$MODE $D2_SHA256") | sha256sum | cut -c1-16)"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$FINGERPRINT" ]] \
    && "$PY" -c 'import disalign_det, detectron2' 2>/dev/null; then
   log "up to date ($PY)"
@@ -174,4 +174,10 @@ log "installing disalign-det (editable)"
 # Optional: the opt-in TEST.LVIS_EVAL.BACKEND "faster_coco_eval" (its tests compare it with the LVIS API).
 "${PIP[@]}" install -q "faster-coco-eval==1.8.0"
 "$PY" -c 'import disalign_det, detectron2; print("[install] disalign_det OK, detectron2", detectron2.__version__, detectron2.__file__)'
+# The C++ CPU kernel of the segmentation loss's backward, compiled now (about 40 s) and cached, not
+# in a first training step; optional: without a compiler the loss uses PyTorch ops.
+log "building the CPU kernel (disalign_det/csrc/)"
+"$PY" -c 'from disalign_det.modeling.cpu_kernel import load_cpu_kernel as load; m = load()
+print("[install] CPU kernel:", m.__file__ if m else "not built, PyTorch ops will be used")' \
+  || log "CPU kernel not built (optional)"
 echo "$FINGERPRINT" > "$STAMP"

@@ -76,6 +76,8 @@ SNAPSHOT = """
     c = sys.modules.get("detectron2._C")
     report["standin"] = bool(getattr(c, "_DISALIGN_STANDIN", False))
     report["c_file"] = getattr(c, "__file__", None)
+    # Our CPU kernel is compiled on first use, never at import.
+    report["cpp_extension"] = "torch.utils.cpp_extension" in sys.modules
     print(json.dumps(report))
 """
 
@@ -84,6 +86,7 @@ def test_import_leaves_numpy_pillow_and_warnings_unchanged():
     report = _json_of(_python(SNAPSHOT))
     assert report["changed"] == [] and report["added"] == [], report
     assert report["ours_were_absent"]  # the quiet console is opt-in (DISALIGN_QUIET_WARNINGS)
+    assert not report["cpp_extension"]
     # Where the legacy names are gone from these libraries, the import did not bring them back.
     names = {f"numpy.{n}" for n in NUMPY_ALIASES} | {f"PIL.Image.{n}" for n in PIL_CONSTANTS}
     assert not names & set(report["added"])

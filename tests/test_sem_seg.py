@@ -259,10 +259,13 @@ def test_bilinear_upsample_adjoint_equals_autograd(scale, size):
 
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("normalized", [False, True])
-def test_upsampled_cross_entropy_equals_autograd(weighted, normalized):
+@pytest.mark.parametrize("cpu_kernel", ["1", "0"])
+def test_upsampled_cross_entropy_equals_autograd(weighted, normalized, cpu_kernel, monkeypatch):
     """Loss of F.interpolate + weighted_cross_entropy (1e-6), gradient equal to autograd's of that
     composition, with ignored pixels; no_grad gives the same loss; a second backward
-    (retain_graph) the same gradient."""
+    (retain_graph) the same gradient. The backward by the C++ CPU kernel (where built) and by the
+    PyTorch ops (DISALIGN_CPU_KERNEL=0)."""
+    monkeypatch.setenv("DISALIGN_CPU_KERNEL", cpu_kernel)
     torch.manual_seed(5)
     logits = (3 * torch.randn(2, NUM_CLASSES, 6, 5)).requires_grad_()
     labels = torch.randint(0, NUM_CLASSES, (2, 24, 20))

@@ -3,7 +3,7 @@
 no-grad forward on the same batch (goal: <= 1.15x), measured in one run.
 
     python tools/benchmark_speed_sem_seg.py [--rounds 3] [--cpu-rounds N] [--ade-size 512] \
-        [--ade-batch 1] [--no-autograd-baseline] [--only ade|cpu]
+        [--ade-batch 1] [--no-autograd-baseline] [--no-ops-baseline] [--only ade|cpu]
 
 Models: the ADE20K DisAlign DeepLabV3+ R50-D8 stage two (configs/ADE20K/, random weights, plain BN
 instead of SyncBN, ``--ade-size`` square crops) and the CPU config on the generated data
@@ -13,11 +13,14 @@ instead of SyncBN, ``--ade-size`` square crops) and the CPU config on the genera
 * iteration: forward, backward and an SGD step of the trainable (calibration) parameters, i.e.
   what the trainer does per stage-two iteration;
 
-and both again with autograd's GRW loss (the head's ``fused_pixel_loss = False``:
-``F.interpolate`` and the per-pixel cross-entropy, backpropagated by autograd) instead of
-``upsampled_cross_entropy`` (the default), for comparison (``--no-autograd-baseline`` skips it).
+with the head's GRW loss as built (``upsampled_cross_entropy``, its backward by the C++ CPU
+kernel of ``disalign_det/csrc/`` where that is built, which the tool prints), and both again, for
+comparison, with the same loss's backward by PyTorch ops (``DISALIGN_CPU_KERNEL=0``;
+``--no-ops-baseline`` skips it) and with autograd's GRW loss (the head's ``fused_pixel_loss =
+False``: ``F.interpolate`` and the per-pixel cross-entropy, backpropagated by autograd;
+``--no-autograd-baseline`` skips it).
 
-The four are interleaved within each round, so that load changes hit them alike. The ratio
+The measurements are interleaved within each round, so that load changes hit them alike. The ratio
 iteration / forward (of wall-clock medians) is the cost of training the calibration on top of
 running the frozen model. Timings on a shared CPU vary; the ratios are measured within one process.
 The next column, the same ratio of the process's CPU-time medians, leaves out the time the process
@@ -48,6 +51,7 @@ from detectron2.modeling import build_model
 
 from disalign_det import add_disalign_config
 from disalign_det.modeling import apply_freeze
+from disalign_det.modeling.cpu_kernel import ENV_VAR, enabled, load_cpu_kernel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # lab/ is not installed: run as a script, Python puts tools/ on sys.path, not the checkout's root
@@ -99,24 +103,28 @@ def _batch(n, h, w, num_classes):
     ]
 
 
-def measure(model, batch, rounds, baseline=True):
+def measure(model, batch, rounds, baseline=True, ops_baseline=True):
     """Medians over ``rounds``: {(path, what): (wall seconds, process CPU seconds, minor page
-    faults)} for path
-    "fused" (the head's loss path as built, ``fused_pixel_loss``) and, when ``baseline``,
+    faults)} for path "fused" (the head's loss path as built, ``fused_pixel_loss``), when
+    ``ops_baseline`` "ops" (the same with ``DISALIGN_CPU_KERNEL=0``) and, when ``baseline``,
     "autograd" (``fused_pixel_loss = False``), what "forward" or "iteration"."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
     head = model.sem_seg_head
 
-    def with_path(fused, f):
+    def with_path(fused, use_kernel, f):
         def run():
             head.fused_pixel_loss = fused
+            os.environ[ENV_VAR] = "1" if use_kernel else "0"
             try:
                 f()
             finally:
                 head.fused_pixel_loss = True
+                os.environ[ENV_VAR] = switch
 
         return run
+
+    switch = os.environ.get(ENV_VAR, "1")
 
     def forward():
         with torch.no_grad():
@@ -128,10 +136,13 @@ def measure(model, batch, rounds, baseline=True):
         loss.backward()
         opt.step()
 
-    paths = [("fused", True)] + ([("autograd", False)] if baseline else [])
+    built = enabled() and load_cpu_kernel() is not None
+    paths = [("fused", True, built)]
+    paths += [("ops", True, False)] if ops_baseline and built else []
+    paths += [("autograd", False, built)] if baseline else []
     timed = {
-        (path, what): with_path(fused, f)
-        for path, fused in paths
+        (path, what): with_path(fused, use_kernel, f)
+        for path, fused, use_kernel in paths
         for what, f in (("forward", forward), ("iteration", iteration))
     }
     for f in timed.values():  # warm-up
@@ -160,6 +171,11 @@ def main(argv=None):
         "--no-autograd-baseline",
         action="store_true",
         help="do not time the iteration with autograd's loss backward",
+    )
+    parser.add_argument(
+        "--no-ops-baseline",
+        action="store_true",
+        help="do not time the iteration with the loss's backward by PyTorch ops",
     )
     parser.add_argument("--only", choices=("ade", "cpu"), help="time one of the two models")
     parser.add_argument(
@@ -192,6 +208,8 @@ def main(argv=None):
         )
     print(f"torch threads: {torch.get_num_threads()}")
     print(f"malloc pinned (no mmap, no trim): {pinned}")
+    kernel = load_cpu_kernel() if enabled() else None
+    print(f"C++ CPU kernel of the loss's backward: {kernel.__file__ if kernel else 'not used'}")
     print(f"load average: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(
         "| model | rounds | loss path | no-grad forward (s) | stage-two iteration (s) | ratio "
@@ -200,8 +218,10 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|---|")
     out = {}
     for name, model, batch, rounds in cases:
-        res = measure(model(), batch(), rounds, not args.no_autograd_baseline)
-        for path in ("fused", "autograd"):
+        res = measure(
+            model(), batch(), rounds, not args.no_autograd_baseline, not args.no_ops_baseline
+        )
+        for path in ("fused", "ops", "autograd"):
             if (path, "forward") not in res:
                 continue
             (fwd, fwd_cpu, fwd_pf), (it, it_cpu, it_pf) = (
@@ -210,7 +230,8 @@ def main(argv=None):
             )
             out[name, path] = (fwd, it, it / fwd, it_cpu / fwd_cpu)
             label = {
-                "fused": "upsampled_cross_entropy",
+                "fused": "upsampled_cross_entropy" + (", C++ CPU kernel" if kernel else ""),
+                "ops": "upsampled_cross_entropy, PyTorch ops",
                 "autograd": "autograd (F.interpolate + cross-entropy)",
             }[path]
             print(

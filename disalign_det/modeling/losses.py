@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .calibration import _autocast_available
+from .cpu_kernel import upsampled_ce_grad
 from .upsample_adjoint import bilinear_upsample_adjoint
 
 __all__ = [
@@ -184,7 +185,8 @@ def upsampled_cross_entropy(
 
     is written in place into P, and the gradient with respect to ``logits`` is the adjoint
     (transpose) of the separable bilinear upsampling applied to it
-    (:func:`bilinear_upsample_adjoint`). The same numbers as autograd's up to float rounding.
+    (:func:`bilinear_upsample_adjoint`). On the CPU the C++ kernel of :mod:`.cpu_kernel` does both
+    in one pass over P where it is built. The same numbers as autograd's up to float rounding.
     """
     logits = logits.float()  # fp32 under autocast too (see the module docstring)
     valid = labels != ignore_index
@@ -214,9 +216,10 @@ def _upsampled_softmax(logits, scale_factor):
 
 
 def _upsampled_ce_forward(logits, labels, valid, weights, scale_factor, normalize):
-    """(loss, P (N, H, W, C) softmax of the upsampled logits, (N, H, W) flat indices of
-    P_{y_p}(p) in P (ignored pixels: of class 0), P_{y_p}(p) (N, H, W), per-pixel gradient scale
-    w[y_p] / denominator (N, H, W), 0 where ignored)."""
+    """(loss, P (N, H, W, C) softmax of the upsampled logits, (N, H, W) labels with the ignored
+    pixels' set to 0, (N, H, W) flat indices of P_{y_p}(p) in P (ignored pixels: of class 0),
+    P_{y_p}(p) (N, H, W), per-pixel gradient scale w[y_p] / denominator (N, H, W), 0 where
+    ignored)."""
     num_classes = logits.shape[1]
     safe = torch.where(valid, labels, torch.zeros_like(labels))
     if bool(((safe < 0) | (safe >= num_classes)).any()):
@@ -246,7 +249,7 @@ def _upsampled_ce_forward(logits, labels, valid, weights, scale_factor, normaliz
     denominator = local if normalize is None else normalize(local)
     pixel_w = weights[safe] * valid if weights is not None else valid.to(prob.dtype)
     loss = (pixel_w * nll).sum() / denominator
-    return loss, prob, flat, p_y, pixel_w / denominator
+    return loss, prob, safe, flat, p_y, pixel_w / denominator
 
 
 class _UpsampledCrossEntropy(torch.autograd.Function):
@@ -254,29 +257,38 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, valid, weights, scale_factor, normalize):
-        loss, prob, flat, p_y, grad_scale = _upsampled_ce_forward(
+        loss, prob, safe, flat, p_y, grad_scale = _upsampled_ce_forward(
             logits, labels, valid, weights, scale_factor, normalize
         )
         ctx.prob = prob  # consumed (overwritten) by the backward
         ctx.scale_factor = scale_factor
-        ctx.save_for_backward(logits, flat, p_y, grad_scale)
+        ctx.save_for_backward(logits, safe, flat, p_y, grad_scale)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        logits, flat, p_y, grad_scale = ctx.saved_tensors
+        logits, safe, flat, p_y, grad_scale = ctx.saved_tensors
         prob, ctx.prob = ctx.prob, None
         with _autocast_off(logits.device.type):
             if prob is None:  # a second backward (retain_graph=True): the first overwrote it
                 prob = _upsampled_softmax(logits, ctx.scale_factor)[1]
-            # (P - onehot) * w[y_p] / denominator in P's buffer, then its adjoint.
-            prob.view(-1).index_copy_(0, flat.view(-1), p_y.view(-1) - 1.0)
-            g = (grad_scale * grad_loss).unsqueeze(-1)  # (N, H, W, 1)
-            grad = bilinear_upsample_adjoint(
-                prob, logits.shape[-2:], ctx.scale_factor, dims=(1, 2), row_scale=g, overwrite=True
+            g = grad_scale * grad_loss  # (N, H, W)
+            grad = upsampled_ce_grad(  # the CPU kernel (None where it does not apply)
+                prob, safe, g, logits.shape[-2:], ctx.scale_factor
             )
-        # (N, h, w, C) -> (N, C, h, w) laid out as the logits, for the calibration's backward.
-        return grad.permute(0, 3, 1, 2).contiguous(), None, None, None, None, None
+            if grad is None:  # (P - onehot) * w[y_p] / denominator in P's buffer, its adjoint
+                prob.view(-1).index_copy_(0, flat.view(-1), p_y.view(-1) - 1.0)
+                grad = bilinear_upsample_adjoint(
+                    prob,
+                    logits.shape[-2:],
+                    ctx.scale_factor,
+                    dims=(1, 2),
+                    row_scale=g.unsqueeze(-1),
+                    overwrite=True,
+                )
+                # (N, h, w, C) -> (N, C, h, w) laid out as the logits, for the calibration.
+                grad = grad.permute(0, 3, 1, 2).contiguous()
+        return grad, None, None, None, None, None
 
 
 def weighted_sigmoid_cross_entropy(

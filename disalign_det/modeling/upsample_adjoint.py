@@ -8,7 +8,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-__all__ = ["bilinear_upsample_adjoint"]
+__all__ = ["bilinear_upsample_adjoint", "interpolation_taps"]
 
 
 def bilinear_upsample_adjoint(
@@ -111,6 +111,24 @@ def _adjoint_conv(x, axis, n, spec):
         for output, coefficient in fixes:
             y.narrow(axis, row, 1).add_(x.narrow(axis, output, 1), alpha=coefficient)
     return y
+
+
+@functools.lru_cache(maxsize=64)
+def interpolation_taps(n: int, m: int, scale_factor):
+    """The (at most two) inputs each output of 1-D linear interpolation n -> m reads: (taps,
+    weights) of shape (m, 2), int64 input indices and float32 weights, read off PyTorch's own
+    interpolation matrix (:func:`_linear_interpolation`); a missing second tap has weight 0 (and
+    index 0). The C++ CPU kernel (:mod:`.cpu_kernel`) reads the transpose through them."""
+    a, _ = _linear_interpolation(n, m, scale_factor)
+    taps = torch.zeros(m, 2, dtype=torch.int64)
+    weights = torch.zeros(m, 2, dtype=torch.float32)
+    for o in range(m):
+        nonzero = torch.nonzero(a[o]).flatten()
+        if len(nonzero) > 2:  # not linear interpolation
+            raise ValueError(f"output {o} of {n} -> {m} reads {len(nonzero)} inputs")
+        taps[o, : len(nonzero)] = nonzero
+        weights[o, : len(nonzero)] = a[o, nonzero]
+    return taps, weights
 
 
 @functools.lru_cache(maxsize=64)
