@@ -65,12 +65,24 @@ torch::Tensor upsampled_ce_grad(const torch::Tensor& prob, const torch::Tensor& 
   const float* rw = row_weights.data_ptr<float>();
   const float* cw = col_weights.data_ptr<float>();
   float* dst = out.data_ptr<float>();
-  // One image a task: its rows are visited in order, accumulated channels-last (h, w, C) in the
-  // task's own buffer, which is then written out transposed to the logits' layout (C, h, w).
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(w * C);
-    std::vector<float> acc(h * w * C);
-    for (int64_t n = begin; n < end; ++n) {
+  // A task: one image and a block of its channels (blocks only where there are more threads than
+  // images; each channel's sums are taken in the same order whatever the blocks, so the result
+  // does not depend on the thread count). Its rows are visited in order and accumulated
+  // channels-last (h, w, block) in the task's own buffer, then written out transposed to the
+  // logits' layout (C, h, w).
+  const int64_t threads = at::get_num_threads();
+  int64_t block = C;
+  if (threads > N) {  // split the channels into about threads / N blocks of whole cache lines
+    const int64_t blocks = (threads + N - 1) / N;
+    block = std::max<int64_t>(16, ((C + blocks - 1) / blocks + 15) / 16 * 16);
+  }
+  const int64_t blocks = (C + block - 1) / block;
+  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(w * block);
+    std::vector<float> acc(h * w * block);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / blocks, c0 = task % blocks * block;
+      const int64_t cb = std::min(block, C - c0);  // channels c0 .. c0 + cb - 1
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t o = 0; o < H; ++o) {
         std::fill(row.begin(), row.end(), 0.0f);
@@ -79,28 +91,28 @@ torch::Tensor upsampled_ce_grad(const torch::Tensor& prob, const torch::Tensor& 
           const int64_t px = (n * H + o) * W + j;
           if (g[px] == 0.0f) continue;  // ignored pixel (or zero weight): contributes nothing
           any = true;
-          const float* src = p + px * C;
-          const int64_t label = y[px];
+          const float* src = p + px * C + c0;
+          const int64_t label = y[px] - c0;
           for (int t = 0; t < 2; ++t) {
             const float b = cw[2 * j + t] * g[px];
             if (b == 0.0f) continue;
-            float* r = row.data() + ct[2 * j + t] * C;
-            for (int64_t c = 0; c < C; ++c) r[c] += b * src[c];
-            r[label] -= b;
+            float* r = row.data() + ct[2 * j + t] * cb;
+            for (int64_t c = 0; c < cb; ++c) r[c] += b * src[c];
+            if (0 <= label && label < cb) r[label] -= b;
           }
         }
         if (!any) continue;
         for (int t = 0; t < 2; ++t) {
           const float a = rw[2 * o + t];
           if (a == 0.0f) continue;
-          float* out_row = acc.data() + rt[2 * o + t] * w * C;
+          float* out_row = acc.data() + rt[2 * o + t] * w * cb;
           const float* r = row.data();
-          for (int64_t i = 0; i < w * C; ++i) out_row[i] += a * r[i];
+          for (int64_t i = 0; i < w * cb; ++i) out_row[i] += a * r[i];
         }
       }
-      float* image = dst + n * C * h * w;
+      float* image = dst + (n * C + c0) * h * w;
       for (int64_t q = 0; q < h * w; ++q) {
-        for (int64_t c = 0; c < C; ++c) image[c * h * w + q] = acc[q * C + c];
+        for (int64_t c = 0; c < cb; ++c) image[c * h * w + q] = acc[q * cb + c];
       }
     }
   });
