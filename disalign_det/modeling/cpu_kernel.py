@@ -49,7 +49,15 @@ def load_cpu_kernel():
         from torch.utils.cpp_extension import load
 
         logger.info("loading the CPU kernel %s (compiled on first use, then cached)", SOURCE)
-        return load(name=extension_name(), sources=[SOURCE], extra_cflags=["-O3"])
+        # -fopenmp: at::parallel_for is inlined from ATen's headers, and runs serially unless the
+        # extension itself is compiled with OpenMP; the library it links (libgomp.so.1) resolves to
+        # the one torch has loaded.
+        return load(
+            name=extension_name(),
+            sources=[SOURCE],
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+        )
     except Exception as e:  # no compiler or ninja, a read-only cache, a build error
         logger.warning(
             "The C++ CPU kernel of the segmentation loss's backward could not be built (%s: %s); "
