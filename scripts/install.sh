@@ -67,7 +67,8 @@ STAMP_DIR="$("$PY" -c 'import sys; print(sys.prefix)')"
 STAMP="$STAMP_DIR/.disalign_det_installed"
 # The stamp records the inputs of the install; any change re-runs it.
 FINGERPRINT="$( (cat "$ROOT/setup.py" "$ROOT/scripts/install.sh" "$ROOT/scripts/fetch_detectron2.py" \
-  "$ROOT"/disalign_det/csrc/*.cpp; echo "$MODE $D2_SHA256") | sha256sum | cut -c1-16)"
+  "$ROOT"/disalign_det/csrc/*.cpp "$ROOT/disalign_det/modeling/cpu_kernel.py"
+  echo "$MODE $D2_SHA256") | sha256sum | cut -c1-16)"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$FINGERPRINT" ]] \
    && "$PY" -c 'import disalign_det, detectron2' 2>/dev/null; then
   log "up to date ($PY)"
