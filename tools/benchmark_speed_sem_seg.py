@@ -111,6 +111,7 @@ def measure(model, batch, rounds, baseline=True, ops_baseline=True):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
     head = model.sem_seg_head
+    switch = os.environ.get(ENV_VAR, "1")  # restored after each measurement
 
     def with_path(fused, use_kernel, f):
         def run():
@@ -123,8 +124,6 @@ def measure(model, batch, rounds, baseline=True, ops_baseline=True):
                 os.environ[ENV_VAR] = switch
 
         return run
-
-    switch = os.environ.get(ENV_VAR, "1")
 
     def forward():
         with torch.no_grad():

@@ -73,8 +73,8 @@ torch::Tensor upsampled_ce_grad(const torch::Tensor& prob, const torch::Tensor& 
   const int64_t threads = at::get_num_threads();
   int64_t block = C;
   if (threads > N) {  // split the channels into about threads / N blocks of whole cache lines
-    const int64_t blocks = (threads + N - 1) / N;
-    block = std::max<int64_t>(16, ((C + blocks - 1) / blocks + 15) / 16 * 16);
+    const int64_t per_image = (threads + N - 1) / N;
+    block = std::max<int64_t>(16, ((C + per_image - 1) / per_image + 15) / 16 * 16);
   }
   const int64_t blocks = (C + block - 1) / block;
   at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {

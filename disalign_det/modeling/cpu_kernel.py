@@ -84,9 +84,8 @@ def upsampled_ce_grad(prob, labels, scale, size, scale_factor):
     Returns:
         (N, C, h, w) float32 (contiguous, the logits' layout), or None.
     """
-    if not (enabled() and prob.device.type == "cpu" and prob.dtype == torch.float32):
-        return None
-    if not prob.is_contiguous():
+    cpu_float = prob.device.type == "cpu" and prob.dtype == torch.float32 and prob.is_contiguous()
+    if not (cpu_float and enabled()):
         return None
     kernel = load_cpu_kernel()
     if kernel is None:

@@ -270,7 +270,7 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
         logits, safe, flat, p_y, grad_scale = ctx.saved_tensors
         prob, ctx.prob = ctx.prob, None
         with _autocast_off(logits.device.type):
-            if prob is None:  # a second backward (retain_graph=True): the first overwrote it
+            if prob is None:  # a second backward (retain_graph=True): the first released it
                 prob = _upsampled_softmax(logits, ctx.scale_factor)[1]
             g = grad_scale * grad_loss  # (N, H, W)
             grad = upsampled_ce_grad(  # the CPU kernel (None where it does not apply)
