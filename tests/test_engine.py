@@ -61,7 +61,7 @@ def test_non_finite_loss_skips_the_step(kwargs):
         trainer.iter = 1
         # Raised in the main thread, even when metrics are written by a worker thread (where
         # detectron2's own check runs after the optimizer step has been taken).
-        with pytest.raises(FloatingPointError, match=r"iteration=1: loss_a=nan"):
+        with pytest.raises(FloatingPointError, match=r"iteration=1: loss_a=nan.*learning rate"):
             trainer.run_step()
         trainer.concurrent_executor.shutdown(wait=True) if kwargs else None
     assert torch.equal(model.w.detach(), moved)  # the step of iteration 1 was not applied
@@ -77,6 +77,21 @@ def test_async_metric_writing_still_records_the_losses():
         trainer.concurrent_executor.shutdown(wait=True)
         latest = storage.latest()
     assert latest["total_loss"][0] == pytest.approx(3.0 + 3.0)  # loss_a + loss_b at w = 1
+
+
+def test_non_finite_loss_at_a_runs_first_iteration_blames_the_loaded_weights():
+    # No step has been taken yet (a frozen stage two fed a broken stage one, say): advising a lower
+    # learning rate would send the user the wrong way.
+    trainer, model = _toy_trainer()
+    model.poison = True
+    with EventStorage(0):
+        trainer.iter = trainer.start_iter = 0
+        with pytest.raises(
+            FloatingPointError, match=r"first iteration.*train\.init_checkpoint"
+        ) as e:
+            trainer.run_step()
+    assert "learning rate" not in str(e.value)
+    assert torch.equal(model.w.detach(), torch.ones(3))
 
 
 def test_eval_mode_forwards_are_not_checked():

@@ -125,12 +125,23 @@ class NonFiniteLossCheck:
             if isinstance(v, torch.Tensor)
         }
         bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        if self.iter == getattr(self, "start_iter", None):
+            # No step of this run has been taken: the learning rate cannot be the cause.
+            advice = (
+                "it is the run's first iteration: the weights it loaded (MODEL.WEIGHTS / "
+                "train.init_checkpoint, or the resumed checkpoint) already give non-finite "
+                "outputs, or the training data does."
+            )
+        else:
+            advice = (
+                "lower the learning rate (SOLVER.BASE_LR / optimizer.lr), lengthen the warmup "
+                "(SOLVER.WARMUP_ITERS / lr_multiplier.warmup_length) or check the training data."
+            )
         raise FloatingPointError(
             f"Loss became infinite or NaN at iteration={self.iter}: "
             + ", ".join(f"{k}={v}" for k, v in bad.items())
             + f" (all losses: {values}). The optimizer step was skipped and the last "
-            "checkpoint is intact; lower SOLVER.BASE_LR, raise SOLVER.WARMUP_ITERS or check "
-            "the training data."
+            "checkpoint is intact; " + advice
         )
 
 
