@@ -33,10 +33,11 @@ CPU_CONFIGS = {
     ],
 }
 # A small public config on CPU: 64 px, batch 2, no workers, a fixed seed. The test trains stage
-# one from random weights (the real configs start from ImageNet weights); zero-initialised residual
-# branches keep that one step sane. Without them a ResNet-152's gradients at batch 2 reached 1e4,
-# the step at LR 0.01 moved weights by up to ~100, and stage two's forward (norms in eval mode)
-# gave logits of 1e13-1e24, now and then overflowing to NaN (it failed one CI run).
+# one from random weights at batch 2 (the real configs start from ImageNet weights or train at
+# batch 256); zero-initialised residual branches keep that one step sane. Without them a
+# ResNet-152's gradients at batch 2 reached 1e4, the step at LR 0.01 moved weights by up to ~100,
+# and stage two's forward (norms in eval mode) gave logits of 1e13-1e24, now and then overflowing
+# to NaN (it failed one CI run).
 SMALL = [
     "train.seed=0",
     "model.backbone.zero_init_residual=True",
