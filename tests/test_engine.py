@@ -94,6 +94,28 @@ def test_non_finite_loss_at_a_runs_first_iteration_blames_the_loaded_weights():
     assert torch.equal(model.w.detach(), torch.ones(3))
 
 
+def test_a_resumed_runs_first_iteration_is_told_apart_by_the_inner_loop():
+    # Both trainers run steps through ResumableLoopMixin.run_step; its inner loop must see where the
+    # (resumed) run started, not only the iteration.
+    from detectron2.engine import TrainerBase
+
+    from disalign_det.engine.loop import ResumableLoopMixin
+
+    class Outer(ResumableLoopMixin, TrainerBase):
+        pass
+
+    outer = Outer()
+    outer._trainer, model = _toy_trainer()
+    model.poison = True
+    with EventStorage(5000):
+        outer.iter = outer.start_iter = 5000
+        with pytest.raises(FloatingPointError, match=r"iteration=5000: .*first iteration"):
+            outer.run_step()
+        outer.iter = 5001
+        with pytest.raises(FloatingPointError, match=r"iteration=5001: .*learning rate"):
+            outer.run_step()
+
+
 def test_eval_mode_forwards_are_not_checked():
     trainer, model = _toy_trainer()
     model.poison = True

@@ -125,7 +125,7 @@ class NonFiniteLossCheck:
             if isinstance(v, torch.Tensor)
         }
         bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-        if self.iter == getattr(self, "start_iter", None):
+        if self.iter == self.start_iter:  # TrainerBase sets both (v0.6 and main)
             # No step of this run has been taken: the learning rate cannot be the cause.
             advice = (
                 "it is the run's first iteration: the weights it loaded (MODEL.WEIGHTS / "
@@ -443,7 +443,9 @@ class ResumableLoopMixin:
         raise NotImplementedError
 
     def run_step(self):
-        self._trainer.iter = self.iter
+        # start_iter too: the inner loop's non-finite-loss check tells a run's first iteration
+        # (a resumed one's included) from the later ones.
+        self._trainer.iter, self._trainer.start_iter = self.iter, self.start_iter
         self._trainer.run_step()
 
     def state_dict(self):
